@@ -1,0 +1,54 @@
+"""gandissect-jax: GAN Dissection (Bau et al., ICLR 2019) in JAX/Flax.
+
+Data flows ``z -> h -> r -> (edit) -> f -> x -> segment -> tally -> report``:
+
+- :mod:`gandissect_jax.proggan`       the Progressive GAN generator and its split into h and f
+- :mod:`gandissect_jax.sampling`      z sampling identical to the reference
+- :mod:`gandissect_jax.intervention`  pure edits of a layer's representation (ablate / insert)
+- :mod:`gandissect_jax.pth`           torch-free reader of PyTorch ``.pth`` checkpoints
+- :mod:`gandissect_jax.checkpoints`   orbax checkpoints (params + architecture JSON)
+- :mod:`gandissect_jax.weights`       registry of downloadable weights, fetch and convert
+- :mod:`gandissect_jax.segmenter`     the Segmenter protocol and the unified-parsing UPerNet
+- :mod:`gandissect_jax.dissection`    unit statistics, IoU / IQR scores and reports
+- :mod:`gandissect_jax.scenes`        the procedural scene world and its shipped demo models
+
+Public names are imported lazily, so ``import gandissect_jax`` is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "load_generator": "gandissect_jax.proggan",
+    "Generator": "gandissect_jax.proggan",
+    "sample_z": "gandissect_jax.sampling",
+    "edit_representation": "gandissect_jax.intervention",
+    "ablation_edit": "gandissect_jax.intervention",
+    "insertion_edit": "gandissect_jax.intervention",
+    "read_pth": "gandissect_jax.pth",
+    "save_checkpoint": "gandissect_jax.checkpoints",
+    "load_checkpoint": "gandissect_jax.checkpoints",
+    "load_segmenter": "gandissect_jax.segmenter",
+    "Segmenter": "gandissect_jax.segmenter",
+    "dissect_generator": "gandissect_jax.dissection",
+    "dissect_features": "gandissect_jax.dissection",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'gandissect_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,58 @@
+"""The ``gandissect-jax`` command line.
+
+Each sub-command lives in its own module under :mod:`gandissect_jax.commands` and exposes
+``add_parser(subparsers)``, which registers an ``argparse`` parser whose ``func`` default is
+called with the parsed arguments. Sub-command modules are imported lazily so that
+``gandissect-jax --help`` stays fast and a broken optional feature cannot break the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (command name, module under gandissect_jax.commands)
+_COMMANDS = (
+    ("generate", "generate"),
+    ("convert", "convert"),
+    ("weights", "weights"),
+    ("dissect", "dissect"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the top-level parser with every available sub-command registered."""
+    parser = argparse.ArgumentParser(
+        prog="gandissect-jax",
+        description="GAN Dissection in JAX: generate, convert weights, dissect.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for _, module_name in _COMMANDS:
+        try:
+            module = importlib.import_module(f"gandissect_jax.commands.{module_name}")
+        except ModuleNotFoundError as err:  # sub-command not built yet
+            if err.name == f"gandissect_jax.commands.{module_name}":
+                continue
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError, KeyError, OSError) as err:
+        print(f"gandissect-jax {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
