@@ -25,6 +25,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_generator": "gandissect_jax.proggan",
     "Generator": "gandissect_jax.proggan",
+    "GeneratorConfig": "gandissect_jax.proggan",
+    "init_params": "gandissect_jax.proggan",
+    "save_generator": "gandissect_jax.proggan",
+    "Edit": "gandissect_jax.intervention",
+    "edited_generator": "gandissect_jax.intervention",
     "sample_z": "gandissect_jax.sampling",
     "edit_representation": "gandissect_jax.intervention",
     "ablation_edit": "gandissect_jax.intervention",
@@ -36,6 +41,9 @@ _EXPORTS = {
     "Segmenter": "gandissect_jax.segmenter",
     "dissect_generator": "gandissect_jax.dissection",
     "dissect_features": "gandissect_jax.dissection",
+    "render_scenes": "gandissect_jax.scenes.world",
+    "iterate_scenes": "gandissect_jax.scenes.world",
+    "load_demo_segmenter": "gandissect_jax.scenes.demo_segmenter",
 }
 
 __all__ = sorted(_EXPORTS)

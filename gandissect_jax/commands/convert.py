@@ -1,0 +1,62 @@
+"""``gandissect-jax convert SRC DEST``: convert reference weights into a gandissect-jax checkpoint.
+
+SRC may be a generator ``.pth`` (legacy or zip format, read without torch), a directory holding
+one, or a unified-parsing segmenter directory (``encoder_epoch_*.pth`` + ``decoder_epoch_*.pth``),
+which is handed to ``gandissect_jax.segmenter.convert_reference``. ``--kind`` forces the choice.
+DEST is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+# kind -> "module:function" called as function(src, dest)
+CONVERTERS = {
+    "generator": "gandissect_jax.proggan:convert_reference",
+    "segmenter": "gandissect_jax.segmenter:convert_reference",
+}
+
+
+def add_parser(subparsers) -> None:
+    """Register the ``convert`` sub-command."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert reference .pth weights into a gandissect-jax checkpoint directory",
+        description="Convert reference PyTorch weights (no torch needed) into an orbax "
+        "checkpoint directory that gandissect-jax loads.",
+    )
+    parser.add_argument("src", help="generator .pth, or a directory of reference weights")
+    parser.add_argument("dest", help="checkpoint directory to write")
+    parser.add_argument("--kind", choices=sorted(CONVERTERS), default=None,
+                        help="what SRC holds (detected when omitted)")
+    parser.set_defaults(func=run)
+
+
+def detect_kind(src: Path) -> str:
+    """``'segmenter'`` for a directory with ``encoder_epoch_*.pth``, else ``'generator'``."""
+    if src.is_dir() and any(src.glob("encoder_epoch_*.pth")):
+        return "segmenter"
+    return "generator"
+
+
+def converter_for(spec: str):
+    """Import ``module:function`` lazily; a clear error when that converter is not available."""
+    module_name, function_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, function_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"converter {spec} is not available in this installation: {err}") from err
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert ``args.src`` into ``args.dest``."""
+    src = Path(args.src).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"no such file or directory: {src}")
+    kind = args.kind or detect_kind(src)
+    dest = converter_for(CONVERTERS[kind])(src, Path(args.dest).expanduser())
+    print(f"converted {kind} {src} -> {dest}")
+    return 0

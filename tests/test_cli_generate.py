@@ -1,0 +1,89 @@
+"""`gandissect-jax generate` and `gandissect-jax convert` end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import gandissect_jax as gj
+from gandissect_jax.cli import main
+from gandissect_jax.commands.convert import detect_kind
+from gandissect_jax.proggan import images_to_uint8
+
+FIXTURES = Path(__file__).parent / "fixtures" / "proggan"
+PTH = FIXTURES / "proggan32.pth"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return np.load(FIXTURES / "proggan32_outputs_subset.npz")
+
+
+def test_generate_images_and_features(tmp_path, golden):
+    out = tmp_path / "gen"
+    rc = main(["generate", "--model", str(PTH), "--n", "5", "--seed", "1", "--out", str(out),
+               "--layers", "layer4", "output_32x32", "--batch-size", "2"])
+    assert rc == 0
+    pngs = sorted((out / "images").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
+    pixels = np.stack([np.asarray(Image.open(p)) for p in pngs])
+    assert pixels.shape == (5, 32, 32, 3) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(np.load(out / "z.npy"), gj.sample_z(5, 128, seed=1))
+
+    # the reference's own images of samples 0 and 3, mapped to uint8 as the reference does
+    reference = images_to_uint8(np.transpose(golden["output_32x32"], (0, 2, 3, 1)))
+    ours = pixels[golden["sample_index"]].astype(int)
+    assert np.abs(ours - reference).max() <= 1  # float32 noise may flip a truncation
+    assert (ours == reference).mean() > 0.99
+    assert pixels.std() > 20  # real pictures, not a constant
+
+    layer4 = np.load(out / "features" / "layer4.npz")["features"]
+    assert layer4.shape == (5, 8, 8, 128) and layer4.dtype == np.float32
+    ref4 = np.transpose(golden["layer4"], (0, 2, 3, 1))
+    assert np.abs(layer4[golden["sample_index"]] - ref4).max() <= 1e-4 * np.abs(ref4).max()
+    image = np.load(out / "features" / "output_32x32.npz")["features"]
+    np.testing.assert_array_equal(images_to_uint8(image), pixels)
+    leftovers = [p for p in out.rglob("*") if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_convert_then_generate_from_directory(tmp_path, capsys):
+    dest = tmp_path / "g32"
+    assert main(["convert", str(PTH), str(dest)]) == 0
+    assert "converted generator" in capsys.readouterr().out
+    assert main(["generate", "--model", str(dest), "--n", "2", "--out", str(tmp_path / "o")]) == 0
+    direct = main(["generate", "--model", str(PTH), "--n", "2", "--out", str(tmp_path / "p")])
+    assert direct == 0
+    for i in range(2):
+        a = np.asarray(Image.open(tmp_path / "o" / "images" / f"{i:06d}.png"))
+        b = np.asarray(Image.open(tmp_path / "p" / "images" / f"{i:06d}.png"))
+        np.testing.assert_array_equal(a, b)
+    assert not (tmp_path / "o" / "features").exists()
+
+
+def test_generate_bad_input(tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert main(["generate", "--model", str(PTH), "--n", "2", "--out", str(out), "--layers", "layer99"]) == 1
+    err = capsys.readouterr().err
+    assert "layer99" in err and "layer8" in err and "output_32x32" in err
+    assert not out.exists()
+    assert main(["generate", "--model", str(tmp_path / "none.pth"), "--n", "1", "--out", str(out)]) == 1
+    assert "none.pth" in capsys.readouterr().err
+    notes = tmp_path / "notes.pth"
+    notes.write_text("hello")
+    assert main(["convert", str(notes), str(tmp_path / "dest")]) == 1
+    assert "notes.pth" in capsys.readouterr().err
+    assert not (tmp_path / "dest").exists()
+
+
+def test_convert_detects_segmenter_directories(tmp_path):
+    seg = tmp_path / "upp"
+    seg.mkdir()
+    (seg / "encoder_epoch_40.pth").write_bytes(b"")
+    (seg / "decoder_epoch_40.pth").write_bytes(b"")
+    assert detect_kind(seg) == "segmenter"
+    assert detect_kind(PTH) == "generator"
+    assert detect_kind(tmp_path) == "generator"
