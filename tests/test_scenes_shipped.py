@@ -1,0 +1,67 @@
+"""The shipped demo models (weights/scenes64): they load by registry name and reproduce their documented figures."""
+
+import json
+
+import numpy as np
+import pytest
+
+from gandissect_jax.scenes import stats, world
+from gandissect_jax.weights import shipped_weights_dir
+
+SCENES64 = shipped_weights_dir() / "scenes64"
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    from gandissect_jax.scenes.demo_segmenter import load_demo_segmenter
+
+    return load_demo_segmenter("scenes64-segmenter")
+
+
+@pytest.fixture(scope="module")
+def generator():
+    from gandissect_jax.proggan import load_generator
+
+    return load_generator("scenes64")
+
+
+def _iou_and_accuracy(segmenter, seed, count):
+    confusion = np.zeros((world.NUM_LABELS, world.NUM_LABELS), np.int64)
+    for images, labels in world.iterate_scenes(seed, 100, 0, count):
+        pred = np.asarray(segmenter.segment(images))[..., 0]
+        confusion += np.bincount((labels * world.NUM_LABELS + pred).ravel(),
+                                 minlength=world.NUM_LABELS**2).reshape(world.NUM_LABELS, -1)
+    tp = np.diag(confusion)
+    iou = tp / np.maximum(confusion.sum(0) + confusion.sum(1) - tp, 1)
+    return iou, tp.sum() / confusion.sum()
+
+
+def test_segmenter_accuracy_on_held_out_scenes(segmenter):
+    # world seed 1000 is never used for training (training uses seed 0)
+    iou, accuracy = _iou_and_accuracy(segmenter, 1000, 300)
+    assert accuracy >= 0.95
+    per_class = dict(zip(world.LABEL_NAMES[1:], np.round(iou[1:], 3)))
+    assert (iou[1:] >= 0.8).all(), per_class
+    documented = json.loads((SCENES64 / "segmenter_metrics.json").read_text())
+    assert documented["pixel_accuracy"] >= 0.95
+    assert abs(documented["pixel_accuracy"] - accuracy) < 0.01
+
+
+def test_generator_loads_by_name_and_has_the_documented_architecture(generator):
+    assert generator.z_dim == 128 and generator.resolution == 64
+    assert generator.layer_names[-1] == "output_64x64" and len(generator.layer_names) == 11
+    from gandissect_jax.sampling import sample_z
+
+    images = np.asarray(generator(sample_z(4, 128, 0)))
+    assert images.shape == (4, 64, 64, 3) and np.isfinite(images).all()
+
+
+def test_generated_label_frequencies_match_the_documented_ones(generator, segmenter):
+    documented = json.loads((SCENES64 / "label_frequencies.json").read_text())
+    freq = stats.generated_label_frequencies(generator, segmenter, documented["n_generated"], documented["z_seed"])
+    expected = np.array([documented["generated"][name] for name in world.LABEL_NAMES[1:]])
+    np.testing.assert_allclose(freq[1:], expected, atol=2e-3)
+    # the documented real-world shares are the world's own
+    real = stats.world_label_frequencies(200)
+    expected_real = np.array([documented["real_exact"][name] for name in world.LABEL_NAMES[1:]])
+    np.testing.assert_allclose(real[1:], expected_real, atol=0.02)
