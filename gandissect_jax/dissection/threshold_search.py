@@ -1,0 +1,183 @@
+"""The paper's per-unit threshold: argmax of the information-quality ratio over candidate levels.
+
+For every unit u the candidates are the F = 100 levels ``level[u, f] = quantile_u(1 - frac[f])``
+of the unit's upsampled activations, ``frac = logspace(-3, 0, 100)`` (float32, as the
+reference). For every label l and candidate f, with exact counts over the data set:
+
+    truth   = label_counts[l] / pixels                       (fraction of all pixels)
+    preds   = category_above[cat(l), u, f] / total_counts[cat(l)]
+    isects  = label_above[l, u, f] / label_pixels[l] * truth
+    unions  = truth + preds - isects
+    table   = [[isects, preds - isects], [truth - isects, 1 - unions]], clamped to [0, 1]
+    iqr     = MI(table) / JE(table)            (NaN -> 0)
+
+``category_above`` counts active pixels in the images where the category is present,
+``label_above`` active pixels carrying the label (any channel), ``label_pixels`` the pixels
+carrying the label. These are the exact-count versions of the reference's ``collect_iqr``
+fractions, which it reads off randomized conditional-quantile sketches. The reference's guards
+are kept: MI = 0 at the last candidate (frac = 1) and for labels with ``truth < 1e-3``; IQR = 0
+where ``isects + table[1, 1] <= 0.8`` or where the level is <= 0; the first maximal candidate
+wins. Row 0 (no label) is not a concept and always scores 0.
+
+The search runs in float32 under jit, vmapped over labels (chunked to bound memory). The
+winning candidate's numbers are then recomputed from the exact counts in float64 on the host.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+#: The reference's candidate fractions: torch.logspace(-3, 0, 100) in float32.
+IQR_FRACTIONS = np.logspace(-3.0, 0.0, 100).astype(np.float32)
+MIN_LABEL_FRACTION = 1e-3
+MIN_AGREEMENT = 0.8
+
+
+class IQRSearchResult(NamedTuple):
+    """Per label and unit (L, U): the best candidate and the scores there.
+
+    max_iqr float64, candidate int64 (index into the fractions), level float32, quantile float32
+    (the candidate's target top fraction, as the reference's max_iqr_quantile), fraction float64
+    (the exact fraction of all pixels above the level), iou float64 (isects / unions at the
+    candidate, NaN -> 0), agreement float64 (isects + table[1, 1]).
+    """
+
+    max_iqr: np.ndarray
+    candidate: np.ndarray
+    level: np.ndarray
+    quantile: np.ndarray
+    fraction: np.ndarray
+    iou: np.ndarray
+    agreement: np.ndarray
+
+
+def _table(xp, isects, preds, truth):
+    unions = truth + preds - isects
+    table = [[isects, preds - isects], [truth - isects, 1 - unions]]
+    return [[xp.clip(t, 0, 1) for t in row] for row in table], unions
+
+
+def _mi_je(xp, table):
+    mi = 0.0
+    je = 0.0
+    for j in range(2):
+        for k in range(2):
+            joint = table[j][k]
+            independent = (table[j][0] + table[j][1]) * (table[0][k] + table[1][k])
+            term = joint * xp.log(joint / independent)
+            mi = mi + xp.where(xp.isnan(term), 0.0, term)
+            term = joint * xp.log(joint)
+            je = je + xp.where(xp.isnan(term), 0.0, term)
+    return xp.maximum(mi, 0.0), xp.maximum(-je, 0.0)
+
+
+@jax.jit
+def _search_chunk(isects, preds, truth, enabled, level_ok):
+    """float32 isects/preds (Lc, U, F), truth (Lc,), enabled (Lc,), level_ok (U, F) -> best (Lc, U)."""
+
+    def one_label(isects, preds, truth, enabled):
+        table, _ = _table(jnp, isects, preds, truth)
+        mi, je = _mi_je(jnp, table)
+        mi = mi.at[:, -1].set(0.0)
+        mi = jnp.where(enabled, mi, 0.0)
+        iqr = mi / je
+        iqr = jnp.where(jnp.isnan(iqr), 0.0, iqr)
+        agreement = isects + table[1][1]
+        iqr = jnp.where((agreement > MIN_AGREEMENT) & level_ok, iqr, 0.0)
+        return jnp.argmax(iqr, axis=-1).astype(jnp.int32)
+
+    return jax.vmap(one_label)(isects, preds, truth, enabled)
+
+
+def iqr_table_float64(isect_count, pred_count, label_count, label_pixel_count, total_count, pixels):
+    """The float64 fractions of the search's 2x2 table from integer counts (any broadcastable shapes).
+
+    Returns (isects, preds, truth) as float64 arrays.
+    """
+    truth = np.asarray(label_count, np.float64) / float(pixels)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cond = np.asarray(isect_count, np.float64) / np.asarray(label_pixel_count, np.float64)
+        preds = np.asarray(pred_count, np.float64) / np.asarray(total_count, np.float64)
+    cond = np.where(np.isfinite(cond), cond, 0.0)
+    preds = np.where(np.isfinite(preds), preds, 0.0)
+    return cond * truth, preds, truth
+
+
+def search_iqr_thresholds(label_above, category_above, label_counts, label_pixels, total_counts,
+                          label_category, pixels: int, levels: np.ndarray, fractions=IQR_FRACTIONS,
+                          label_chunk: int = 64) -> IQRSearchResult:
+    """Find, per label and unit, the candidate level with the largest IQR.
+
+    label_above: int (U, L, F) or a callable ``(first, last) -> int (U, last - first, F)``, the
+      number of pixels above each candidate level carrying each label (any channel);
+    category_above: int (C + 1, U, F) active pixels per category over the images where it is
+      present (last row: all images); label_counts: int (L,) label entries over all channels;
+      label_pixels: int (L,) pixels carrying each label; total_counts: int (C + 1,) pixels of the
+      images where each category is present; label_category: (L,) category index per label;
+      pixels: N * H * W; levels: float32 (U, F) candidate levels, in the order of ``fractions``.
+    """
+    label_counts = np.asarray(label_counts, np.int64)
+    label_pixels = np.asarray(label_pixels, np.int64)
+    total_counts = np.asarray(total_counts, np.int64)
+    label_category = np.asarray(label_category, np.int64)
+    category_above = np.asarray(category_above, np.int64)
+    levels = np.asarray(levels, np.float32)
+    fractions = np.asarray(fractions, np.float32)
+    num_labels = label_counts.shape[0]
+    num_units, num_candidates = levels.shape
+    get_above = label_above if callable(label_above) else (lambda a, b: np.asarray(label_above)[:, a:b])
+    truth_all = label_counts / float(pixels)
+    enabled_all = (truth_all >= MIN_LABEL_FRACTION) & (np.arange(num_labels) > 0)
+    level_ok = jnp.asarray(levels > 0)
+
+    candidate = np.zeros((num_labels, num_units), np.int64)
+    isect_at = np.zeros((num_labels, num_units), np.int64)
+    for first in range(0, num_labels, label_chunk):
+        last = min(first + label_chunk, num_labels)
+        above = np.moveaxis(np.asarray(get_above(first, last), np.int64), 1, 0)  # (Lc, U, F)
+        cats = label_category[first:last]
+        isects, preds, truth = iqr_table_float64(
+            above, category_above[cats], label_counts[first:last, None, None],
+            label_pixels[first:last, None, None], total_counts[cats][:, None, None], pixels)
+        pad = label_chunk - (last - first)
+
+        def padded(x, fill=0):
+            return np.concatenate([x, np.full((pad,) + x.shape[1:], fill, x.dtype)]) if pad else x
+
+        best = _search_chunk(jnp.asarray(padded(isects.astype(np.float32))),
+                             jnp.asarray(padded(preds.astype(np.float32))),
+                             jnp.asarray(padded(truth[:, 0, 0].astype(np.float32))),
+                             jnp.asarray(padded(enabled_all[first:last], False)), level_ok)
+        best = np.asarray(best, np.int64)[: last - first]
+        candidate[first:last] = best
+        isect_at[first:last] = np.take_along_axis(above, best[:, :, None], 2)[:, :, 0]
+
+    units = np.arange(num_units)[None, :]
+    pred_at = category_above[label_category[:, None], units, candidate]
+    isects, preds, truth = iqr_table_float64(
+        isect_at, pred_at, label_counts[:, None], label_pixels[:, None],
+        total_counts[label_category][:, None], pixels)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table, unions = _table(np, isects, preds, truth)
+        mi, je = _mi_je(np, table)
+        mi = np.where(candidate == num_candidates - 1, 0.0, mi)
+        mi = np.where(enabled_all[:, None], mi, 0.0)
+        iqr = mi / je
+        iou = isects / unions
+    iqr = np.where(np.isnan(iqr), 0.0, iqr)
+    agreement = isects + table[1][1]
+    level = levels[units, candidate]
+    iqr = np.where((agreement > MIN_AGREEMENT) & (level > 0), iqr, 0.0)
+    iou = np.where(np.isnan(iou), 0.0, iou)
+    fraction = category_above[-1][units, candidate] / float(pixels)
+    return IQRSearchResult(iqr, candidate, level.astype(np.float32), fractions[candidate], fraction, iou, agreement)
+
+
+def best_label_by_iqr(max_iqr: np.ndarray) -> np.ndarray:
+    """Per unit, the label whose best candidate has the largest IQR (first on ties, so label 0
+    when every IQR is 0): int64 (U,) from float64 (L, U)."""
+    return np.argmax(np.asarray(max_iqr), axis=0)

@@ -1,0 +1,137 @@
+"""``gandissect-jax dissect --features ...`` reproduces the reference, and its HTML report renders
+in headless Chromium without console errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gandissect_jax.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "dissect"
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """Run the precomputed-activations CLI on the golden data at the reference's 0.995 levels."""
+    data = np.load(FIXTURES / "dissect_golden.npz")
+    work = tmp_path_factory.mktemp("cli")
+    np.save(work / "features.npy", data["features"].transpose(0, 2, 3, 1))
+    np.save(work / "segs.npy", data["segs"].transpose(0, 2, 3, 1))
+    np.save(work / "levels.npy", data["levels"])
+    shutil.copy(FIXTURES / "labels.json", work / "labels.json")
+    outdir = work / "out"
+    code = main(["dissect", "--features", str(work / "features.npy"), "--segmentations", str(work / "segs.npy"),
+                 "--labels", str(work / "labels.json"), "--levels", str(work / "levels.npy"),
+                 "--outdir", str(outdir), "--batch-size", "16", "--quiet", "--title", "golden"])
+    assert code == 0
+    return data, outdir, work
+
+
+def test_cli_reproduces_reference_iou(cli_run):
+    data, outdir, _ = cli_run
+    with np.load(outdir / "features" / "scores.npz") as scores:
+        assert scores["iou"].shape == (13, 24) and scores["iqr"].shape == (13, 24)
+        assert scores["levels"].shape == (24,)
+        np.testing.assert_array_equal(scores["levels"], data["levels"])
+        np.testing.assert_allclose(scores["iou"], data["iou_scores"], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(scores["iqr"][1:], data["iqr_scores"][1:], atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(scores["intersection_counts"], data["intersection_counts"])
+        np.testing.assert_array_equal(scores["unit_label"], data["iou_best_label"])
+    document = json.loads((outdir / "dissect.json").read_text())
+    layer = document["layers"][0]
+    assert layer["layer"] == "features" and layer["num_units"] == 24 and layer["num_samples"] == 60
+    names = [name for name, _ in document["labels"]]
+    for unit in layer["units"]:
+        u = unit["unit"]
+        assert unit["label"] == names[data["iou_best_label"][u]]
+        assert abs(unit["iou"] - data["iou_best_score"][u]) < 1e-6
+        assert unit["threshold"] == pytest.approx(float(data["levels"][u]), abs=0)
+        if u != 16:  # unit 16 is constant: any order of its tied samples is right
+            assert [t["sample"] for t in unit["top"]] == data["topk_indices"][u].tolist()
+    # 11 of the 12 indicator units win their own label at the 0.995 level (all but lamp)
+    interpretable = {unit["unit"]: unit["label"] for unit in layer["units"] if unit["interpretable"]}
+    assert interpretable == {u["unit"]: u["label"] for u in layer["units"] if u["iou"] >= 0.05 and u["labelnum"] > 0}
+    assert layer["interpretable"] == len(interpretable) > 0
+    assert sum(len(c["units"]) for c in layer["concepts"]) == layer["interpretable"]
+
+
+def test_cli_writes_strips_and_resumes(cli_run, capsys):
+    data, outdir, work = cli_run
+    strip = Image.open(outdir / "features" / "image" / "0-top.jpg")
+    assert strip.size[0] > 9 * strip.size[1]  # 10 thumbnails side by side
+    assert len(list((outdir / "features" / "image").glob("*-top.jpg"))) == 24
+    # rerun: everything is already done, the same outputs are rewritten from scores.npz
+    before = (outdir / "features" / "scores.npz").stat().st_mtime_ns
+    code = main(["dissect", "--features", str(work / "features.npy"), "--segmentations", str(work / "segs.npy"),
+                 "--labels", str(work / "labels.json"), "--levels", str(work / "levels.npy"),
+                 "--outdir", str(outdir), "--batch-size", "16", "--quiet", "--title", "golden"])
+    assert code == 0
+    assert (outdir / "features" / "scores.npz").stat().st_mtime_ns == before
+    assert "units interpretable" in capsys.readouterr().out
+
+
+def test_cli_refuses_bad_arguments(tmp_path, capsys):
+    assert main(["dissect", "--outdir", str(tmp_path)]) == 1
+    assert "either --model" in capsys.readouterr().err
+    assert main(["dissect", "--features", str(tmp_path / "missing.npy"), "--segmentations", "x", "--labels", "y",
+                 "--outdir", str(tmp_path)]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_html_report_renders_without_console_errors(cli_run, tmp_path):
+    _, outdir, _ = cli_run
+    browser = chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); CI installs it")
+    page = (outdir / "dissect.html").resolve()
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+               f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+               "--virtual-time-budget=5000", "--window-size=1200,3000", "--dump-dom", page.as_uri()]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console == [], console
+    dom = done.stdout
+    assert 'data-rendered="yes"' in dom  # the page's script ran to the end
+    assert len(re.findall(r'class="unit(?: interp)?"', dom)) == 24
+    assert dom.count("<svg") >= 2  # concept bar graph and the cross-layer comparison
+    assert "features/image/0-top.jpg" in dom
+
+
+def test_cli_generator_source(tmp_path, monkeypatch):
+    import gandissect_jax
+    from test_dissect_pipeline import TinyGenerator, TinySegmenter
+
+    loaded = []
+    monkeypatch.setattr(gandissect_jax, "load_generator", lambda src: loaded.append(src) or TinyGenerator(),
+                        raising=False)
+    monkeypatch.setattr(gandissect_jax, "load_segmenter", lambda src: loaded.append(src) or TinySegmenter(),
+                        raising=False)
+    outdir = tmp_path / "gen"
+    code = main(["dissect", "--model", "tiny", "--segmenter", "colours", "--layers", "layer2", "--size", "37",
+                 "--seed", "3", "--batch-size", "8", "--topk", "5", "--outdir", str(outdir), "--quiet"])
+    assert code == 0 and loaded == ["tiny", "colours"]
+    document = json.loads((outdir / "dissect.json").read_text())
+    assert document["layers"][0]["threshold"] == "iqr"  # the paper's rule is the generator default
+    assert document["settings"]["source"]["model"] == "tiny"
+    with np.load(outdir / "layer2" / "scores.npz") as scores:
+        assert scores["iou"].shape == (4, 7) and scores["levels"].shape == (7,)
+        assert scores["max_iqr"].shape == (4, 7)
+    assert len(list((outdir / "layer2" / "image").glob("*-top.jpg"))) == 7

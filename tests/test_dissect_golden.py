@@ -1,0 +1,181 @@
+"""Parity with the PyTorch reference's numbers (tests/fixtures/dissect, see its README) and with an
+independent exact numpy IQR threshold search."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from gandissect_jax.dissection import IQR_FRACTIONS, dissect_features, upsample_bilinear
+
+FIXTURES = Path(__file__).parent / "fixtures" / "dissect"
+LEVEL_SETS = {  # levels -> the reference's outputs at those levels
+    "levels": "",
+    "iqrmode_levels": "iqrmode_",
+    "exactq_levels": "exactq_",
+    "exactq_iqrmode_levels": "exactq_iqrmode_",
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    golden = np.load(FIXTURES / "dissect_golden.npz")
+    labels = json.loads((FIXTURES / "labels.json").read_text())
+    return {
+        "golden": golden,
+        "labels": labels,
+        "features": golden["features"].transpose(0, 2, 3, 1),
+        "segs": golden["segs"].transpose(0, 2, 3, 1),
+    }
+
+
+def run(data, **kwargs):
+    return dissect_features(data["features"], data["segs"], data["labels"], batch_size=16, progress=False,
+                            **kwargs)["features"]
+
+
+@pytest.fixture(scope="module")
+def iqr_result(data):
+    return run(data, threshold="iqr")
+
+
+@pytest.mark.parametrize("level_name", sorted(LEVEL_SETS))
+def test_counts_and_scores_at_reference_levels(data, level_name):
+    golden = data["golden"]
+    prefix = LEVEL_SETS[level_name]
+    result = run(data, levels=golden[level_name])
+    np.testing.assert_array_equal(result.label_counts, golden["label_counts"])
+    np.testing.assert_array_equal(result.total_counts, golden["total_counts"])
+    np.testing.assert_array_equal(result.levels, golden[level_name])
+    cc, ic = golden[prefix + "category_activation_counts"], golden[prefix + "intersection_counts"]
+    iou, iqr = golden[prefix + "iou_scores"], golden[prefix + "iqr_scores"]
+    if level_name == "exactq_iqrmode_levels":
+        # 8 upsampled values lie within 1e-6 of these levels: float32 rounding moves up to 2 pixels
+        assert np.abs(result.category_activation_counts - cc).max() <= 2
+        assert np.abs(result.intersection_counts - ic).max() <= 2
+        np.testing.assert_allclose(result.iou, iou, atol=1e-3)
+        np.testing.assert_allclose(result.iqr[1:], iqr[1:], atol=1e-3)
+    else:
+        np.testing.assert_array_equal(result.category_activation_counts, cc)
+        np.testing.assert_array_equal(result.intersection_counts, ic)
+        np.testing.assert_allclose(result.iou, iou, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(result.iqr[1:], iqr[1:], atol=1e-6, rtol=0)
+        scores = iou.copy()
+        scores[0] = 0
+        np.testing.assert_array_equal(result.unit_label, np.argmax(scores, axis=0))
+    if prefix in ("", "exactq_"):
+        np.testing.assert_array_equal(result.unit_label, golden[prefix + "iou_best_label"])
+        np.testing.assert_allclose(result.unit_iou, golden[prefix + "iou_best_score"], atol=1e-6)
+
+
+def test_topk_is_exact(data, iqr_result):
+    golden = data["golden"]
+    np.testing.assert_array_equal(iqr_result.topk_values, golden["topk_values"])
+    ordinary = np.arange(24) != 16  # unit 16 is constant: its tie order is implementation-defined
+    np.testing.assert_array_equal(iqr_result.topk_indices[ordinary], golden["topk_indices"][ordinary])
+
+
+def test_quantile_mode_uses_exact_quantiles(data):
+    golden = data["golden"]
+    result = run(data, threshold="quantile", quantile=0.005)
+    raw = data["features"].reshape(-1, 24)
+    exact = np.quantile(raw, 0.995, axis=0, method="hazen").astype(np.float32)
+    np.testing.assert_array_equal(result.levels, exact)
+    # the reference rounds q to float32 (0.99500000477), which moves the level by <= 2.9e-6
+    np.testing.assert_allclose(result.levels, golden["exactq_levels"], atol=1e-5)
+    np.testing.assert_allclose(result.raw_quantiles[:, :4], golden["exact_quantiles_hazen"], atol=1e-6)
+    np.testing.assert_array_equal(result.intersection_counts, golden["exactq_intersection_counts"])
+    np.testing.assert_allclose(result.iou, golden["exactq_iou_scores"], atol=1e-6)
+    np.testing.assert_array_equal(result.unit_label, golden["exactq_iou_best_label"])
+
+
+# ----------------------------------------------------------------------------- IQR search
+
+
+def numpy_exact_iqr_search(up, segs, label_category, num_labels, num_categories, fractions):
+    """Independent exact-count version of the reference's collect_iqr (steps 3-7 of the README)."""
+    n, H, W, U = up.shape
+    pixels = n * H * W
+    flat = up.reshape(-1, U)
+    levels = np.quantile(flat, 1.0 - fractions.astype(np.float64), axis=0, method="hazen").T.astype(np.float32)
+    label_counts = np.bincount(segs.reshape(-1), minlength=num_labels)
+    truth = label_counts / pixels
+    label_masks = np.stack([(segs == l).any(-1).reshape(-1) for l in range(num_labels)])  # (L, P)
+    per_image = np.stack([np.bincount(segs[i].reshape(-1), minlength=num_labels) > 0 for i in range(n)])
+    cat_masks = []
+    for c in range(num_categories):
+        present = per_image[:, label_category == c].any(1)
+        cat_masks.append(np.repeat(present, H * W))
+    cat_masks = np.stack(cat_masks)  # (C, P)
+    best_iqr = np.zeros((num_labels, U))
+    best_f = np.zeros((num_labels, U), np.int64)
+    second = np.zeros((num_labels, U))
+    for u in range(U):
+        above = (flat[:, u, None] > levels[u][None, :]).astype(np.float64)  # (P, F)
+        isect_counts = label_masks.astype(np.float64) @ above  # (L, F)
+        pred_counts = cat_masks.astype(np.float64) @ above  # (C, F)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cond = np.nan_to_num(isect_counts / label_masks.sum(1, keepdims=True))
+            isects = cond * truth[:, None]
+            preds = pred_counts[label_category] / (cat_masks.sum(1)[label_category][:, None])
+            unions = truth[:, None] + preds - isects
+            arr = np.clip(np.array([[isects, preds - isects], [truth[:, None] - isects, 1 - unions]]), 0, 1)
+            mi = np.zeros_like(isects)
+            je = np.zeros_like(isects)
+            for j in range(2):
+                for k in range(2):
+                    term = arr[j, k] * np.log(arr[j, k] / (arr[j].sum(0) * arr[:, k].sum(0)))
+                    mi += np.nan_to_num(term, nan=0.0, posinf=0.0, neginf=0.0)
+                    term = arr[j, k] * np.log(arr[j, k])
+                    je += np.nan_to_num(term, nan=0.0, posinf=0.0, neginf=0.0)
+            mi, je = np.maximum(mi, 0), np.maximum(-je, 0)
+            mi[:, -1] = 0
+            mi[truth < 1e-3] = 0
+            mi[0] = 0  # label 0 is not a concept
+            iqr = np.nan_to_num(mi / je)
+        agreement = isects + arr[1, 1]
+        iqr[agreement <= 0.8] = 0
+        iqr[:, levels[u] <= 0] = 0
+        best_f[:, u] = np.argmax(iqr, axis=1)
+        best_iqr[:, u] = iqr.max(1)
+        second[:, u] = np.sort(iqr, axis=1)[:, -2]
+    return levels, best_iqr, best_f, second
+
+
+def test_iqr_search_matches_independent_exact_numpy(data, iqr_result):
+    golden = data["golden"]
+    up = np.asarray(jax.jit(lambda f: upsample_bilinear(f, (32, 32)))(data["features"]))
+    label_category = np.array(data["labels"]["label_category"])
+    levels, best_iqr, best_f, second = numpy_exact_iqr_search(up, data["segs"], label_category, 13, 3, IQR_FRACTIONS)
+    # the candidate levels are the exact hazen quantiles of the upsampled activations
+    np.testing.assert_array_equal(iqr_result.candidate_levels, levels)
+    np.testing.assert_allclose(iqr_result.max_iqr, best_iqr, atol=1e-6, rtol=1e-5)
+    clear = best_iqr - second > 1e-4
+    assert clear.sum() >= 40
+    np.testing.assert_array_equal(iqr_result.max_iqr_level[clear], levels[np.nonzero(clear)[1], best_f[clear]])
+    np.testing.assert_array_equal(iqr_result.max_iqr_quantile[clear], IQR_FRACTIONS[best_f[clear]])
+    # unit labels: argmax over labels of the best IQR
+    np.testing.assert_array_equal(iqr_result.unit_label, np.argmax(best_iqr, axis=0))
+    # against the reference's own exact-quantile run (interpolated CDFs instead of counts): within 2e-3
+    assert np.abs(iqr_result.max_iqr - golden["exactq_max_iqr"]).max() < 2e-3
+    np.testing.assert_array_equal(iqr_result.unit_label, golden["exactq_iqrmode_label"])
+
+
+def test_iqr_mode_levels_and_scores(data, iqr_result):
+    golden = data["golden"]
+    units = np.arange(24)
+    np.testing.assert_array_equal(iqr_result.levels, iqr_result.max_iqr_level[iqr_result.unit_label, units])
+    # the reported IoU is the IoU at the adopted level of the adopted label, as the reference reports
+    np.testing.assert_allclose(iqr_result.unit_iou, iqr_result.iou[iqr_result.unit_label, units])
+    reference_iou = golden["exactq_iqrmode_iou_scores"][golden["exactq_iqrmode_label"], units]
+    assert np.abs(iqr_result.unit_iou - reference_iou).max() < 5e-3
+    # units 6 (negative) and 16 (constant) get no IQR label, as in the reference
+    assert iqr_result.unit_label[6] == 0 and iqr_result.unit_label[16] == 0
+    assert np.all(iqr_result.max_iqr[:, [6, 16]] == 0)
+    # the exact fraction of pixels above each adopted level
+    up = np.asarray(upsample_bilinear(data["features"], (32, 32))).reshape(-1, 24)
+    np.testing.assert_allclose(iqr_result.activation_fraction, (up > iqr_result.levels).mean(0), atol=1e-12)

@@ -1,0 +1,233 @@
+"""The dissection pipeline: both entry points agree, runs resume, bad input is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gandissect_jax.dissection import LayerDissection, dissect_features, dissect_generator
+from gandissect_jax.dissection.pipeline import GeneratorSource
+
+FIXTURES = Path(__file__).parent / "fixtures" / "dissect"
+
+
+# ----------------------------------------------------------------------------- stand-ins
+
+
+def _quantize(x):
+    """Round to multiples of 1/64 within [-4, 4]: every later product and sum is exact in float32,
+    so results do not depend on fusion (FMA) or batch size."""
+    return jnp.clip(jnp.round(x * 64.0) / 64.0, -4.0, 4.0)
+
+
+def _mix(x, weights):
+    out = 0.0
+    for c in range(weights.shape[0]):
+        out = out + x[..., c:c + 1] * weights[c]
+    return out
+
+
+def _double(x):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class TinyGenerator:
+    """A 3-layer generator following the project's generator contract (z -> 4x4 -> 8x8 -> 16x16 RGB)."""
+
+    layer_names = ("layer1", "layer2", "output_16x16")
+    z_dim = 6
+
+    def __init__(self):
+        rng = np.random.RandomState(0)
+
+        def weights(*shape):
+            return jnp.asarray(np.round(rng.randn(*shape) * 4) / 8, jnp.float32)  # multiples of 1/8
+
+        self.params = {"w1": weights(6, 16 * 5), "w2": weights(5, 7), "w3": weights(7, 3)}
+
+    @staticmethod
+    def _layer1(params, z):
+        z = _quantize(z)
+        out = 0.0
+        for i in range(z.shape[1]):
+            out = out + z[:, i:i + 1] * params["w1"][i]
+        return _quantize(out).reshape(z.shape[0], 4, 4, 5)
+
+    @staticmethod
+    def _layer2(params, r):
+        x = _mix(_double(r), params["w2"])
+        return _quantize(jnp.where(x > 0, x, 0.25 * x))
+
+    @staticmethod
+    def _output(params, r):
+        return jnp.clip(_mix(_double(r), params["w3"]) / 4.0, -1.0, 1.0)
+
+    def split(self, layer):
+        if layer == "layer1":
+            return self._layer1, lambda p, r: self._output(p, self._layer2(p, r))
+        if layer == "layer2":
+            return (lambda p, z: self._layer2(p, self._layer1(p, z))), self._output
+        raise ValueError(f"unknown layer {layer}")
+
+    def __call__(self, z):
+        return self._output(self.params, self._layer2(self.params, self._layer1(self.params, z)))
+
+
+class TinySegmenter:
+    """Labels by colour: channel 0 objects (reddish=1 'red', greenish=2 'green'), channel 1 a
+    material (bright=3 'shiny'); follows the Segmenter protocol."""
+
+    labels = (("-", "object"), ("red", "object"), ("green", "object"), ("shiny", "material"))
+    categories = ("object", "material")
+
+    def segment(self, images, downsample=1):
+        x = images[:, ::downsample, ::downsample]
+        obj = jnp.where(x[..., 0] > x[..., 1] + 0.1, 1, jnp.where(x[..., 1] > x[..., 0] + 0.1, 2, 0))
+        mat = jnp.where(x.mean(-1) > 0.2, 3, 0)
+        return jnp.stack([obj, mat], axis=-1).astype(jnp.int32)
+
+    def class_score(self, images, c, downsample=1):
+        raise NotImplementedError
+
+
+@pytest.fixture(scope="module")
+def golden():
+    data = np.load(FIXTURES / "dissect_golden.npz")
+    labels = json.loads((FIXTURES / "labels.json").read_text())
+    return data["features"].transpose(0, 2, 3, 1), data["segs"].transpose(0, 2, 3, 1), labels, data
+
+
+def assert_same(a: LayerDissection, b: LayerDissection):
+    for name in ("levels", "label_counts", "total_counts", "category_activation_counts", "intersection_counts",
+                 "iou", "iqr", "unit_label", "topk_values", "topk_indices", "max_iqr", "max_iqr_level",
+                 "candidate_levels", "activation_fraction"):
+        x, y = getattr(a, name), getattr(b, name)
+        if x is None or y is None:
+            assert x is None and y is None, name
+            continue
+        np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def test_generator_and_features_entry_points_agree(tmp_path):
+    generator, segmenter = TinyGenerator(), TinySegmenter()
+    z = np.random.RandomState(3).standard_normal(37 * 6).reshape(37, 6).astype(np.float32)
+    from_generator = dissect_generator(generator, segmenter, ["layer1", "layer2"], size=37, seed=3, batch_size=8,
+                                       threshold="iqr", progress=False, outdir=str(tmp_path / "gen"), k=5)
+    images = generator(jnp.asarray(z))
+    features = {name: np.asarray(generator.split(name)[0](generator.params, jnp.asarray(z)))
+                for name in ("layer1", "layer2")}
+    segs = np.asarray(segmenter.segment(images, 2))
+    from_arrays = dissect_features(features, segs, list(segmenter.labels), categories=segmenter.categories,
+                                   threshold="iqr", batch_size=8, progress=False, k=5)
+    assert list(from_generator) == ["layer1", "layer2"]
+    for name in ("layer1", "layer2"):
+        assert_same(from_generator[name], from_arrays[name])
+    # the generator report exists, with image strips of generated samples
+    assert (tmp_path / "gen" / "dissect.html").exists()
+    assert (tmp_path / "gen" / "layer2" / "image" / "0-top.jpg").exists()
+    assert (tmp_path / "gen" / "layer1" / "scores.npz").exists()
+
+
+def test_generator_z_stream_matches_sample_z():
+    source = GeneratorSource(TinyGenerator(), TinySegmenter(), ["layer1"], 50, seed=5, seg_downsample=2)
+    expected = np.random.RandomState(5).standard_normal(50 * 6).reshape(50, 6).astype(np.float32)
+    got = np.concatenate([source._z(np.arange(i, min(i + 16, 50))) for i in range(0, 50, 16)])
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(source._z(np.array([40, 41])), expected[40:42])  # restarts the stream
+    np.testing.assert_array_equal(source._z(np.array([3])), expected[3:4])
+    try:
+        from gandissect_jax import sample_z
+    except ImportError:
+        return
+    np.testing.assert_array_equal(got, sample_z(50, 6, 5))
+
+
+def test_unknown_layer_is_refused():
+    with pytest.raises(ValueError, match="unknown layer"):
+        dissect_generator(TinyGenerator(), TinySegmenter(), ["layer9"], size=4, progress=False)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+class CountingArray:
+    """Array stand-in that counts batch reads and can fail after a number of them."""
+
+    def __init__(self, array, fail_after=None):
+        self.array = array
+        self.shape, self.ndim, self.dtype = array.shape, array.ndim, array.dtype
+        self.reads = 0
+        self.fail_after = fail_after
+
+    def __getitem__(self, key):
+        if not isinstance(key, (int, np.integer)):  # batch reads (single-sample reads fingerprint the data)
+            self.reads += 1
+            if self.fail_after is not None and self.reads > self.fail_after:
+                raise RuntimeError("simulated crash")
+        return self.array[key]
+
+
+def test_interrupted_run_resumes_to_identical_results(golden, tmp_path):
+    features, segs, labels, _ = golden
+    options = dict(threshold="iqr", batch_size=16, progress=False, make_images=False, checkpoint_every=0.0)
+    full = dissect_features(features, segs, labels, outdir=str(tmp_path / "full"), **options)["features"]
+    # 4 batches per pass: 3 quantile passes, then the count pass; crash in the middle of the count pass
+    crashing = CountingArray(features, fail_after=14)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        dissect_features(crashing, segs, labels, outdir=str(tmp_path / "run"), **options)
+    progress = tmp_path / "run" / ".progress"
+    assert (progress / "counts.npz").exists() and (progress / "quantiles.npz").exists()
+    resumed_reads = CountingArray(features)
+    resumed = dissect_features(resumed_reads, segs, labels, outdir=str(tmp_path / "run"), **options)["features"]
+    assert resumed_reads.reads == 2  # only the last two batches of the count pass were read again
+    assert_same(full, resumed)
+    # a finished layer is not recomputed
+    again = CountingArray(features)
+    rerun = dissect_features(again, segs, labels, outdir=str(tmp_path / "run"), **options)["features"]
+    assert again.reads == 0
+    assert_same(full, rerun)
+    assert not (progress / "counts.npz").exists()
+
+
+def test_outdir_with_other_settings_is_refused(golden, tmp_path):
+    features, segs, labels, data = golden
+    dissect_features(features[:8], segs[:8], labels, levels=data["levels"], progress=False, make_images=False,
+                     outdir=str(tmp_path))
+    with pytest.raises(ValueError, match="different settings"):
+        dissect_features(features[:8], segs[:8], labels, threshold="quantile", progress=False, make_images=False,
+                         outdir=str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_get_clear_errors(golden):
+    features, segs, labels, data = golden
+    bad = features[:8].copy()
+    bad[3, 2, 2, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        dissect_features(bad, segs[:8], labels, progress=False)
+    with pytest.raises(ValueError, match="outside"):
+        dissect_features(features[:8], segs[:8] + 20, labels, levels=data["levels"], progress=False)
+    with pytest.raises(ValueError, match="number of samples"):
+        dissect_features(features[:8], segs[:7], labels, progress=False)
+    with pytest.raises(ValueError, match="24 units"):
+        dissect_features(features[:8], segs[:8], labels, levels=np.zeros(5), progress=False)
+    with pytest.raises(ValueError, match=r"\(N, h, w, U\)"):
+        dissect_features(features[0], segs[:8], labels, progress=False)
+    with pytest.raises(ValueError, match="threshold"):
+        dissect_features(features[:8], segs[:8], labels, threshold="best", progress=False)
+
+
+def test_single_device_batch_size_does_not_change_results(golden):
+    features, segs, labels, _ = golden
+    a = dissect_features(features, segs, labels, threshold="iqr", batch_size=16, progress=False)["features"]
+    b = dissect_features(features, segs, labels, threshold="iqr", batch_size=7, progress=False)["features"]
+    assert_same(a, b)
