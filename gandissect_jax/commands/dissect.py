@@ -18,13 +18,21 @@ import json
 import os
 
 
+# With no source given, dissect the shipped demo pair (weights/scenes64): works offline, on CPU.
+DEMO_MODEL = "scenes64"
+DEMO_SEGMENTER = "scenes64-segmenter"
+DEMO_LAYERS = ("layer4", "layer6")
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``dissect`` sub-command."""
     parser = subparsers.add_parser(
         "dissect", help="score every unit of a layer against segmentation concepts (IoU / IQR)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_argument_group("generator source")
-    source.add_argument("--model", help="generator: registry name, .pth file or checkpoint directory")
+    source.add_argument("--model", help="generator: registry name, .pth file or checkpoint directory "
+                        f"(default: the shipped demo {DEMO_MODEL!r} with {DEMO_SEGMENTER!r}, layers "
+                        f"{' '.join(DEMO_LAYERS)})")
     source.add_argument("--segmenter", help="segmenter: registry name or checkpoint directory")
     source.add_argument("--layers", nargs="+", help="layers to dissect, e.g. layer4 layer7")
     source.add_argument("--size", type=int, default=10000, help="number of samples (default 10000)")
@@ -96,9 +104,14 @@ def run_command(args) -> int:
     """Run the dissection described by the parsed arguments."""
     from gandissect_jax.dissection import dissect_features, dissect_generator
 
-    if bool(args.model) == bool(args.features):
+    if args.model and args.features:
         raise ValueError("give either --model (with --segmenter and --layers) or --features "
-                         "(with --segmentations and --labels)")
+                         "(with --segmentations and --labels), not both")
+    if not args.features:  # generator source; the shipped demo pair fills what is not given
+        if args.model in (None, DEMO_MODEL):
+            args.model = DEMO_MODEL
+            args.segmenter = args.segmenter or DEMO_SEGMENTER
+            args.layers = args.layers or list(DEMO_LAYERS)
     common = dict(quantile=args.quantile, k=args.topk, batch_size=args.batch_size, outdir=args.outdir,
                   iou_threshold=args.iou_threshold, checkpoint_every=args.checkpoint_every,
                   progress=not args.quiet, make_images=not args.no_images, title=args.title)

@@ -224,7 +224,9 @@ class GeneratorSource(_Source):
         return {name: jax.device_put(value, sharding) for name, value in feats.items()}
 
     def _segment(self, images, sharding):
-        labels = self.segmenter.segment(images, self.seg_downsample)
+        # Generators are unclamped (ProGAN outputs stray slightly outside [-1, 1]); segmenters
+        # take images in [-1, 1], so segment what would be displayed.
+        labels = self.segmenter.segment(jnp.clip(images, -1.0, 1.0), self.seg_downsample)
         return jax.device_put(jnp.asarray(labels, jnp.int32), sharding)
 
     def features_and_labels(self, indices, sharding):
