@@ -79,8 +79,10 @@ def test_cli_writes_strips_and_resumes(cli_run, capsys):
 
 
 def test_cli_refuses_bad_arguments(tmp_path, capsys):
-    assert main(["dissect", "--outdir", str(tmp_path)]) == 1
-    assert "either --model" in capsys.readouterr().err
+    assert main(["dissect", "--model", "scenes64", "--features", "f.npy", "--outdir", str(tmp_path)]) == 1
+    assert "not both" in capsys.readouterr().err
+    assert main(["dissect", "--features", "f.npy", "--outdir", str(tmp_path)]) == 1
+    assert "--segmentations and --labels" in capsys.readouterr().err
     assert main(["dissect", "--features", str(tmp_path / "missing.npy"), "--segmentations", "x", "--labels", "y",
                  "--outdir", str(tmp_path)]) == 1
     assert "not found" in capsys.readouterr().err
