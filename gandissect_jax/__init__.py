@@ -34,6 +34,7 @@ _EXPORTS = {
     "edit_representation": "gandissect_jax.intervention",
     "ablation_edit": "gandissect_jax.intervention",
     "insertion_edit": "gandissect_jax.intervention",
+    "label_shares": "gandissect_jax.intervention",
     "read_pth": "gandissect_jax.pth",
     "save_checkpoint": "gandissect_jax.checkpoints",
     "load_checkpoint": "gandissect_jax.checkpoints",

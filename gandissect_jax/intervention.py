@@ -35,6 +35,7 @@ __all__ = [
     "ablation_edit",
     "insertion_edit",
     "edited_generator",
+    "label_shares",
 ]
 
 
@@ -168,3 +169,66 @@ def edited_generator(G: Any, layer: str) -> Callable[[Any, jax.Array, Edit], jax
         return f(params, edit.apply(h(params, z)))
 
     return jax.jit(run)
+
+
+def label_shares(
+    generator: Any,
+    segmenter: Any,
+    z: Any,
+    *,
+    layer: str | None = None,
+    edit: Edit | None = None,
+    batch_size: int = 64,
+    seg_downsample: int = 1,
+    progress: bool = False,
+) -> np.ndarray:
+    """Pixel share of every segmenter label in the generated images, optionally under an edit.
+
+    This is the measurement behind the paper's causal effects: the average causal effect of an
+    edit on concept c is ``label_shares(..., edit=e)[c] - label_shares(...)[c]`` (every image has
+    the same number of pixels, so the pooled share is the mean of per-image shares).
+
+    Args:
+      generator: the generator contract (``params``, ``split(layer)``, callable on z).
+      segmenter: the Segmenter protocol; images are clipped to [-1, 1] before segmenting, as in
+        the dissection pipeline.
+      z: float32 (N, z_dim) latents.
+      layer, edit: edit ``layer``'s representation with ``edit`` (both or neither).
+      batch_size: images generated and segmented at once; memory does not grow with N.
+      seg_downsample: output stride of the segmentation.
+      progress: show a tqdm bar.
+
+    Returns:
+      float64 (L,) shares summing to 1 over the L labels (label 0 counts unlabelled pixels);
+      with several segmentation channels D, every channel's labels are counted.
+    """
+    if (layer is None) != (edit is None):
+        raise ValueError("give both layer and edit, or neither")
+    z = np.asarray(z, np.float32)
+    if z.ndim != 2:
+        raise ValueError(f"z must be (N, z_dim); got shape {z.shape}")
+    if edit is None:
+        def images_of(batch):
+            return generator(batch)
+    else:
+        run = edited_generator(generator, layer)
+
+        def images_of(batch):
+            return run(generator.params, batch, edit)
+    num_labels = len(segmenter.labels)
+    counts = np.zeros(num_labels, np.int64)
+    starts = range(0, len(z), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="label shares", unit="batch")
+    for start in starts:
+        images = jnp.clip(images_of(jnp.asarray(z[start : start + batch_size])), -1.0, 1.0)
+        labels = np.asarray(segmenter.segment(images, seg_downsample)).reshape(-1)
+        if labels.size and (labels.min() < 0 or labels.max() >= num_labels):
+            raise ValueError(f"segmenter produced label numbers outside 0..{num_labels - 1}")
+        counts += np.bincount(labels, minlength=num_labels)
+    total = counts.sum()
+    if total == 0:
+        raise ValueError("no images: z is empty")
+    return counts / total

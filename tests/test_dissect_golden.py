@@ -179,3 +179,24 @@ def test_iqr_mode_levels_and_scores(data, iqr_result):
     # the exact fraction of pixels above each adopted level
     up = np.asarray(upsample_bilinear(data["features"], (32, 32))).reshape(-1, 24)
     np.testing.assert_allclose(iqr_result.activation_fraction, (up > iqr_result.levels).mean(0), atol=1e-12)
+
+
+def test_top_units_rank_a_concepts_units_by_score(iqr_result):
+    result = iqr_result
+    # the label with the most interpretable units has a meaningful ranking to check
+    label = int(np.bincount(result.unit_label[result.unit_label > 0]).argmax())
+    name = result.label_names[label]
+    for score in ("iou", "iqr", "max_iqr_iou", "max_iqr"):
+        values = getattr(result, score)[label]
+        top = result.top_units(name, k=7, score=score)
+        assert top.dtype == np.int64 and top.shape == (7,)
+        # independent ranking: python sort, best first, lower unit number on ties
+        expected = sorted(range(values.shape[0]), key=lambda u: (-values[u], u))[:7]
+        assert top.tolist() == expected
+        assert (np.diff(values[top]) <= 0).all()
+    with pytest.raises(ValueError, match="unknown concept"):
+        result.top_units(name + "-no-such-thing")
+    with pytest.raises(ValueError, match="k="):
+        result.top_units(name, k=result.num_units + 1)
+    with pytest.raises(ValueError, match="score"):
+        result.top_units(name, score="ace")

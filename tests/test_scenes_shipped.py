@@ -65,3 +65,43 @@ def test_generated_label_frequencies_match_the_documented_ones(generator, segmen
     real = stats.world_label_frequencies(200)
     expected_real = np.array([documented["real_exact"][name] for name in world.LABEL_NAMES[1:]])
     np.testing.assert_allclose(real[1:], expected_real, atol=0.02)
+
+
+def test_documented_ablation_reproduces(generator, segmenter):
+    """weights/scenes64/ablation.json (scripts/demo_ablation.py): at each concept's documented layer the
+    units are its 20 top units by IoU, and ablating them gives the documented label shares."""
+    from gandissect_jax.dissection import dissect_generator
+    from gandissect_jax.intervention import ablation_edit, label_shares
+    from gandissect_jax.sampling import sample_z
+
+    documented = json.loads((SCENES64 / "ablation.json").read_text())
+    shipped_step = json.loads((SCENES64 / "label_frequencies.json").read_text())["generator_step"]
+    assert documented["generator_step"] == shipped_step, (
+        "ablation.json was measured on another generator snapshot; rerun scripts/demo_ablation.py")
+    names = world.LABEL_NAMES
+    evaluation = documented["evaluation"]
+    z = sample_z(evaluation["samples"], generator.z_dim, evaluation["z_seed"])
+    before = label_shares(generator, segmenter, z)
+    np.testing.assert_allclose(before[1:], [documented["shares_before"][n] for n in names[1:]], atol=2e-4)
+    layers = sorted(set(documented["best_layer"].values()))
+    dissections = dissect_generator(generator, segmenter, layers, size=documented["dissection"]["samples"],
+                                    seed=documented["dissection"]["z_seed"], progress=False,
+                                    make_images=False, make_report=False)
+    for concept, layer in documented["best_layer"].items():
+        record = documented["layers"][layer]["concepts"][concept]
+        units = dissections[layer].top_units(concept, documented["units"], score=documented["dissection"]["unit_ranking"])
+        assert units.tolist() == record["units"], concept
+        after = label_shares(generator, segmenter, z, layer=layer,
+                             edit=ablation_edit(units, generator.layer_shape(layer)[-1]))
+        c = names.index(concept)
+        assert abs(after[c] - record["labels"]["share_after"]) < 2e-4, concept
+        # the verdicts, recomputed from these shares: per label, and per whole object (parts merged)
+        for level, b, a, classes in (("labels", before[1:], after[1:], names[1:]),
+                                     ("objects", world.object_shares(before), world.object_shares(after),
+                                      world.OBJECT_NAMES)):
+            change = (a - b) / b
+            k = list(classes).index(concept)
+            removed = -change[k]
+            others = np.abs(np.delete(change, k))
+            assert abs(removed - record[level]["removed_fraction"]) < 5e-3, (concept, level)
+            assert bool(removed >= 0.5 and others.max() < removed / 3) == record[level]["passes"], (concept, level)

@@ -152,3 +152,13 @@ def test_image_grid_and_palette():
 def test_labels_only_known_numbers(seed):
     _, labels = world.render_scenes(seed, np.arange(64))
     assert labels.min() >= 1 and labels.max() < world.NUM_LABELS
+
+
+def test_object_shares_merge_parts_into_their_owners():
+    shares = np.arange(world.NUM_LABELS, dtype=np.float64)  # label number as its share
+    merged = dict(zip(world.OBJECT_NAMES, world.object_shares(shares)))
+    L = world.LABELS
+    assert merged == {"sky": L["sky"] + L["sun"] + L["cloud"], "grass": L["grass"], "road": L["road"],
+                      "tree": L["tree"], "building": L["building"] + L["window"] + L["door"] + L["roof"]}
+    with pytest.raises(ValueError, match="label shares"):
+        world.object_shares(shares[:5])

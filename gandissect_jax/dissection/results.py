@@ -74,6 +74,30 @@ class LayerDissection:
             -max(self.unit_iou[u] for u in groups[label]), label))
         return [(self.label_names[label], self.label_categories[label], groups[label]) for label in order]
 
+    def top_units(self, label: str, k: int = 20, score: str = "iou") -> np.ndarray:
+        """int64 (k,): the k units scoring highest for concept ``label`` ("tree"), best first.
+
+        ``score`` names an (L, U) score array of this record: "iou" or "iqr" (at ``levels``, each
+        unit's own threshold), or, when the IQR search ran, "max_iqr_iou" (IoU at the threshold
+        that maximizes IQR for this concept and unit: the paper's IoU_{u,c}) or "max_iqr". Ties go
+        to the lower unit number. ValueError for an unknown label or score.
+        """
+        if label not in self.label_names:
+            import difflib
+
+            close = difflib.get_close_matches(label, self.label_names, n=5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown concept {label!r} in the dissection of {self.layer}{hint}")
+        scores = ("iou", "iqr", "max_iqr_iou", "max_iqr")
+        if score not in scores:
+            raise ValueError(f"score must be one of {scores}, not {score!r}")
+        if getattr(self, score) is None:
+            raise ValueError(f"score {score!r} needs the IQR threshold search (threshold='iqr')")
+        if not 1 <= k <= self.num_units:
+            raise ValueError(f"k={k} outside 1..{self.num_units} (units of {self.layer})")
+        values = getattr(self, score)[self.label_names.index(label)]
+        return np.lexsort((np.arange(values.shape[0]), -values))[:k].astype(np.int64)
+
     def save_npz(self, path: str) -> None:
         """Write every array (and the label names) to ``path`` atomically (numpy .npz, no pickle)."""
         arrays: dict[str, Any] = {}

@@ -20,18 +20,12 @@ def segmented_label_frequencies(segmenter, images_batches) -> np.ndarray:
     return counts / max(counts.sum(), 1)
 
 
-def generator_images(generator, n: int, seed: int = 0, batch: int = 64):
-    """Yield batches of ``generator`` images (NHWC float32) for ``sample_z(n, z_dim, seed)``."""
-    from gandissect_jax.sampling import sample_z
-
-    z = sample_z(n, generator.z_dim, seed)
-    for start in range(0, n, batch):
-        yield np.asarray(generator(z[start : start + batch]))
-
-
 def generated_label_frequencies(generator, segmenter, n: int = 256, seed: int = 0, batch: int = 64) -> np.ndarray:
     """Label shares float64 (num_labels,) of ``n`` generated images (z seed ``seed``) under ``segmenter``."""
-    return segmented_label_frequencies(segmenter, generator_images(generator, n, seed, batch))
+    from gandissect_jax.intervention import label_shares
+    from gandissect_jax.sampling import sample_z
+
+    return label_shares(generator, segmenter, sample_z(n, generator.z_dim, seed), batch_size=batch)
 
 
 def world_label_frequencies(n: int = 2000, world_seed: int = 0, segmenter=None, batch: int = 200) -> np.ndarray:

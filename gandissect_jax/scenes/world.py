@@ -26,6 +26,11 @@ LABEL_NAMES = ("-", "sky", "sun", "cloud", "grass", "road", "tree", "building", 
 LABELS = {name: number for number, name in enumerate(LABEL_NAMES)}
 NUM_LABELS = len(LABEL_NAMES)
 
+# Whole objects and the parts they own, as in the unified-parsing vocabulary (its segmenter labels
+# the parts of sky and building in a separate channel, inside the owner's object pixels).
+OBJECT_NAMES = ("sky", "grass", "road", "tree", "building")
+PART_OWNERS = {"sun": "sky", "cloud": "sky", "window": "building", "door": "building", "roof": "building"}
+
 MAX_CLOUDS = 3
 PUFFS_PER_CLOUD = 3
 MAX_BUILDINGS = 3
@@ -440,6 +445,18 @@ def label_frequencies(labels: np.ndarray) -> np.ndarray:
     """Fraction of pixels carrying each label number: float64 (NUM_LABELS,) from int labels (..., H, W)."""
     counts = np.bincount(np.asarray(labels).reshape(-1), minlength=NUM_LABELS)[:NUM_LABELS]
     return counts / max(counts.sum(), 1)
+
+
+def object_shares(shares) -> np.ndarray:
+    """Merge per-label shares float (NUM_LABELS,) into whole-object shares float64 (len(OBJECT_NAMES),):
+    each part's share is added to its owner's (:data:`PART_OWNERS`)."""
+    shares = np.asarray(shares, np.float64)
+    if shares.shape != (NUM_LABELS,):
+        raise ValueError(f"expected ({NUM_LABELS},) label shares, got shape {shares.shape}")
+    merged = np.zeros(len(OBJECT_NAMES))
+    for number, name in enumerate(LABEL_NAMES[1:], start=1):
+        merged[OBJECT_NAMES.index(PART_OWNERS.get(name, name))] += shares[number]
+    return merged
 
 
 def label_palette() -> np.ndarray:
