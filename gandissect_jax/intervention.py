@@ -23,6 +23,7 @@ An :class:`Edit` bundles ``(ablation, replacement)``; it is a pytree, so it can 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -171,6 +172,15 @@ def edited_generator(G: Any, layer: str) -> Callable[[Any, jax.Array, Edit], jax
     return jax.jit(run)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _count_labels(labels: jax.Array, num_labels: int) -> tuple[jax.Array, jax.Array]:
+    """On device: int32 (num_labels,) pixel count per label (out-of-range entries are counted as
+    label 0) and the number of out-of-range entries, so only num_labels + 1 ints reach the host."""
+    labels = labels.reshape(-1)
+    outside = (labels < 0) | (labels >= num_labels)
+    return jnp.bincount(jnp.where(outside, 0, labels), length=num_labels), outside.sum()
+
+
 def label_shares(
     generator: Any,
     segmenter: Any,
@@ -224,10 +234,10 @@ def label_shares(
         starts = tqdm(starts, desc="label shares", unit="batch")
     for start in starts:
         images = jnp.clip(images_of(jnp.asarray(z[start : start + batch_size])), -1.0, 1.0)
-        labels = np.asarray(segmenter.segment(images, seg_downsample)).reshape(-1)
-        if labels.size and (labels.min() < 0 or labels.max() >= num_labels):
+        batch_counts, out_of_range = _count_labels(segmenter.segment(images, seg_downsample), num_labels)
+        if int(out_of_range):
             raise ValueError(f"segmenter produced label numbers outside 0..{num_labels - 1}")
-        counts += np.bincount(labels, minlength=num_labels)
+        counts += np.asarray(batch_counts, np.int64)
     total = counts.sum()
     if total == 0:
         raise ValueError("no images: z is empty")

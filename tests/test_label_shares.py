@@ -70,3 +70,16 @@ def test_bad_arguments_are_refused(pair):
         label_shares(G, S, z[:0])
     with pytest.raises(ValueError, match="unknown layer|layer9000"):
         label_shares(G, S, z, layer="layer9000", edit=ablation_edit([0], 4))
+
+
+def test_out_of_range_labels_are_refused(pair):
+    G, _ = pair
+
+    class Broken:
+        labels = [("-", "object"), ("thing", "object")]
+
+        def segment(self, images, downsample=1):
+            return jnp.full(images.shape[:3] + (1,), 2, jnp.int32)
+
+    with pytest.raises(ValueError, match="outside 0..1"):
+        label_shares(G, Broken(), sample_z(2, G.z_dim, 0))
