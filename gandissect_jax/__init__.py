@@ -5,6 +5,7 @@ Data flows ``z -> h -> r -> (edit) -> f -> x -> segment -> tally -> report``:
 - :mod:`gandissect_jax.proggan`       the Progressive GAN generator and its split into h and f
 - :mod:`gandissect_jax.sampling`      z sampling identical to the reference
 - :mod:`gandissect_jax.intervention`  pure edits of a layer's representation (ablate / insert)
+- :mod:`gandissect_jax.ace`           ACE optimization: which units cause a concept
 - :mod:`gandissect_jax.pth`           torch-free reader of PyTorch ``.pth`` checkpoints
 - :mod:`gandissect_jax.checkpoints`   orbax checkpoints (params + architecture JSON)
 - :mod:`gandissect_jax.weights`       registry of downloadable weights, fetch and convert
@@ -35,6 +36,9 @@ _EXPORTS = {
     "ablation_edit": "gandissect_jax.intervention",
     "insertion_edit": "gandissect_jax.intervention",
     "label_shares": "gandissect_jax.intervention",
+    "build_ace_corpus": "gandissect_jax.ace",
+    "optimize_ace": "gandissect_jax.ace",
+    "ace_ranking": "gandissect_jax.ace",
     "read_pth": "gandissect_jax.pth",
     "save_checkpoint": "gandissect_jax.checkpoints",
     "load_checkpoint": "gandissect_jax.checkpoints",

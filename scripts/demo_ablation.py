@@ -4,9 +4,10 @@
                                     [--concepts tree building] [--units 20]
 
 For each layer: dissect it with the engine (``--dissect-samples`` z of seed 1, the paper's IQR
-threshold), take the ``--units`` units of highest IoU for each concept, set them to zero at every
-position, and measure every label's pixel share over ``--eval-samples`` other z (seed 7) with the
-demo segmenter, before and after. A concept passes when its share falls by >= 50% while every
+threshold), take the ``--units`` units of highest IoU for each concept (or, with ``--rank ace``,
+the most causal units by ACE optimization), set them to zero at every position, and measure
+every label's pixel share over ``--eval-samples`` other z (seed 7) with the demo segmenter,
+before and after. A concept passes when its share falls by >= 50% while every
 other class's share moves (relatively) by less than a third as much. This is judged twice: per
 label, and per whole object with parts merged into their owner as in the unified-parsing
 vocabulary (sun and cloud into sky; window, door and roof into building).
@@ -109,9 +110,17 @@ def main(argv=None):
     parser.add_argument("--layers", nargs="+", default=["layer3", "layer4", "layer5", "layer6"])
     parser.add_argument("--concepts", nargs="+", default=["tree", "building"])
     parser.add_argument("--units", type=int, default=20)
-    parser.add_argument("--rank", default="max_iqr_iou", choices=["max_iqr_iou", "iou"],
+    parser.add_argument("--rank", default="max_iqr_iou", choices=["max_iqr_iou", "iou", "ace"],
                         help="unit ranking: IoU at the concept's IQR-optimal threshold (the paper's "
-                             "IoU_u,c), or IoU at the unit's own threshold")
+                             "IoU_u,c), IoU at the unit's own threshold, or ACE optimization "
+                             "(gandissect_jax.ace, started from the max_iqr_iou scores and "
+                             "tie-broken by them, as the reference's fullablate does)")
+    parser.add_argument("--ace-objective", default="ace", choices=["ace", "removal"],
+                        help="objective of --rank ace (see gandissect_jax.ace.optimize_ace)")
+    parser.add_argument("--ace-l2", type=float, default=0.005,
+                        help="L2 weight of --rank ace (the reference's 0.005)")
+    parser.add_argument("--ace-search", type=int, default=4000,
+                        help="z searched for ACE present / candidate samples (1000 train, 200 eval)")
     parser.add_argument("--dissect-samples", type=int, default=2000)
     parser.add_argument("--eval-samples", type=int, default=400)
     parser.add_argument("--eval-seed", type=int, default=7)
@@ -121,11 +130,13 @@ def main(argv=None):
     parser.add_argument("--progress", action="store_true", help="show the dissection's progress bars")
     args = parser.parse_args(argv)
 
+    from gandissect_jax.ace import ace_ranking, build_ace_corpus, optimize_ace
     from gandissect_jax.dissection import dissect_generator
     from gandissect_jax.intervention import ablation_edit, label_shares
     from gandissect_jax.proggan import load_generator
     from gandissect_jax.sampling import sample_z
     from gandissect_jax.scenes.demo_segmenter import load_demo_segmenter
+    from gandissect_jax.scenes.world import PART_OWNERS
     from gandissect_jax.segmenter import label_index
 
     G = load_generator(args.generator)
@@ -141,7 +152,10 @@ def main(argv=None):
     result = {
         "generator": str(args.generator), "generator_step": args.step, "units": args.units,
         "dissection": {"samples": args.dissect_samples, "z_seed": 1, "threshold": "iqr",
-                       "unit_ranking": args.rank},
+                       "unit_ranking": args.rank,
+                       **({"ace": {"objective": args.ace_objective, "l2": args.ace_l2, "search_size": args.ace_search,
+                                   "train_size": 1000, "eval_size": 200, "concept": "object with its parts"}}
+                          if args.rank == "ace" else {})},
         "evaluation": {"samples": args.eval_samples, "z_seed": args.eval_seed,
                        "segmenter": str(args.segmenter)},
         "shares_before": {names[i]: round(float(before[i]), 6) for i in range(1, len(names))},
@@ -158,11 +172,23 @@ def main(argv=None):
                  "concepts_with_unit_iou_0.2": [n for n, v in best.items() if v >= 0.2], "concepts": {}}
         edits_by_layer[layer] = {}
         for concept, c in concepts.items():
-            units = d.top_units(concept, args.units, score=args.rank)
+            if args.rank == "ace":
+                iou = np.asarray(d.max_iqr_iou[c], np.float64)
+                # the concept as the unified-parsing segmenter sees it: the object with its parts
+                parts = [concept, *(p for p, owner in PART_OWNERS.items() if owner == concept)]
+                corpus = build_ace_corpus(G, S, layer, parts, search_size=args.ace_search,
+                                          progress=args.progress)
+                fit = optimize_ace(G, S, corpus, init=iou / max(iou.max(), 1e-12),
+                                   objective=args.ace_objective, l2=args.ace_l2,
+                                   progress=args.progress)
+                units = ace_ranking(fit.alpha, iou)[: args.units]
+                unit_scores = fit.alpha[units]
+            else:
+                units = d.top_units(concept, args.units, score=args.rank)
+                unit_scores = getattr(d, args.rank)[c, units]
             edit = ablation_edit(units, channels)
             after = label_shares(G, S, z, layer=layer, edit=edit)
-            scores = getattr(d, args.rank)
-            record = {"units": units.tolist(), "unit_score": [round(float(v), 4) for v in scores[c, units]],
+            record = {"units": units.tolist(), "unit_score": [round(float(v), 4) for v in unit_scores],
                       **judge(before, after, concept)}
             entry["concepts"][concept] = record
             edits_by_layer[layer][concept] = edit

@@ -1,0 +1,207 @@
+"""ACE optimization: corpus collection and the alpha fit, on a toy generator whose causal unit is
+known by construction, and on the shipped demo pair against independent recomputation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gandissect_jax.ace import (
+    _pool_to_grid,
+    ace_ranking,
+    build_ace_corpus,
+    concept_score,
+    optimize_ace,
+)
+from gandissect_jax.intervention import edit_representation
+from gandissect_jax.sampling import sample_z
+
+
+class ToyGenerator:
+    """r = z as a 2x2 map of 4 channels; the image's red channel is tanh(2 r_0), upsampled x4.
+    Only unit 0 can make pixels red."""
+
+    z_dim = 16
+    params = {"gain": jnp.float32(2.0)}
+
+    def layer_shape(self, layer):
+        if layer != "toy":
+            raise ValueError(f"unknown layer {layer!r}")
+        return (2, 2, 4)
+
+    def split(self, layer):
+        self.layer_shape(layer)
+
+        def h(params, z):
+            return jnp.asarray(z).reshape(-1, 2, 2, 4)
+
+        def f(params, r):
+            red = jnp.tanh(params["gain"] * r[..., 0])
+            rest = jnp.tanh(r[..., 1:3])
+            x = jnp.concatenate([red[..., None], rest], -1)
+            return x.repeat(4, 1).repeat(4, 2)
+
+        return h, f
+
+
+class RedIsSky:
+    """Label 1 'sky' wherever the red channel is positive (score sigmoid(4 red)); label 2 'sun'
+    where green exceeds 1.5, which a tanh output never does."""
+
+    labels = (("-", "object"), ("sky", "object"), ("sun", "object"))
+    categories = ("object",)
+
+    def class_score(self, images, c, downsample=1):
+        x = images[:, ::downsample, ::downsample]
+        score = jax.nn.sigmoid(4 * x[..., 0]) if c == 1 else jax.nn.sigmoid(4 * (x[..., 1] - 1.5))
+        return score, score > 0.5
+
+    def segment(self, images, downsample=1):
+        sky, _ = self.class_score(images, 1, downsample)
+        return (sky > 0.5).astype(jnp.int32)[..., None]
+
+
+def test_corpus_matches_an_independent_search():
+    G, S = ToyGenerator(), RedIsSky()
+    corpus = build_ace_corpus(G, S, "toy", "sky", search_size=60, train_size=20, eval_size=10,
+                              seed=3, probes=2, batch_size=16)
+    assert corpus.labels == (1,) and corpus.layer == "toy"
+    # present: sky covers the 4x4 block of a location exactly where r_0 > 0, so presence is
+    # 1 at those locations; the chosen images are those with any, the location the first of them
+    z = sample_z(60, 16, 3)
+    r = z.reshape(-1, 2, 2, 4)
+    presence = (np.tanh(2 * r[..., 0]) > 0).reshape(60, 4).astype(np.float64)
+    best = presence.max(1)
+    chosen = np.sort(np.argsort(-best, kind="stable")[:30])
+    np.testing.assert_array_equal(corpus.present_z, z[chosen[:20]])
+    np.testing.assert_array_equal(corpus.eval_present_z, z[chosen[-10:]])
+    np.testing.assert_array_equal(corpus.present_location, presence.argmax(1)[chosen[:20]])
+    weighted = (r * presence.reshape(60, 2, 2, 1)).sum((0, 1, 2)) / presence.sum()
+    np.testing.assert_allclose(corpus.insertion_value, weighted, rtol=1e-5)
+    assert corpus.insertion_value[0] > 0  # the typical sky feature has a positive unit 0
+    # candidates: where the location had no sky, inserting the typical feature there adds sky
+    rc = corpus.candidate_z.reshape(-1, 2, 2, 4)
+    flat = rc.reshape(-1, 4, 4)
+    at = flat[np.arange(len(flat)), corpus.candidate_location]
+    assert (at[:, 0] <= 0).all()  # the concept was absent there
+    h, f = G.split("toy")
+    m = jax.nn.one_hot(corpus.candidate_location, 4).reshape(-1, 2, 2, 1)
+    edited = f(G.params, edit_representation(jnp.asarray(rc), m, jnp.asarray(corpus.insertion_value)))
+    gained = np.asarray(S.segment(edited)).sum((1, 2, 3)) - np.asarray(S.segment(f(G.params, rc))).sum((1, 2, 3))
+    np.testing.assert_array_equal(gained, 16)  # one 4x4 block turned to sky
+
+
+def test_optimization_finds_the_causal_unit():
+    G, S = ToyGenerator(), RedIsSky()
+    corpus = build_ace_corpus(G, S, "toy", "sky", search_size=200, train_size=60, eval_size=20,
+                              seed=5, probes=4, batch_size=50)
+    fit = optimize_ace(G, S, corpus, init=np.full(4, 0.5), l2=0.005, epochs=20, batch_size=10)
+    # unit 0 causes sky: its weight rises to 1; the others only pay the L2 price and fall to 0
+    assert fit.alpha[0] == pytest.approx(1.0)
+    np.testing.assert_allclose(fit.alpha[1:], 0.0, atol=0.02)
+    assert fit.eval_loss.shape == (21,)
+    assert fit.eval_loss[-1] < fit.eval_loss[0] - 0.3
+    assert ace_ranking(fit.alpha)[0] == 0
+    # deterministic by seed
+    again = optimize_ace(G, S, corpus, init=np.full(4, 0.5), l2=0.005, epochs=20, batch_size=10)
+    np.testing.assert_array_equal(again.alpha, fit.alpha)
+
+
+def test_eval_loss_is_the_documented_objective():
+    """The held-out loss before training equals the objective recomputed from its definition."""
+    G, S = ToyGenerator(), RedIsSky()
+    corpus = build_ace_corpus(G, S, "toy", "sky", search_size=80, train_size=20, eval_size=8,
+                              seed=1, probes=2, batch_size=40)
+    alpha = np.array([0.7, 0.2, 0.0, 1.0], np.float32)
+    fit = optimize_ace(G, S, corpus, init=alpha, epochs=0, batch_size=4)
+    h, f = G.split("toy")
+
+    def mean_score_at(z, loc, replacement):
+        m = jax.nn.one_hot(loc, 4).reshape(-1, 2, 2, 1) * alpha
+        x = f(G.params, edit_representation(h(G.params, z), m, replacement))
+        score = np.asarray(S.class_score(x, 1)[0])  # (N, 8, 8)
+        blocks = score.reshape(-1, 2, 4, 2, 4).mean((2, 4)).reshape(-1, 4)
+        return blocks[np.arange(len(loc)), loc].mean()
+
+    expected = (mean_score_at(corpus.eval_present_z, corpus.eval_present_location, None)
+                - mean_score_at(corpus.eval_candidate_z, corpus.eval_candidate_location,
+                                corpus.insertion_value))
+    assert fit.eval_loss.shape == (1,)
+    assert fit.eval_loss[0] == pytest.approx(expected, abs=1e-5)
+    np.testing.assert_array_equal(fit.alpha, alpha)
+    # the removal objective: alpha ablated at every position of the present samples, the
+    # concept's score summed over the whole feature grid (4 locations of 4x4 pixels)
+    removal = optimize_ace(G, S, corpus, init=alpha, epochs=0, batch_size=4, objective="removal")
+    x = f(G.params, edit_representation(h(G.params, corpus.eval_present_z), alpha))
+    score = np.asarray(S.class_score(x, 1)[0])
+    assert removal.eval_loss[0] == pytest.approx(score.mean((1, 2)).mean() * 4, abs=1e-5)
+
+
+def test_union_concept_scores_and_masks():
+    S = RedIsSky()
+    images = jnp.asarray(np.random.default_rng(0).uniform(-3, 3, (3, 8, 8, 3)), jnp.float32)
+    score, mask = concept_score(S, images, (1, 2))
+    sky, sky_mask = S.class_score(images, 1)
+    sun, sun_mask = S.class_score(images, 2)
+    np.testing.assert_allclose(score, np.asarray(sky) + np.asarray(sun), rtol=1e-6)
+    assert np.asarray(sun_mask).any() and np.asarray(sky_mask).any()
+    np.testing.assert_array_equal(mask, np.asarray(sky_mask) | np.asarray(sun_mask))
+
+
+def test_ranking_breaks_ties_by_the_second_score():
+    alpha = np.array([1.0, 0.3, 1.0, 0.0, 1.0, 0.3])
+    iou = np.array([0.1, 0.5, 0.4, 0.9, 0.1, 0.2])
+    # alpha 1: units 2 (iou .4), then 0 and 4 (iou .1, by number); alpha .3: 1, 5; then 3
+    np.testing.assert_array_equal(ace_ranking(alpha, iou), [2, 0, 4, 1, 5, 3])
+    np.testing.assert_array_equal(ace_ranking(alpha), [0, 2, 4, 1, 5, 3])
+    with pytest.raises(ValueError, match="tie_break"):
+        ace_ranking(alpha, iou[:3])
+
+
+def test_bad_arguments_are_named():
+    G, S = ToyGenerator(), RedIsSky()
+    with pytest.raises(ValueError, match="unknown label|not a label|cloud"):
+        build_ace_corpus(G, S, "toy", "cloud", search_size=10, train_size=2, eval_size=2, probes=2)
+    with pytest.raises(ValueError, match="unknown layer"):
+        build_ace_corpus(G, S, "layer9", "sky", search_size=10, train_size=2, eval_size=2, probes=2)
+    with pytest.raises(ValueError, match="exceeds search_size"):
+        build_ace_corpus(G, S, "toy", "sky", search_size=10, train_size=8, eval_size=4, probes=2)
+    with pytest.raises(ValueError, match="only .* images show"):
+        build_ace_corpus(G, S, "toy", "sun", search_size=4, train_size=3, eval_size=1, probes=2)
+    with pytest.raises(ValueError, match="probes = 5 exceeds the 4 locations"):
+        build_ace_corpus(G, S, "toy", "sky", search_size=10, train_size=2, eval_size=2)
+    with pytest.raises(ValueError, match="not a whole multiple"):
+        _pool_to_grid(jnp.zeros((1, 7, 8)), (2, 2))
+    corpus = build_ace_corpus(G, S, "toy", "sky", search_size=40, train_size=8, eval_size=4, seed=2, probes=2)
+    with pytest.raises(ValueError, match="init has shape"):
+        optimize_ace(G, S, corpus, init=np.zeros(3), epochs=0, batch_size=4)
+    with pytest.raises(ValueError, match="batch_size"):
+        optimize_ace(G, S, corpus, batch_size=9, epochs=0)
+    with pytest.raises(ValueError, match="objective must be"):
+        optimize_ace(G, S, corpus, objective="fast", epochs=0, batch_size=4)
+
+
+@pytest.mark.slow
+def test_demo_pair_corpus_candidates_really_gain_the_concept():
+    """On the shipped generator and segmenter: each candidate's recorded location is where
+    inserting the corpus feature adds building pixels, recomputed independently."""
+    from gandissect_jax.proggan import load_generator
+    from gandissect_jax.scenes.demo_segmenter import load_demo_segmenter
+
+    G, S = load_generator("scenes64"), load_demo_segmenter("scenes64-segmenter")
+    corpus = build_ace_corpus(G, S, "layer4", ["building", "window"], search_size=64,
+                              train_size=12, eval_size=4, seed=10, batch_size=32)
+    assert corpus.labels == (7, 8)
+    h, f = G.split("layer4")
+    z = jnp.asarray(corpus.candidate_z)
+    r = h(G.params, z)
+    m = jax.nn.one_hot(corpus.candidate_location, 64).reshape(-1, 8, 8, 1)
+    before = np.isin(np.asarray(S.segment(f(G.params, r)))[..., 0], (7, 8))
+    after = np.isin(np.asarray(S.segment(f(G.params, edit_representation(r, m, corpus.insertion_value))))[..., 0], (7, 8))
+    gained = after.sum((1, 2)).astype(int) - before.sum((1, 2)).astype(int)
+    assert (gained[:6] > 0).all()  # the best candidates gain building pixels
+    # and the concept was absent in the 8x8 block of each candidate location
+    rows, cols = np.divmod(corpus.candidate_location, 8)
+    for i in range(len(z)):
+        if gained[i] > 0:
+            assert not before[i, 8 * rows[i]: 8 * rows[i] + 8, 8 * cols[i]: 8 * cols[i] + 8].any()
