@@ -23,6 +23,13 @@ class score averaged over the pixels under the feature location. The reference m
 insertion term at the *present* sample's location ``p`` instead of ``q`` (an indexing slip in
 ``ace_loss``); we measure it where the insertion happened.
 
+Two more objectives ablate ``alpha`` at every position of the present samples: ``"removal"``
+(the reference's full-image variant) minimises the concept's score, and ``"specific_removal"``
+(ours) minimises the concept's remaining share while penalising any change of the other labels'
+shares, to find units whose ablation removes the concept without turning it into something else.
+With ``max_units=k`` the fit is kept on ``{alpha in [0, 1]^C : sum(alpha) <= k}``, the convex
+relaxation of "ablate k units", so the weights rank the best set of that size.
+
 Example::
 
     corpus = build_ace_corpus(G, S, "layer4", "tree", search_size=4000, progress=True)
@@ -42,7 +49,10 @@ import numpy as np
 from gandissect_jax.sampling import sample_z
 from gandissect_jax.segmenter.protocol import label_index
 
-__all__ = ["AceCorpus", "AceFit", "build_ace_corpus", "optimize_ace", "ace_ranking", "concept_score"]
+__all__ = [
+    "AceCorpus", "AceFit", "build_ace_corpus", "optimize_ace", "ace_ranking", "concept_score",
+    "project_to_budget", "label_scores",
+]
 
 
 def _concept_labels(segmenter: Any, concept: str | int | Sequence[str | int]) -> tuple[int, ...]:
@@ -85,6 +95,19 @@ def concept_score(
     return score, mask
 
 
+def label_scores(
+    segmenter: Any, images: jax.Array, labels: Sequence[int], downsample: int = 1
+) -> jax.Array:
+    """Differentiable scores float32 (N, h, w, K) of K labels, in the order given.
+
+    Uses the segmenter's optional ``class_scores`` (every label from one pass, so one backward
+    pass when differentiated) when it has one, else ``class_score`` once per label.
+    """
+    if hasattr(segmenter, "class_scores"):
+        return segmenter.class_scores(images, downsample)[..., jnp.asarray(labels, jnp.int32)]
+    return jnp.stack([segmenter.class_score(images, int(c), downsample)[0] for c in labels], -1)
+
+
 def _pool_to_grid(x: jax.Array, grid: tuple[int, int]) -> jax.Array:
     """Block means of (N, h, w) down to (N, H, W); h, w must be multiples of H, W."""
     n, h, w = x.shape
@@ -95,6 +118,37 @@ def _pool_to_grid(x: jax.Array, grid: tuple[int, int]) -> jax.Array:
             "change seg_downsample"
         )
     return x.reshape(n, rows, h // rows, cols, w // cols).mean((2, 4))
+
+
+def project_to_budget(x: Any, budget: float | None) -> jax.Array:
+    """Euclidean projection onto ``{a in [0, 1]^C : sum(a) <= budget}``.
+
+    Args:
+      x: float (C,).
+      budget: the largest allowed sum (e.g. the number of units to ablate); None only clips to
+        [0, 1].
+
+    Returns:
+      float32 (C,): ``clip(x - t, 0, 1)`` with the smallest shift ``t >= 0`` that meets the budget
+      (found by bisection, so the sum is at most ``budget``).
+    """
+    x = jnp.asarray(x, jnp.float32)
+    clipped = jnp.clip(x, 0.0, 1.0)
+    if budget is None:
+        return clipped
+
+    def total(t):
+        return jnp.clip(x - t, 0.0, 1.0).sum()
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) / 2
+        over = total(mid) > budget
+        return jnp.where(over, mid, lo), jnp.where(over, hi, mid)
+
+    # total(lo) > budget >= total(hi) throughout
+    _, hi = jax.lax.fori_loop(0, 60, bisect, (jnp.float32(0.0), jnp.maximum(x.max(), 0.0)))
+    return jnp.where(clipped.sum() > budget, jnp.clip(x - hi, 0.0, 1.0), clipped)
 
 
 def _location_map(locations: jax.Array, grid: tuple[int, int]) -> jax.Array:
@@ -302,6 +356,8 @@ def optimize_ace(
     seed: int = 0,
     seg_downsample: int = 1,
     objective: str = "ace",
+    specificity: float = 1.0,
+    max_units: float | None = None,
     progress: bool = False,
 ) -> AceFit:
     """Fit the per-unit ablation weights alpha (see the module docstring for the objective).
@@ -320,14 +376,24 @@ def optimize_ace(
       objective: ``"ace"``, the objective of the module docstring; or ``"removal"``, the
         reference's ``_fia`` variant: ablate alpha at every position of the present samples and
         minimise the concept's score summed over the whole image (per location, as the ace
-        objective), with no insertion term.
+        objective), with no insertion term; or ``"specific_removal"``: ablate alpha at every
+        position of the present samples and minimise, per batch, the concept's share after
+        ablation over its share before (so 1 means nothing removed), plus ``specificity`` times
+        the sum over every other label l >= 1 of ``((share_l after - share_l before) / ref_l)^2``,
+        where ``ref_l`` is label l's mean share in the unedited present training samples (at
+        least 1e-3). Shares are the segmenter's class scores averaged over the image.
+      specificity: weight of the side-effect term of ``"specific_removal"``.
+      max_units: keep ``sum(alpha) <= max_units`` (see :func:`project_to_budget`), e.g. the
+        number of units that will be ablated; None for no budget.
       progress: show tqdm bars.
 
     Returns:
       An :class:`AceFit`.
     """
-    if objective not in ("ace", "removal"):
-        raise ValueError(f"objective must be 'ace' or 'removal', got {objective!r}")
+    if objective not in ("ace", "removal", "specific_removal"):
+        raise ValueError(f"objective must be 'ace', 'removal' or 'specific_removal', got {objective!r}")
+    if max_units is not None and not max_units > 0:
+        raise ValueError(f"max_units must be positive or None, got {max_units}")
     import optax
 
     h, f = generator.split(corpus.layer)
@@ -346,17 +412,18 @@ def optimize_ace(
     if init is None:
         alpha = jnp.zeros(channels, jnp.float32)
     else:
-        alpha = jnp.clip(jnp.asarray(init, jnp.float32), 0.0, 1.0)
+        alpha = jnp.asarray(init, jnp.float32)
         if alpha.shape != (channels,):
             raise ValueError(f"init has shape {alpha.shape}; expected ({channels},)")
+        alpha = project_to_budget(alpha, max_units)
 
     def score_at(images, locations):
-        score, _ = concept_score(segmenter, images, labels, seg_downsample)
+        score = label_scores(segmenter, images, labels, seg_downsample).sum(-1)
         pooled = _pool_to_grid(score, grid).reshape(len(images), rows * cols)
         return jnp.take_along_axis(pooled, locations[:, None], 1)[:, 0]
 
     def removal(alpha, zp, lp, zc, lc):
-        score, _ = concept_score(segmenter, f(params, h(params, zp) * (1 - alpha)), labels, seg_downsample)
+        score = label_scores(segmenter, f(params, h(params, zp) * (1 - alpha)), labels, seg_downsample).sum(-1)
         return _pool_to_grid(score, grid).sum((1, 2)).mean()
 
     def local_ace(alpha, zp, lp, zc, lc):
@@ -366,14 +433,37 @@ def optimize_ace(
         added = score_at(f(params, h(params, zc) * (1 - mc) + value * mc), lc)
         return erased.mean() - added.mean()
 
-    objective_fn = local_ace if objective == "ace" else removal
+    others = tuple(l for l in range(1, len(segmenter.labels)) if l not in labels)
+
+    def shares(images):
+        """Image-mean scores: the concept's (N,) and the other labels' (N, len(others))."""
+        means = label_scores(segmenter, images, labels + others, seg_downsample).mean((1, 2))
+        return means[:, : len(labels)].sum(-1), means[:, len(labels) :]
+
+    reference = None
+    if objective == "specific_removal":
+        unedited = jax.jit(lambda z: shares(f(params, h(params, z)))[1].sum(0))
+        total = jnp.zeros(len(others), jnp.float32)
+        for start in range(0, len(corpus.present_z), batch_size):
+            total = total + unedited(jnp.asarray(corpus.present_z[start : start + batch_size]))
+        reference = jnp.maximum(total / len(corpus.present_z), 1e-3)
+
+    def specific_removal(alpha, zp, lp, zc, lc):
+        r = h(params, zp)
+        concept_before, rest_before = shares(f(params, r))
+        concept_after, rest_after = shares(f(params, r * (1 - alpha)))
+        remaining = concept_after.mean() / jnp.maximum(concept_before.mean(), 1e-12)
+        side = ((rest_after.mean(0) - rest_before.mean(0)) / reference) ** 2
+        return remaining + specificity * side.sum()
+
+    objective_fn = {"ace": local_ace, "removal": removal, "specific_removal": specific_removal}[objective]
     optimizer = optax.adam(learning_rate)
 
     @jax.jit
     def step(alpha, state, zp, lp, zc, lc):
         loss, grad = jax.value_and_grad(lambda a: objective_fn(a, zp, lp, zc, lc) + l2 * jnp.sum(a**2))(alpha)
         updates, state = optimizer.update(grad, state, alpha)
-        return jnp.clip(optax.apply_updates(alpha, updates), 0.0, 1.0), state, loss
+        return project_to_budget(optax.apply_updates(alpha, updates), max_units), state, loss
 
     evaluate = jax.jit(objective_fn)
 

@@ -8,9 +8,10 @@ threshold), take the ``--units`` units of highest IoU for each concept (or, with
 the most causal units by ACE optimization), set them to zero at every position, and measure
 every label's pixel share over ``--eval-samples`` other z (seed 7) with the demo segmenter,
 before and after. A concept passes when its share falls by >= 50% while every
-other class's share moves (relatively) by less than a third as much. This is judged twice: per
-label, and per whole object with parts merged into their owner as in the unified-parsing
-vocabulary (sun and cloud into sky; window, door and roof into building).
+other class's share moves (relatively) by less than a third as much. This is judged three ways:
+per label; per whole object with parts merged into their owner as in the unified-parsing
+vocabulary (sun and cloud into sky; window, door and roof into building); and the object with
+its own parts against every other label (a building's windows go with it; sun and cloud count).
 
 Writes ``<out>/ablation.json`` (all figures, per layer and concept) and ``<out>/ablation.png``
 (rows: generated images, their segmentation, then for each concept the ablated images and their
@@ -26,6 +27,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+
+READINGS = ("labels", "objects", "object_vs_labels")
 
 
 def relative_changes(before: np.ndarray, after: np.ndarray) -> np.ndarray:
@@ -58,16 +62,27 @@ def verdict(before: np.ndarray, after: np.ndarray, concept: str, names) -> dict:
 
 
 def judge(before: np.ndarray, after: np.ndarray, concept: str) -> dict:
-    """Both readings: per label (parts are classes of their own) and per whole object (parts
-    merged into their owner: sun, cloud into sky; window, door, roof into building)."""
+    """Three readings: per label (parts are classes of their own); per whole object (parts merged
+    into their owner: sun, cloud into sky; window, door, roof into building); and the object
+    with its own parts against every other label on its own (``object_vs_labels``: a building
+    takes its windows with it, but sun, cloud, sky ... are each judged)."""
     from gandissect_jax.scenes import world
 
     if concept not in world.OBJECT_NAMES:
         raise ValueError(f"{concept!r} is a part; ablate one of the whole objects {world.OBJECT_NAMES}")
+    own = [world.LABELS[concept], *(world.LABELS[p] for p, o in world.PART_OWNERS.items() if o == concept)]
+    rest = [i for i in range(1, world.NUM_LABELS) if i not in own]
+
+    def object_and_labels(shares):
+        shares = np.asarray(shares, np.float64)
+        return np.array([shares[own].sum(), *shares[rest]])
+
     return {
         "labels": verdict(before[1:], after[1:], concept, world.LABEL_NAMES[1:]),
         "objects": verdict(world.object_shares(before), world.object_shares(after), concept,
                            world.OBJECT_NAMES),
+        "object_vs_labels": verdict(object_and_labels(before), object_and_labels(after), concept,
+                                    [concept, *(world.LABEL_NAMES[i] for i in rest)]),
     }
 
 
@@ -115,8 +130,13 @@ def main(argv=None):
                              "IoU_u,c), IoU at the unit's own threshold, or ACE optimization "
                              "(gandissect_jax.ace, started from the max_iqr_iou scores and "
                              "tie-broken by them, as the reference's fullablate does)")
-    parser.add_argument("--ace-objective", default="ace", choices=["ace", "removal"],
+    parser.add_argument("--ace-objective", default="ace", choices=["ace", "removal", "specific_removal"],
                         help="objective of --rank ace (see gandissect_jax.ace.optimize_ace)")
+    parser.add_argument("--ace-specificity", type=float, default=1.0,
+                        help="side-effect weight of --ace-objective specific_removal")
+    parser.add_argument("--ace-budget", action="store_true",
+                        help="fit alpha with sum(alpha) <= --units (the relaxation of ablating that many units)")
+    parser.add_argument("--ace-epochs", type=int, default=10)
     parser.add_argument("--ace-l2", type=float, default=0.005,
                         help="L2 weight of --rank ace (the reference's 0.005)")
     parser.add_argument("--ace-search", type=int, default=4000,
@@ -154,6 +174,8 @@ def main(argv=None):
         "dissection": {"samples": args.dissect_samples, "z_seed": 1, "threshold": "iqr",
                        "unit_ranking": args.rank,
                        **({"ace": {"objective": args.ace_objective, "l2": args.ace_l2, "search_size": args.ace_search,
+                                   "specificity": args.ace_specificity, "epochs": args.ace_epochs,
+                                   "max_units": args.units if args.ace_budget else None,
                                    "train_size": 1000, "eval_size": 200, "concept": "object with its parts"}}
                           if args.rank == "ace" else {})},
         "evaluation": {"samples": args.eval_samples, "z_seed": args.eval_seed,
@@ -180,6 +202,8 @@ def main(argv=None):
                                           progress=args.progress)
                 fit = optimize_ace(G, S, corpus, init=iou / max(iou.max(), 1e-12),
                                    objective=args.ace_objective, l2=args.ace_l2,
+                                   specificity=args.ace_specificity, epochs=args.ace_epochs,
+                                   max_units=args.units if args.ace_budget else None,
                                    progress=args.progress)
                 units = ace_ranking(fit.alpha, iou)[: args.units]
                 unit_scores = fit.alpha[units]
@@ -192,20 +216,19 @@ def main(argv=None):
                       **judge(before, after, concept)}
             entry["concepts"][concept] = record
             edits_by_layer[layer][concept] = edit
-            for level in ("labels", "objects"):
+            for level in READINGS:
                 v = record[level]
                 print(f"{layer} {concept:9s} {level:7s} {v['share_before']:.4f} -> {v['share_after']:.4f} "
                       f"removed {v['removed_fraction']:+.3f}; largest other {v['largest_other']} "
                       f"{v['largest_other_change']:+.3f} (ratio {v['other_to_concept_ratio']}) "
                       f"{'PASS' if v['passes'] else 'fail'}", file=sys.stderr)
         entry["all_pass"] = {level: all(v[level]["passes"] for v in entry["concepts"].values())
-                             for level in ("labels", "objects")}
+                             for level in READINGS}
         result["layers"][layer] = entry
     def badness(concept, layer):
         record = result["layers"][layer]["concepts"][concept]
-        ratio = record["objects"]["other_to_concept_ratio"]
-        return (-(record["objects"]["passes"] + record["labels"]["passes"]),
-                np.inf if ratio is None else ratio)
+        ratio = record["object_vs_labels"]["other_to_concept_ratio"]
+        return (-sum(record[level]["passes"] for level in READINGS), np.inf if ratio is None else ratio)
 
     # per concept, the layer where its ablation is cleanest (most readings passed, then the
     # smallest side effect); --picture-layer forces one layer for all

@@ -205,3 +205,127 @@ def test_demo_pair_corpus_candidates_really_gain_the_concept():
     for i in range(len(z)):
         if gained[i] > 0:
             assert not before[i, 8 * rows[i]: 8 * rows[i] + 8, 8 * cols[i]: 8 * cols[i] + 8].any()
+
+
+class TwoWaysToRemoveSky:
+    """r0 is noise the image ignores but for blue; r1 and r2 are always >= 1 unless ablated;
+    r3 says where the sky is. Sky (red > 0) needs r1 and r2 above 0.5, so ablating either removes
+    it (red drops to -0.5); but with r2 ablated the same places turn green, which :class:`SkyAndSun` calls sun.
+    Ablating r1 removes the sky and nothing else."""
+
+    z_dim = 16
+    params = {}
+
+    def layer_shape(self, layer):
+        if layer != "toy":
+            raise ValueError(f"unknown layer {layer!r}")
+        return (2, 2, 4)
+
+    def split(self, layer):
+        self.layer_shape(layer)
+
+        def h(params, z):
+            r = jnp.asarray(z).reshape(-1, 2, 2, 4)
+            return r.at[..., 1:3].set(1 + jnp.abs(r[..., 1:3]))
+
+        def f(params, r):
+            gate1, gate2 = (jax.nn.sigmoid(10 * (r[..., k] - 0.5)) for k in (1, 2))
+            red = jnp.tanh(2 * (r[..., 3] + 0.5)) * gate1 * gate2 - 0.5
+            green = jnp.tanh(3 * (r[..., 3] + 0.5)) * (1 - gate2)
+            x = jnp.stack([red, green, jnp.tanh(r[..., 0])], -1)
+            return x.repeat(4, 1).repeat(4, 2)
+
+        return h, f
+
+
+class SkyAndSun(RedIsSky):
+    """Sky where red > 0 (score sigmoid(8 red)), sun where green > 0.5 (sigmoid(8 (green - 0.5)))."""
+
+    def class_score(self, images, c, downsample=1):
+        x = images[:, ::downsample, ::downsample]
+        score = jax.nn.sigmoid(8 * x[..., 0]) if c == 1 else jax.nn.sigmoid(8 * (x[..., 1] - 0.5))
+        return score, score > 0.5
+
+
+def test_budget_projection_is_the_euclidean_projection():
+    from scipy.optimize import minimize
+
+    from gandissect_jax.ace import project_to_budget
+
+    rng = np.random.default_rng(4)
+    for budget in (0.5, 2.0, 3.7):
+        x = rng.uniform(-0.5, 1.6, 9)
+        got = np.asarray(project_to_budget(x, budget))
+        assert got.sum() <= budget + 1e-6 and got.min() >= 0 and got.max() <= 1
+        best = minimize(lambda a: ((a - x) ** 2).sum(), np.full(9, budget / 9), jac=lambda a: 2 * (a - x),
+                        bounds=[(0, 1)] * 9, constraints=[{"type": "ineq", "fun": lambda a: budget - a.sum()}],
+                        method="SLSQP", options={"ftol": 1e-12, "maxiter": 500})
+        np.testing.assert_allclose(got, best.x, atol=1e-5)
+    # under the budget, or with none, it only clips
+    x = np.array([-0.2, 0.3, 1.4, 0.5], np.float32)
+    np.testing.assert_array_equal(project_to_budget(x, 5.0), np.clip(x, 0, 1))
+    np.testing.assert_array_equal(project_to_budget(x, None), np.clip(x, 0, 1))
+
+
+def test_specific_removal_avoids_the_unit_that_turns_sky_into_sun():
+    G, S = TwoWaysToRemoveSky(), SkyAndSun()
+    corpus = build_ace_corpus(G, S, "toy", "sky", search_size=200, train_size=60, eval_size=20,
+                              seed=5, probes=4, batch_size=50)
+    kwargs = dict(init=np.full(4, 0.25), l2=0.0, learning_rate=0.05, epochs=15, batch_size=10, max_units=1)
+    specific = optimize_ace(G, S, corpus, objective="specific_removal", **kwargs)
+    # one unit's worth of ablation: all of it on unit 1, the clean way to remove the sky
+    assert specific.alpha[1] == pytest.approx(1.0, abs=0.02)
+    np.testing.assert_allclose(specific.alpha[[0, 2, 3]], 0.0, atol=0.02)
+    assert ace_ranking(specific.alpha)[0] == 1
+    # held-out losses of ablating one unit: the removal objective rates units 1 and 2 alike
+    # (both erase the sky), the specific one rates unit 2 far worse (its sky becomes sun)
+    def held_out(objective, unit):
+        return optimize_ace(G, S, corpus, objective=objective, init=np.eye(4)[unit], epochs=0,
+                            batch_size=10).eval_loss[0]
+
+    assert held_out("removal", 1) == pytest.approx(held_out("removal", 2), rel=0.05)
+    assert held_out("removal", 1) < 0.2 * held_out("removal", 0)
+    assert held_out("specific_removal", 1) < 0.1
+    assert held_out("specific_removal", 2) > 10
+
+
+def test_specific_removal_loss_is_the_documented_objective():
+    G, S = TwoWaysToRemoveSky(), SkyAndSun()
+    corpus = build_ace_corpus(G, S, "toy", "sky", search_size=80, train_size=20, eval_size=12,
+                              seed=1, probes=2, batch_size=40)
+    alpha = np.array([0.3, 0.4, 0.6, 0.1], np.float32)
+    fit = optimize_ace(G, S, corpus, init=alpha, epochs=0, batch_size=8,
+                       objective="specific_removal", specificity=2.5)
+    h, f = G.split("toy")
+
+    def image_means(z, a):
+        x = f(G.params, h(G.params, jnp.asarray(z)) * (1 - a))
+        return np.asarray(S.class_score(x, 1)[0]).mean((1, 2)), np.asarray(S.class_score(x, 2)[0]).mean((1, 2))
+
+    reference = max(image_means(corpus.present_z, 0.0)[1].mean(), 1e-3)  # sun in the training images
+    expected, n = 0.0, len(corpus.eval_present_z)
+    for start in range(0, n, 8):  # the held-out loss is the size-weighted mean over batches of 8
+        z = corpus.eval_present_z[start : start + 8]
+        sky0, sun0 = image_means(z, 0.0)
+        sky1, sun1 = image_means(z, alpha)
+        expected += (sky1.mean() / sky0.mean() + 2.5 * ((sun1.mean() - sun0.mean()) / reference) ** 2) * len(z) / n
+    assert fit.eval_loss[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_label_scores_one_pass_matches_per_label_scores():
+    """The demo segmenter's all-label ``class_scores`` fast path equals ``class_score`` per label,
+    and a segmenter without it (the toy) is scored label by label."""
+    from gandissect_jax.ace import label_scores
+    from gandissect_jax.scenes.demo_segmenter import load_demo_segmenter
+
+    S = load_demo_segmenter("scenes64-segmenter")
+    images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+    wanted = (7, 0, 3, 10)
+    fast = np.asarray(label_scores(S, images, wanted, 2))
+    assert fast.shape == (2, 8, 8, 4)
+    for k, c in enumerate(wanted):
+        np.testing.assert_allclose(fast[..., k], S.class_score(images, c, 2)[0], rtol=1e-6, atol=1e-7)
+    toy = RedIsSky()
+    slow = np.asarray(label_scores(toy, images, (2, 1)))
+    np.testing.assert_array_equal(slow[..., 1], toy.class_score(images, 1)[0])
+    np.testing.assert_array_equal(slow[..., 0], toy.class_score(images, 2)[0])

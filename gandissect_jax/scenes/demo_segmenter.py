@@ -108,6 +108,11 @@ class DemoSegmenter:
         probs = self.probabilities(images, downsample)
         return (jnp.argmax(probs, -1) + 1).astype(jnp.int32)[..., None]
 
+    def class_scores(self, images, downsample: int = 1) -> jax.Array:
+        """Differentiable probabilities of every label float32 (N, h, w, 11); label 0 ('-') is 0."""
+        probs = self.probabilities(images, downsample)
+        return jnp.concatenate([jnp.zeros_like(probs[..., :1]), probs], -1)
+
     def class_score(self, images, c: int, downsample: int = 1) -> tuple[jax.Array, jax.Array]:
         """Differentiable probability of label ``c`` float32 (N, h, w) and bool mask (N, h, w) where c wins.
 

@@ -8,6 +8,11 @@ Label numbers index ``labels``; label 0 is "no label" (named ``"-"``). A segment
 channels so that one pixel can carry several labels (e.g. an object, its part and its material);
 0 in a channel means "nothing in this channel".
 
+A segmenter may also have ``class_scores(images, downsample=1)``, returning float32
+``(N, h, w, L)`` scores of every label at once (column ``c`` equal to ``class_score(images, c)[0]``).
+It is optional: ACE optimization uses it, when present, to score several labels with one
+backward pass through the network instead of one per label.
+
 Example -- a segmenter that calls bright pixels "sky"::
 
     import jax.numpy as jnp
