@@ -422,11 +422,11 @@ def optimize_ace(
         pooled = _pool_to_grid(score, grid).reshape(len(images), rows * cols)
         return jnp.take_along_axis(pooled, locations[:, None], 1)[:, 0]
 
-    def removal(alpha, zp, lp, zc, lc):
+    def removal(alpha, zp, lp, zc, lc, before):
         score = label_scores(segmenter, f(params, h(params, zp) * (1 - alpha)), labels, seg_downsample).sum(-1)
         return _pool_to_grid(score, grid).sum((1, 2)).mean()
 
-    def local_ace(alpha, zp, lp, zc, lc):
+    def local_ace(alpha, zp, lp, zc, lc, before):
         mp = alpha * _location_map(lp, grid)
         erased = score_at(f(params, h(params, zp) * (1 - mp)), lp)
         mc = alpha * _location_map(lc, grid)
@@ -436,32 +436,38 @@ def optimize_ace(
     others = tuple(l for l in range(1, len(segmenter.labels)) if l not in labels)
 
     def shares(images):
-        """Image-mean scores: the concept's (N,) and the other labels' (N, len(others))."""
+        """Image-mean scores (N, 1 + len(others)): the concept's, then every other label's."""
         means = label_scores(segmenter, images, labels + others, seg_downsample).mean((1, 2))
-        return means[:, : len(labels)].sum(-1), means[:, len(labels) :]
+        return jnp.concatenate([means[:, : len(labels)].sum(-1, keepdims=True), means[:, len(labels) :]], -1)
 
+    # per present sample, what the objective compares against: the unedited shares (specific
+    # removal only; they do not depend on alpha, so they are computed once)
+    present_before = np.zeros((len(corpus.present_z), 0), np.float32)
+    eval_before = np.zeros((len(corpus.eval_present_z), 0), np.float32)
     reference = None
     if objective == "specific_removal":
-        unedited = jax.jit(lambda z: shares(f(params, h(params, z)))[1].sum(0))
-        total = jnp.zeros(len(others), jnp.float32)
-        for start in range(0, len(corpus.present_z), batch_size):
-            total = total + unedited(jnp.asarray(corpus.present_z[start : start + batch_size]))
-        reference = jnp.maximum(total / len(corpus.present_z), 1e-3)
+        unedited = jax.jit(lambda z: shares(f(params, h(params, z))))
 
-    def specific_removal(alpha, zp, lp, zc, lc):
-        r = h(params, zp)
-        concept_before, rest_before = shares(f(params, r))
-        concept_after, rest_after = shares(f(params, r * (1 - alpha)))
-        remaining = concept_after.mean() / jnp.maximum(concept_before.mean(), 1e-12)
-        side = ((rest_after.mean(0) - rest_before.mean(0)) / reference) ** 2
+        def unedited_shares(zs):
+            return np.concatenate([np.asarray(unedited(jnp.asarray(zs[i : i + batch_size])))
+                                   for i in range(0, len(zs), batch_size)])
+
+        present_before = unedited_shares(corpus.present_z)
+        eval_before = unedited_shares(corpus.eval_present_z)
+        reference = jnp.maximum(jnp.asarray(present_before[:, 1:].mean(0)), 1e-3)
+
+    def specific_removal(alpha, zp, lp, zc, lc, before):
+        after = shares(f(params, h(params, zp) * (1 - alpha)))
+        remaining = after[:, 0].mean() / jnp.maximum(before[:, 0].mean(), 1e-12)
+        side = ((after[:, 1:].mean(0) - before[:, 1:].mean(0)) / reference) ** 2
         return remaining + specificity * side.sum()
 
     objective_fn = {"ace": local_ace, "removal": removal, "specific_removal": specific_removal}[objective]
     optimizer = optax.adam(learning_rate)
 
     @jax.jit
-    def step(alpha, state, zp, lp, zc, lc):
-        loss, grad = jax.value_and_grad(lambda a: objective_fn(a, zp, lp, zc, lc) + l2 * jnp.sum(a**2))(alpha)
+    def step(alpha, state, *batch):
+        loss, grad = jax.value_and_grad(lambda a: objective_fn(a, *batch) + l2 * jnp.sum(a**2))(alpha)
         updates, state = optimizer.update(grad, state, alpha)
         return project_to_budget(optax.apply_updates(alpha, updates), max_units), state, loss
 
@@ -474,7 +480,7 @@ def optimize_ace(
             stop = min(start + batch_size, n)
             total += float(evaluate(alpha, *(jnp.asarray(a[start:stop]) for a in (
                 corpus.eval_present_z, corpus.eval_present_location,
-                corpus.eval_candidate_z, corpus.eval_candidate_location)))) * (stop - start)
+                corpus.eval_candidate_z, corpus.eval_candidate_location, eval_before)))) * (stop - start)
         return total / n
 
     state = optimizer.init(alpha)
@@ -495,7 +501,8 @@ def optimize_ace(
             alpha, state, _ = step(alpha, state, jnp.asarray(corpus.present_z[ip]),
                                    jnp.asarray(corpus.present_location[ip]),
                                    jnp.asarray(corpus.candidate_z[ic]),
-                                   jnp.asarray(corpus.candidate_location[ic]))
+                                   jnp.asarray(corpus.candidate_location[ic]),
+                                   jnp.asarray(present_before[ip]))
         history.append(eval_loss(alpha))
         if progress:
             epoch_range.set_postfix(eval_loss=f"{history[-1]:.4f}")

@@ -31,17 +31,18 @@ class ToyGenerator:
 
     def split(self, layer):
         self.layer_shape(layer)
+        return self.h, self.f
 
-        def h(params, z):
-            return jnp.asarray(z).reshape(-1, 2, 2, 4)
+    @staticmethod
+    def h(params, z):
+        return jnp.asarray(z).reshape(-1, 2, 2, 4)
 
-        def f(params, r):
-            red = jnp.tanh(params["gain"] * r[..., 0])
-            rest = jnp.tanh(r[..., 1:3])
-            x = jnp.concatenate([red[..., None], rest], -1)
-            return x.repeat(4, 1).repeat(4, 2)
-
-        return h, f
+    @staticmethod
+    def f(params, r):
+        red = jnp.tanh(params["gain"] * r[..., 0])
+        rest = jnp.tanh(r[..., 1:3])
+        x = jnp.concatenate([red[..., None], rest], -1)
+        return x.repeat(4, 1).repeat(4, 2)
 
 
 class RedIsSky:
@@ -207,35 +208,26 @@ def test_demo_pair_corpus_candidates_really_gain_the_concept():
             assert not before[i, 8 * rows[i]: 8 * rows[i] + 8, 8 * cols[i]: 8 * cols[i] + 8].any()
 
 
-class TwoWaysToRemoveSky:
+class TwoWaysToRemoveSky(ToyGenerator):
     """r0 is noise the image ignores but for blue; r1 and r2 are always >= 1 unless ablated;
     r3 says where the sky is. Sky (red > 0) needs r1 and r2 above 0.5, so ablating either removes
-    it (red drops to -0.5); but with r2 ablated the same places turn green, which :class:`SkyAndSun` calls sun.
-    Ablating r1 removes the sky and nothing else."""
+    it (red drops to -0.5); but with r2 ablated the same places turn green, which
+    :class:`SkyAndSun` calls sun. Ablating r1 removes the sky and nothing else."""
 
-    z_dim = 16
     params = {}
 
-    def layer_shape(self, layer):
-        if layer != "toy":
-            raise ValueError(f"unknown layer {layer!r}")
-        return (2, 2, 4)
+    @staticmethod
+    def h(params, z):
+        r = jnp.asarray(z).reshape(-1, 2, 2, 4)
+        return r.at[..., 1:3].set(1 + jnp.abs(r[..., 1:3]))
 
-    def split(self, layer):
-        self.layer_shape(layer)
-
-        def h(params, z):
-            r = jnp.asarray(z).reshape(-1, 2, 2, 4)
-            return r.at[..., 1:3].set(1 + jnp.abs(r[..., 1:3]))
-
-        def f(params, r):
-            gate1, gate2 = (jax.nn.sigmoid(10 * (r[..., k] - 0.5)) for k in (1, 2))
-            red = jnp.tanh(2 * (r[..., 3] + 0.5)) * gate1 * gate2 - 0.5
-            green = jnp.tanh(3 * (r[..., 3] + 0.5)) * (1 - gate2)
-            x = jnp.stack([red, green, jnp.tanh(r[..., 0])], -1)
-            return x.repeat(4, 1).repeat(4, 2)
-
-        return h, f
+    @staticmethod
+    def f(params, r):
+        gate1, gate2 = (jax.nn.sigmoid(10 * (r[..., k] - 0.5)) for k in (1, 2))
+        red = jnp.tanh(2 * (r[..., 3] + 0.5)) * gate1 * gate2 - 0.5
+        green = jnp.tanh(3 * (r[..., 3] + 0.5)) * (1 - gate2)
+        x = jnp.stack([red, green, jnp.tanh(r[..., 0])], -1)
+        return x.repeat(4, 1).repeat(4, 2)
 
 
 class SkyAndSun(RedIsSky):
