@@ -28,7 +28,8 @@ Two more objectives ablate ``alpha`` at every position of the present samples: `
 (ours) minimises the concept's remaining share while penalising any change of the other labels'
 shares, to find units whose ablation removes the concept without turning it into something else.
 With ``max_units=k`` the fit is kept on ``{alpha in [0, 1]^C : sum(alpha) <= k}``, the convex
-relaxation of "ablate k units", so the weights rank the best set of that size.
+relaxation of "ablate k units", so the weights rank the best set of that size; ``binarize``
+pushes the weights to 0 or 1 by the last epoch, so that the fit ends on whole units.
 
 Example::
 
@@ -358,6 +359,7 @@ def optimize_ace(
     objective: str = "ace",
     specificity: float = 1.0,
     max_units: float | None = None,
+    binarize: float = 0.0,
     progress: bool = False,
 ) -> AceFit:
     """Fit the per-unit ablation weights alpha (see the module docstring for the objective).
@@ -385,6 +387,9 @@ def optimize_ace(
       specificity: weight of the side-effect term of ``"specific_removal"``.
       max_units: keep ``sum(alpha) <= max_units`` (see :func:`project_to_budget`), e.g. the
         number of units that will be ablated; None for no budget.
+      binarize: weight of ``sum(alpha * (1 - alpha))``, ramped up linearly from 0 in the first
+        epoch to ``binarize`` in the last, to push alpha to 0 or 1 so that the fitted weights
+        are the set of units that will be ablated whole (with ``max_units=k``: k units at 1).
       progress: show tqdm bars.
 
     Returns:
@@ -466,8 +471,11 @@ def optimize_ace(
     optimizer = optax.adam(learning_rate)
 
     @jax.jit
-    def step(alpha, state, *batch):
-        loss, grad = jax.value_and_grad(lambda a: objective_fn(a, *batch) + l2 * jnp.sum(a**2))(alpha)
+    def step(alpha, state, ramp, *batch):
+        def loss_fn(a):
+            return objective_fn(a, *batch) + l2 * jnp.sum(a**2) + ramp * jnp.sum(a * (1 - a))
+
+        loss, grad = jax.value_and_grad(loss_fn)(alpha)
         updates, state = optimizer.update(grad, state, alpha)
         return project_to_budget(optax.apply_updates(alpha, updates), max_units), state, loss
 
@@ -491,14 +499,15 @@ def optimize_ace(
         from tqdm.auto import tqdm
 
         epoch_range = tqdm(epoch_range, desc=f"ACE {corpus.layer}", unit="epoch")
-    for _ in epoch_range:
+    for epoch in epoch_range:
+        ramp = jnp.float32(binarize * epoch / max(epochs - 1, 1))
         key, key_p, key_c = jax.random.split(key, 3)
         order_p = np.asarray(jax.random.permutation(key_p, len(corpus.present_z)))
         order_c = np.asarray(jax.random.permutation(key_c, len(corpus.candidate_z)))
         for b in range(n_train // batch_size):
             ip = order_p[b * batch_size : (b + 1) * batch_size]
             ic = order_c[b * batch_size : (b + 1) * batch_size]
-            alpha, state, _ = step(alpha, state, jnp.asarray(corpus.present_z[ip]),
+            alpha, state, _ = step(alpha, state, ramp, jnp.asarray(corpus.present_z[ip]),
                                    jnp.asarray(corpus.present_location[ip]),
                                    jnp.asarray(corpus.candidate_z[ic]),
                                    jnp.asarray(corpus.candidate_location[ic]),

@@ -137,6 +137,8 @@ def main(argv=None):
     parser.add_argument("--ace-budget", action="store_true",
                         help="fit alpha with sum(alpha) <= --units (the relaxation of ablating that many units)")
     parser.add_argument("--ace-epochs", type=int, default=10)
+    parser.add_argument("--ace-binarize", type=float, default=0.0,
+                        help="final weight of the push of alpha to 0 or 1 (optimize_ace's binarize)")
     parser.add_argument("--ace-l2", type=float, default=0.005,
                         help="L2 weight of --rank ace (the reference's 0.005)")
     parser.add_argument("--ace-search", type=int, default=4000,
@@ -176,6 +178,7 @@ def main(argv=None):
                        **({"ace": {"objective": args.ace_objective, "l2": args.ace_l2, "search_size": args.ace_search,
                                    "specificity": args.ace_specificity, "epochs": args.ace_epochs,
                                    "max_units": args.units if args.ace_budget else None,
+                                   "binarize": args.ace_binarize,
                                    "train_size": 1000, "eval_size": 200, "concept": "object with its parts"}}
                           if args.rank == "ace" else {})},
         "evaluation": {"samples": args.eval_samples, "z_seed": args.eval_seed,
@@ -204,7 +207,7 @@ def main(argv=None):
                                    objective=args.ace_objective, l2=args.ace_l2,
                                    specificity=args.ace_specificity, epochs=args.ace_epochs,
                                    max_units=args.units if args.ace_budget else None,
-                                   progress=args.progress)
+                                   binarize=args.ace_binarize, progress=args.progress)
                 units = ace_ranking(fit.alpha, iou)[: args.units]
                 unit_scores = fit.alpha[units]
             else:

@@ -281,6 +281,18 @@ def test_specific_removal_avoids_the_unit_that_turns_sky_into_sun():
     assert held_out("specific_removal", 2) > 10
 
 
+def test_binarize_ends_with_whole_units():
+    G, S = TwoWaysToRemoveSky(), SkyAndSun()
+    corpus = build_ace_corpus(G, S, "toy", "sky", search_size=200, train_size=60, eval_size=20,
+                              seed=5, probes=4, batch_size=50)
+    fit = optimize_ace(G, S, corpus, objective="specific_removal", init=np.full(4, 0.4), l2=0.0,
+                       learning_rate=0.05, epochs=15, batch_size=10, max_units=2, binarize=2.0)
+    # every weight ends at 0 or 1: the clean unit 1 at 1, the sun-making unit 2 at 0
+    np.testing.assert_allclose(fit.alpha, np.round(fit.alpha), atol=1e-3)
+    assert fit.alpha[1] == 1.0 and fit.alpha[2] == 0.0
+    assert fit.alpha.sum() <= 2
+
+
 def test_specific_removal_loss_is_the_documented_objective():
     G, S = TwoWaysToRemoveSky(), SkyAndSun()
     corpus = build_ace_corpus(G, S, "toy", "sky", search_size=80, train_size=20, eval_size=12,

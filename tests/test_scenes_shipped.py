@@ -114,14 +114,15 @@ def _object_and_other_labels(shares, concept):
     return np.concatenate([[shares[own].sum()], shares[rest]])
 
 
-def test_documented_causal_unit_ablation_reproduces(generator, segmenter):
-    """weights/scenes64/ace/specific_removal_layer6.json (demo_ablation.py --rank ace
-    --ace-objective specific_removal): zeroing the documented units gives the documented shares and
-    verdicts, in all three readings."""
+@pytest.mark.parametrize("name", ["specific_removal_layer6", "specific_removal_layer6_building_binarized"])
+def test_documented_causal_unit_ablation_reproduces(generator, segmenter, name):
+    """weights/scenes64/ace/<name>.json (demo_ablation.py --rank ace --ace-objective
+    specific_removal): zeroing the documented units gives the documented shares and verdicts, in
+    all three readings."""
     from gandissect_jax.intervention import ablation_edit, label_shares
     from gandissect_jax.sampling import sample_z
 
-    documented = json.loads((SCENES64 / "ace" / "specific_removal_layer6.json").read_text())
+    documented = json.loads((SCENES64 / "ace" / f"{name}.json").read_text())
     assert documented["dissection"]["ace"]["objective"] == "specific_removal"
     assert documented["dissection"]["ace"]["max_units"] == documented["units"] == 20
     evaluation = documented["evaluation"]
