@@ -676,28 +676,50 @@ def load_generator(src: "str | os.PathLike | Generator") -> Generator:
     return _load_pth(path)
 
 
-def save_generator(G: Generator, directory: "str | os.PathLike") -> str:
-    """Write ``G`` as an orbax checkpoint directory (atomic); returns its absolute path."""
+def save_generator(G: Generator, directory: "str | os.PathLike", *, force: bool = False) -> str:
+    """Write ``G`` as an orbax checkpoint directory (atomic); returns its absolute path.
+
+    ``directory`` must not exist (or be empty); with ``force=True`` it may also be a checkpoint
+    written by this library, which is replaced. Anything else there is refused and left untouched
+    (see :mod:`gandissect_jax.checkpoints`).
+
+    Raises:
+      gandissect_jax.checkpoints.DestinationError: the destination may not be written.
+    """
     from gandissect_jax.checkpoints import save_checkpoint
 
     params = jax.tree_util.tree_map(np.asarray, G.params)
-    return save_checkpoint(directory, params, G.config.to_dict())
+    return save_checkpoint(directory, params, G.config.to_dict(), force=force)
 
 
-def convert_reference(src: "str | os.PathLike", dest: "str | os.PathLike") -> str:
+def convert_reference(src: "str | os.PathLike", dest: "str | os.PathLike", *, force: bool = False) -> str:
     """Convert a reference ``.pth`` (or a directory holding exactly one) into a checkpoint at ``dest``.
 
     Needs no torch; ``dest`` is written atomically, and nothing is written if ``src`` is invalid.
-    Returns the absolute path of ``dest``. This is the registry's converter for generators.
+    The destination is checked before ``src`` is read: it must not exist (or be empty), or --
+    with ``force=True`` -- be a checkpoint written by this library; ``src`` and ``dest`` must not
+    overlap. Returns the absolute path of ``dest``. This is the registry's converter for
+    generators.
+
+    Raises:
+      gandissect_jax.checkpoints.DestinationError: ``dest`` may not be written, or overlaps ``src``.
+      FileNotFoundError: ``src`` does not exist.
+      ValueError (``PthError`` included): ``src`` is not a readable generator checkpoint (named).
     """
-    src = Path(src)
+    from gandissect_jax.checkpoints import check_destination, check_distinct
+
+    src = Path(src).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"no such file or directory: {src}")
+    check_distinct(src, dest)
+    check_destination(dest, force)
     if src.is_dir():
         pth = _single_pth_in(src)
         if pth is None:
             raise ValueError(f"{src}: expected exactly one .pth file in the directory")
         src = pth
     G = _load_pth(src)
-    return save_generator(G, dest)
+    return save_generator(G, dest, force=force)
 
 
 def images_to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
