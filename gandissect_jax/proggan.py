@@ -565,22 +565,88 @@ def _expected_state_shapes(config: GeneratorConfig) -> dict[str, tuple[int, ...]
     return shapes
 
 
+# Wrappers and key prefixes that training code puts around a generator's state dict, in the
+# order they are looked for: the EMA generator first (what a trainer samples with), then the
+# trained one, then generic names.
+STATE_DICT_WRAPPERS = ("g_ema", "G", "generator", "state_dict")
+# Prefixes of every key: nn.DataParallel / DistributedDataParallel, torch.compile.
+STATE_DICT_PREFIXES = ("module.", "_orig_mod.")
+_MAX_WRAPPING = 4
+
+
+def _keys_text(obj: Mapping, limit: int = 20) -> str:
+    keys = [repr(k) for k in list(obj)[:limit]]
+    return "[" + ", ".join(keys) + (f", ... ({len(obj)} in all)" if len(obj) > limit else "") + "]"
+
+
+def _strip_prefixes(state_dict: Mapping) -> Mapping:
+    """Remove a prefix shared by every key (repeatedly: ``module.module.`` is seen in the wild)."""
+    while state_dict and all(isinstance(k, str) for k in state_dict):
+        for prefix in STATE_DICT_PREFIXES:
+            if all(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+                break
+        else:
+            return state_dict
+    return state_dict
+
+
+def _is_generator_state_dict(obj: Mapping) -> bool:
+    return "layer1.conv.weight" in obj or "features.0.conv.weight" in obj
+
+
+def unwrap_state_dict(obj: Any, source: str = "state dict") -> Mapping[str, Any]:
+    """Find the generator state dict in what a ``.pth`` file holds, as training code saves it.
+
+    Accepted: the state dict itself; every key prefixed by ``module.`` (``nn.DataParallel``) or
+    ``_orig_mod.`` (``torch.compile``); wrapped in a dict under ``'g_ema'``, ``'G'``,
+    ``'generator'`` or ``'state_dict'`` (looked for in that order, so a training checkpoint
+    ``{'G': ..., 'g_ema': ..., 'D': ..., 'optimizer': ...}`` gives the EMA generator); and any
+    nesting of these up to four deep (``{'state_dict': {'module.layer1.conv.weight': ...}}``).
+
+    Raises:
+      ValueError naming ``source`` and listing the top-level keys found, for anything else.
+    """
+    top = obj
+    path: list[str] = []
+    for _ in range(_MAX_WRAPPING + 1):
+        if not isinstance(obj, Mapping):
+            where = f" under {'/'.join(repr(p) for p in path)}" if path else ""
+            raise ValueError(f"{source}: holds a {type(obj).__name__}{where}, not a generator state dict")
+        obj = _strip_prefixes(obj)
+        if _is_generator_state_dict(obj):
+            return obj
+        wrapper = next((k for k in STATE_DICT_WRAPPERS if isinstance(obj.get(k), Mapping)), None)
+        if wrapper is None:
+            break
+        path.append(wrapper)
+        obj = obj[wrapper]
+    where = f" (looked inside {'/'.join(repr(p) for p in path)}, keys {_keys_text(obj)})" if path else ""
+    raise ValueError(
+        f"{source}: not a Progressive GAN generator state dict, nor one wrapped as training "
+        "code saves it; top-level keys: "
+        f"{_keys_text(top) if isinstance(top, Mapping) else type(top).__name__}{where}. Accepted: a "
+        "state dict with 'layer1.conv.weight' (or 'features.0.conv.weight'), keys optionally "
+        f"prefixed by {' or '.join(repr(p) for p in STATE_DICT_PREFIXES)}, optionally wrapped as "
+        f"{{{' | '.join(repr(k) for k in STATE_DICT_WRAPPERS)}: state_dict}}"
+    )
+
+
 def params_from_state_dict(
     state_dict: Mapping[str, Any], source: str = "state dict"
 ) -> tuple[dict, GeneratorConfig]:
     """Convert a reference ``ProgressiveGenerator`` state dict to ``(params, config)``.
 
     Accepts ``layerK.*`` / ``output_RxR.*`` names or the older ``features.N.*`` / ``output.*``,
-    optionally wrapped as ``{'state_dict': ...}``; tensors are numpy arrays in PyTorch layout.
-    Sizes are inferred from the conv weights as the reference's ``sizes_from_state_dict`` does.
+    wrapped or prefixed as training code saves them (see :func:`unwrap_state_dict`); tensors are
+    numpy arrays in PyTorch layout. Sizes are inferred from the conv weights as the reference's
+    ``sizes_from_state_dict`` does.
 
     Raises:
-      ValueError naming the key (and both shapes) for a missing, mis-shaped or unexpected tensor.
+      ValueError naming ``source`` and the key (and both shapes) for a missing, mis-shaped or
+      unexpected tensor, or listing the top-level keys when no generator state dict is found.
     """
-    if isinstance(state_dict, Mapping) and isinstance(state_dict.get("state_dict"), Mapping):
-        state_dict = state_dict["state_dict"]
-    if not isinstance(state_dict, Mapping):
-        raise ValueError(f"{source}: holds a {type(state_dict).__name__}, not a state dict")
+    state_dict = unwrap_state_dict(state_dict, source)
     if "features.0.conv.weight" in state_dict:
         state_dict = _rename_old_state_dict(state_dict)
     config = GeneratorConfig(sizes=_sizes_from_state_dict(state_dict, source))
@@ -676,28 +742,50 @@ def load_generator(src: "str | os.PathLike | Generator") -> Generator:
     return _load_pth(path)
 
 
-def save_generator(G: Generator, directory: "str | os.PathLike") -> str:
-    """Write ``G`` as an orbax checkpoint directory (atomic); returns its absolute path."""
+def save_generator(G: Generator, directory: "str | os.PathLike", *, force: bool = False) -> str:
+    """Write ``G`` as an orbax checkpoint directory (atomic); returns its absolute path.
+
+    ``directory`` must not exist (or be empty); with ``force=True`` it may also be a checkpoint
+    written by this library, which is replaced. Anything else there is refused and left untouched
+    (see :mod:`gandissect_jax.checkpoints`).
+
+    Raises:
+      gandissect_jax.checkpoints.DestinationError: the destination may not be written.
+    """
     from gandissect_jax.checkpoints import save_checkpoint
 
     params = jax.tree_util.tree_map(np.asarray, G.params)
-    return save_checkpoint(directory, params, G.config.to_dict())
+    return save_checkpoint(directory, params, G.config.to_dict(), force=force)
 
 
-def convert_reference(src: "str | os.PathLike", dest: "str | os.PathLike") -> str:
+def convert_reference(src: "str | os.PathLike", dest: "str | os.PathLike", *, force: bool = False) -> str:
     """Convert a reference ``.pth`` (or a directory holding exactly one) into a checkpoint at ``dest``.
 
     Needs no torch; ``dest`` is written atomically, and nothing is written if ``src`` is invalid.
-    Returns the absolute path of ``dest``. This is the registry's converter for generators.
+    The destination is checked before ``src`` is read: it must not exist (or be empty), or --
+    with ``force=True`` -- be a checkpoint written by this library; ``src`` and ``dest`` must not
+    overlap. Returns the absolute path of ``dest``. This is the registry's converter for
+    generators.
+
+    Raises:
+      gandissect_jax.checkpoints.DestinationError: ``dest`` may not be written, or overlaps ``src``.
+      FileNotFoundError: ``src`` does not exist.
+      ValueError (``PthError`` included): ``src`` is not a readable generator checkpoint (named).
     """
-    src = Path(src)
+    from gandissect_jax.checkpoints import check_destination, check_distinct
+
+    src = Path(src).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"no such file or directory: {src}")
+    check_distinct(src, dest)
+    check_destination(dest, force)
     if src.is_dir():
         pth = _single_pth_in(src)
         if pth is None:
             raise ValueError(f"{src}: expected exactly one .pth file in the directory")
         src = pth
     G = _load_pth(src)
-    return save_generator(G, dest)
+    return save_generator(G, dest, force=force)
 
 
 def images_to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:

@@ -7,10 +7,15 @@
      "convert": "module:function",     # called as function(download_dir, dest_dir)
      "shipped": null | "<directory under weights/ holding a converted checkpoint>"}
 
-:func:`fetch` downloads every file of an entry into ``<cache>/downloads/<name>/`` (each through a
-temporary file renamed into place when complete), checks its size and sha256 when the registry
-gives them (refusing mismatching data), records what it observed in ``fetch-record.json``, then
-converts into ``<cache>/weights/<name>/`` (or ``dest``) atomically. The cache is
+:func:`fetch` downloads every file of an entry into ``<cache>/downloads/<name>/``, each through a
+uniquely named partial file that enters the cache only when complete and verified: against the
+registry's size and sha256 when it lists them, else by reading the whole file as its type
+(:func:`check_structure`: ``read_pth`` for ``.pth``, CRCs for zip archives, a parse for JSON). A
+cached file is verified again before each use and downloaded again if corrupt. What was observed
+goes into ``fetch-record.json``; :func:`pin` (``gandissect-jax weights pin NAME --into FILE``)
+writes the sizes and sha256 sums into a registry file of the user's. Then the files are converted
+into ``<cache>/weights/<name>/`` (or ``dest``) under the rules of :mod:`gandissect_jax.checkpoints`
+(nothing of the user's is replaced); concurrent fetches of one entry wait for each other. The cache is
 ``$GANDISSECT_JAX_CACHE``, else ``$XDG_CACHE_HOME/gandissect-jax``, else ``~/.cache/gandissect-jax``.
 URLs may be ``http(s)://`` or ``file://``.
 
@@ -19,21 +24,30 @@ URLs may be ``http(s)://`` or ``file://``.
 
 from __future__ import annotations
 
+import bz2
 import datetime
+import gzip
 import hashlib
+import http.client
 import importlib
 import json
+import lzma
 import os
 import shutil
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 __all__ = [
     "DownloadError",
     "ChecksumError",
+    "CorruptFileError",
+    "check_structure",
+    "pin",
     "shipped_weights_dir",
     "registry_path",
     "load_registry",
@@ -55,6 +69,10 @@ class DownloadError(OSError):
 
 class ChecksumError(ValueError):
     """Downloaded data does not match the size or sha256 listed in the registry."""
+
+
+class CorruptFileError(ChecksumError):
+    """A downloaded or cached file does not parse as its type (truncated or corrupt)."""
 
 
 def shipped_weights_dir() -> Path:
@@ -188,6 +206,84 @@ def _verify(path: Path, size: int | None, sha256: str | None, observed_sha: str,
         raise ChecksumError(f"{url}: sha256 is {observed_sha}, the registry says {sha256}")
 
 
+# file name ending -> what the structural check reads the whole file as
+_PARSERS = {
+    ".pth": "PyTorch checkpoint (read_pth)",
+    ".pt": "PyTorch checkpoint (read_pth)",
+    ".zip": "zip archive (every member's CRC)",
+    ".npz": "zip archive (every member's CRC)",
+    ".tar": "tar archive (every member)",
+    ".tar.gz": "compressed tar archive (whole stream, every member)",
+    ".tgz": "compressed tar archive (whole stream, every member)",
+    ".tar.bz2": "compressed tar archive (whole stream, every member)",
+    ".tar.xz": "compressed tar archive (whole stream, every member)",
+    ".json": "JSON document",
+    ".npy": "numpy array",
+}
+
+
+def _parser_for(name: str) -> tuple[str, str] | None:
+    lower = name.lower()
+    for ending in sorted(_PARSERS, key=len, reverse=True):
+        if lower.endswith(ending):
+            return ending, _PARSERS[ending]
+    return None
+
+
+def check_structure(path: str | os.PathLike, name: str | None = None) -> str:
+    """Read the whole file ``path`` as the type its ``name`` ends with; returns how it was verified.
+
+    ``.pth``/``.pt`` are read with :func:`gandissect_jax.pth.read_pth` (every tensor, safely),
+    ``.zip``/``.npz`` have every member's CRC checked, tar archives every member read, ``.json``
+    and ``.npy`` parsed. This is the verification of a download when the registry has no sha256.
+
+    Returns:
+      ``'parse'`` when the file was read completely, ``'none'`` when there is no parser for its type.
+
+    Raises:
+      CorruptFileError naming the file: it does not parse (truncated or corrupt).
+    """
+    path = Path(path)
+    name = name or path.name
+    parser = _parser_for(name)
+    if parser is None:
+        return "none"
+    ending, kind = parser
+    try:
+        if ending in (".pth", ".pt"):
+            from gandissect_jax.pth import read_pth
+
+            read_pth(path)
+        elif ending in (".zip", ".npz"):
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                raise ValueError(f"member {bad!r} fails its CRC check")
+        elif ending.startswith(".t"):
+            decompress = {".tar.gz": gzip.open, ".tgz": gzip.open, ".tar.bz2": bz2.open,
+                          ".tar.xz": lzma.open}.get(ending)
+            if decompress is not None:  # to the end: checks the compressed stream's trailer/CRC
+                with decompress(path, "rb") as stream:
+                    while stream.read(1 << 20):
+                        pass
+            with tarfile.open(path) as archive:
+                for member in archive:
+                    if member.isfile():
+                        stream = archive.extractfile(member)
+                        while stream is not None and stream.read(1 << 20):
+                            pass
+        elif ending == ".json":
+            json.loads(path.read_bytes().decode("utf-8"))
+        else:
+            import numpy as np
+
+            np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 - whatever the parser raises, the file is unusable
+        raise CorruptFileError(f"{name} is not a complete {kind}: truncated or corrupt "
+                               f"({type(err).__name__}: {err})") from err
+    return "parse"
+
+
 def download(
     url: str,
     path: str | os.PathLike,
@@ -196,15 +292,20 @@ def download(
     sha256: str | None = None,
     timeout: float = 60.0,
     progress: bool = True,
+    check: Callable[[Path], Any] | None = None,
 ) -> str:
-    """Download ``url`` to ``path`` through a temporary file; returns the observed sha256.
+    """Download ``url`` to ``path`` through a uniquely named partial file; returns the sha256.
 
-    The file appears at ``path`` only if the transfer completed and matches ``size`` and
-    ``sha256`` (when given); otherwise nothing is left behind.
+    The partial file (``.NAME.part-XXXX`` beside ``path``) is renamed to ``path`` only when the
+    transfer is complete (as many bytes as the server's ``Content-Length``), matches ``size`` and
+    ``sha256`` when given, and passes ``check(partial_path)`` when given (e.g.
+    :func:`check_structure`). Otherwise, and on any interruption (``KeyboardInterrupt``
+    included), it is deleted and nothing is left behind.
 
     Raises:
-      DownloadError: the URL could not be read (message names the URL and the reason).
-      ChecksumError: size or sha256 mismatch.
+      DownloadError: the URL could not be read, or the transfer was cut short (message names the
+        URL and the reason).
+      ChecksumError: size or sha256 mismatch; CorruptFileError (a ChecksumError) from ``check``.
     """
     from tqdm.auto import tqdm
 
@@ -214,11 +315,14 @@ def download(
     tmp = Path(tmp_name)
     digest = hashlib.sha256()
     try:
+        received, announced = 0, None
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-                total = resp.headers.get("Content-Length") if hasattr(resp, "headers") else None
+                headers = getattr(resp, "headers", None)
+                total = headers.get("Content-Length") if headers is not None else None
+                announced = int(total) if total and str(total).isdigit() else None
                 with tqdm(
-                    total=int(total) if total else size,
+                    total=announced or size,
                     unit="B",
                     unit_scale=True,
                     desc=path.name,
@@ -227,15 +331,21 @@ def download(
                     for block in iter(lambda: resp.read(1 << 20), b""):
                         out.write(block)
                         digest.update(block)
+                        received += len(block)
                         bar.update(len(block))
-        except (urllib.error.URLError, OSError, ValueError) as err:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
             reason = getattr(err, "reason", None) or err
             raise DownloadError(
                 f"could not download {url}: {reason}. If this machine has no network, fetch the "
                 f"file on another machine, copy it here and run `gandissect-jax convert FILE DEST`."
             ) from err
+        if announced is not None and received != announced:
+            raise DownloadError(f"download of {url} was cut short: {received} of {announced} bytes "
+                                "arrived; nothing was kept")
         observed = digest.hexdigest()
-        _verify(tmp, size, sha256, observed, url)
+        _verify(tmp, size, sha256, observed, f"{path.name} from {url}")
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
         return observed
     finally:
@@ -252,31 +362,79 @@ def _load_converter(spec: str) -> Callable[[Path, Path], Any]:
         raise ValueError(f"converter {spec!r}: {module_name} has no {function_name}") from err
 
 
-def _atomic_convert(convert: Callable[[Path, Path], Any], source: Path, dest: Path) -> None:
-    """Run ``convert(source, tmp)`` into a fresh sibling of ``dest``, then swap it into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.converting-", dir=dest.parent))
-    tmp = work / dest.name
-    try:
-        convert(source, tmp)
-        if not tmp.exists():
-            raise ValueError(f"the converter wrote nothing for {source}")
-        if dest.exists():
-            old = work / "previous"
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write JSON through a unique temporary sibling renamed into place (removed on failure)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _verify_cached(
+    target: Path, spec: Mapping, recorded: Any, entry_name: str, log: Callable[[str], Any] | None
+) -> tuple[str, str] | None:
+    """Re-verify a cached download: ``(how, sha256)`` if it is good, else delete it and ``None``.
+
+    Size and sha256 are checked when the registry has them; otherwise the sha256 that
+    ``fetch-record.json`` recorded for a copy verified at download time vouches for the bytes;
+    failing that the whole file is parsed (:func:`check_structure`).
+    """
+    if not target.is_file():
+        return None
+    size, sha = spec.get("size"), spec.get("sha256")
+    actual = target.stat().st_size
+    problem = None
+    if size is not None and actual != int(size):
+        problem = f"{actual} bytes, the registry says {size}"
+    else:
+        observed = _sha256_of(target)
+        if sha is not None:
+            if observed.lower() == str(sha).lower():
+                return "sha256", observed
+            problem = f"sha256 {observed}, the registry says {sha}"
+        elif (isinstance(recorded, Mapping) and recorded.get("verified") in ("sha256", "parse")
+              and recorded.get("sha256") == observed and recorded.get("bytes") == actual):
+            return str(recorded["verified"]), observed
+        else:
+            try:
+                return check_structure(target, spec["name"]), observed
+            except CorruptFileError as err:
+                problem = str(err)
+    if log is not None:
+        log(f"{entry_name}: the cached {target} is corrupt ({problem}); downloading it again")
+    target.unlink()
+    return None
+
+
+def _is_fetched_copy(directory: str, entry: Mapping) -> bool:
+    """True for a directory that :func:`fetch` filled by copying (entries without a converter)."""
+    if os.path.islink(directory) or not os.path.isdir(directory):
+        return False
+    allowed = {f["name"] for f in entry.get("files", [])} | {RECORD_FILE}
+    names = set(os.listdir(directory))
+    return (RECORD_FILE in names and names <= allowed
+            and all(os.path.isfile(os.path.join(directory, n)) and not os.path.islink(
+                os.path.join(directory, n)) for n in names))
+
+
+def _remove_fetched_copy(directory: str) -> None:
+    for name in os.listdir(directory):
+        os.unlink(os.path.join(directory, name))
+    os.rmdir(directory)
 
 
 def fetch(
@@ -291,56 +449,207 @@ def fetch(
 ) -> Path:
     """Download, verify and convert registry entry ``name``; returns the converted directory.
 
-    Files already in the download cache that match the registry's size/sha256 are reused (unless
-    ``force``). When the registry lists no sha256 the observed one is reported through ``log``
-    and recorded in ``fetch-record.json`` beside the download.
+    Every file is downloaded into ``<cache>/downloads/<name>/`` through a partial file and enters
+    the cache only once verified: against the registry's size and sha256 when it lists them,
+    otherwise by reading the whole file (:func:`check_structure`). Files already in the cache are
+    verified again before use (size/sha256 when known, else the sha256 recorded at download time,
+    else a parse) and downloaded again when corrupt; ``force`` downloads every file again. The
+    observed size and sha256 are recorded in ``fetch-record.json`` beside the downloads (and
+    logged when the registry lists none: :func:`pin` writes them into a registry file).
+
+    The converted weights go to ``dest`` (default ``<cache>/weights/<name>``). A user-given
+    ``dest`` must not exist (or be empty); with ``force`` it may be a checkpoint gandissect-jax
+    wrote, which is replaced; anything else there is refused before any download. Concurrent
+    fetches of one entry are serialised by a lock.
 
     Raises:
-      KeyError-like FileNotFoundError for unknown names, DownloadError, ChecksumError.
+      FileNotFoundError: unknown name. DownloadError: unreachable URL or truncated transfer.
+      ChecksumError (CorruptFileError): mismatching or unparsable data, nothing cached.
+      gandissect_jax.checkpoints.DestinationError: ``dest`` may not be written.
     """
+    from gandissect_jax.checkpoints import (
+        check_destination,
+        check_distinct,
+        destination_lock,
+        install_directory,
+        is_own_checkpoint,
+    )
+
     entries = load_registry(registry)
     if name not in entries:
         raise FileNotFoundError(f"no registry entry {name!r}; known: {', '.join(sorted(entries))}")
     entry = entries[name]
     download_dir = cache_dir() / "downloads" / name
-    download_dir.mkdir(parents=True, exist_ok=True)
-    record_path = download_dir / RECORD_FILE
-    record = {}
-    if record_path.is_file():
-        try:
-            record = json.loads(record_path.read_text())
-        except json.JSONDecodeError:
-            record = {}
-    for spec in entry["files"]:
-        target = download_dir / spec["name"]
-        size, sha = spec.get("size"), spec.get("sha256")
-        observed = None
-        if target.is_file() and not force:
-            observed = _sha256_of(target)
-            try:
-                _verify(target, size, sha, observed, str(target))
-            except ChecksumError:
-                observed = None  # stale or corrupt copy: download again
-        if observed is None:
-            observed = download(spec["url"], target, size=size, sha256=sha, timeout=timeout,
-                                progress=progress)
-        record[spec["name"]] = {
-            "url": spec["url"],
-            "bytes": target.stat().st_size,
-            "sha256": observed,
-            "verified_sha256": sha is not None,
-            "verified_size": size is not None,
-            "checked_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        if log is not None and sha is None:
-            log(f"{spec['name']}: sha256 {observed} ({target.stat().st_size} bytes; "
-                "not verified: the registry lists no checksum)")
-    _write_json_atomic(record_path, record)
-    dest = Path(dest).expanduser() if dest is not None else fetched_path(name)
+    to_cache = dest is None
+    dest = Path(dest).expanduser().absolute() if dest is not None else fetched_path(name).absolute()
     if entry.get("convert"):
-        _atomic_convert(_load_converter(entry["convert"]), download_dir, dest)
+        replaceable, remove, what = is_own_checkpoint, None, "a gandissect-jax checkpoint"
     else:
-        _atomic_convert(lambda src, tmp: shutil.copytree(src, tmp), download_dir, dest)
+        replaceable = lambda path: _is_fetched_copy(path, entry)  # noqa: E731
+        remove, what = _remove_fetched_copy, f"a copy of {name!r} made by `weights fetch`"
+    replace_ok = force or to_cache  # the cache's own converted copy is always refreshed
+    check_distinct(download_dir, dest)
+    check_destination(dest, replace_ok, replaceable, what)  # before any download
+    again = (f"`gandissect-jax weights fetch {name}` tries again (--force downloads every file "
+             "again, also the ones already cached)")
+    with destination_lock(download_dir):
+        download_dir.mkdir(parents=True, exist_ok=True)
+        for stale in download_dir.glob(".*.part-*"):  # left by a killed run (we hold the lock)
+            stale.unlink()
+        record_path = download_dir / RECORD_FILE
+        record = _read_record(record_path)
+        for spec in entry["files"]:
+            target = download_dir / spec["name"]
+            size, sha = spec.get("size"), spec.get("sha256")
+            got = None
+            if not force:
+                got = _verify_cached(target, spec, record.get(spec["name"]), name, log)
+            if got is None:
+                how: dict[str, str] = {"how": "sha256" if sha is not None else "none"}
+                if sha is None:
+                    def check(partial, spec_name=spec["name"], how=how):
+                        how["how"] = check_structure(partial, spec_name)
+                else:
+                    check = None
+                try:
+                    observed = download(spec["url"], target, size=size, sha256=sha,
+                                        timeout=timeout, progress=progress, check=check)
+                except ChecksumError as err:
+                    raise type(err)(f"{name}: {err}; the download was discarded, nothing was "
+                                    f"cached. {again}.") from err
+                got = (how["how"], observed)
+            method, observed = got
+            nbytes = target.stat().st_size
+            record[spec["name"]] = {
+                "url": spec["url"],
+                "bytes": nbytes,
+                "sha256": observed,
+                "verified": method,
+                "verified_sha256": method == "sha256",
+                "verified_size": size is not None,
+                "checked_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            if log is not None and sha is None:
+                how_text = ("the whole file was read and is complete" if method == "parse" else
+                            "nor could its structure be checked (no parser for this file type)")
+                log(f"{spec['name']}: sha256 {observed} ({nbytes} bytes); checksum not verified: "
+                    f"the registry lists none; {how_text}. Pin it with `gandissect-jax weights pin "
+                    f"{name} --into FILE`")
+        _write_json_atomic(record_path, record)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.converting-", dir=dest.parent))
+        try:
+            tmp = work / dest.name
+            if entry.get("convert"):
+                _load_converter(entry["convert"])(download_dir, tmp)
+            else:
+                tmp.mkdir()
+                for file_name in [f["name"] for f in entry["files"]] + [RECORD_FILE]:
+                    shutil.copy2(download_dir / file_name, tmp / file_name)
+            if not tmp.exists():
+                raise ValueError(f"the converter {entry.get('convert')} wrote nothing for {download_dir}")
+            with destination_lock(dest):
+                mode = check_destination(dest, replace_ok, replaceable, what)
+                if remove is None:
+                    install_directory(tmp, dest, mode, replaceable)
+                else:
+                    install_directory(tmp, dest, mode, replaceable, remove)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     if log is not None:
         log(f"{name}: ready at {dest}")
     return dest
+
+
+def _protected_dirs() -> list[Path]:
+    return [Path(__file__).resolve().parent, shipped_weights_dir().resolve(), registry_path().resolve()]
+
+
+def pin(
+    name: str,
+    into: str | os.PathLike,
+    *,
+    registry: str | os.PathLike | Mapping | None = None,
+    force: bool = False,
+    log: Callable[[str], Any] | None = print,
+) -> dict:
+    """Write the size and sha256 of entry ``name``'s verified cached downloads into registry ``into``.
+
+    After a first ``fetch`` (which verified every file by a full parse), this records the observed
+    bytes so that later fetches verify against them (``fetch --registry INTO``). ``into`` is a
+    registry file of the user's: created if missing (holding just this entry, copied from
+    ``registry``, default the shipped one), else updated in place (its other entries and
+    ``_comment`` keys kept), written atomically under a lock. It is never the shipped registry
+    nor anything inside the installed package.
+
+    Returns:
+      The pinned entry.
+
+    Raises:
+      ValueError: ``into`` is inside the package or the shipped weights directory, or already pins
+        other values for a file (unless ``force``); FileNotFoundError: unknown entry or file not
+        fetched yet; ChecksumError: a cached file is corrupt (it is removed; fetch it again) or
+        could not be verified at all.
+    """
+    from gandissect_jax.checkpoints import destination_lock
+
+    into = Path(os.path.realpath(Path(into).expanduser()))
+    for protected in _protected_dirs():
+        if into == protected or protected in into.parents:
+            raise ValueError(
+                f"{into} is inside {protected}: `weights pin` never writes into the installed "
+                "package or the shipped weights; name a registry file of your own (for example "
+                "~/gandissect-registry.json) and give it to `weights fetch --registry`")
+    with destination_lock(into):
+        raw: dict = {}
+        if into.exists():
+            load_registry(into)  # validates it
+            raw = json.loads(into.read_text())
+        if isinstance(raw.get(name), Mapping):
+            entry = load_registry({name: raw[name]})[name]
+        else:
+            entries = load_registry(registry)
+            if name not in entries:
+                raise FileNotFoundError(f"no registry entry {name!r} in {into} nor in the source "
+                                        f"registry; known: {', '.join(sorted(entries))}")
+            entry = entries[name]
+        if not entry.get("files"):
+            raise ValueError(f"registry entry {name!r} has no files to pin")
+        download_dir = cache_dir() / "downloads" / name
+        files = []
+        with destination_lock(download_dir):
+            record = _read_record(download_dir / RECORD_FILE)
+            for spec in entry["files"]:
+                target = download_dir / spec["name"]
+                if not target.is_file():
+                    raise FileNotFoundError(f"{spec['name']} of {name!r} is not in the download cache "
+                                            f"({target}): run `gandissect-jax weights fetch {name}` "
+                                            "first")
+                got = _verify_cached(target, {"name": spec["name"]}, record.get(spec["name"]),
+                                     name, None)
+                if got is None:
+                    raise ChecksumError(f"{name}: the cached {target} is corrupt and was removed; run "
+                                        f"`gandissect-jax weights fetch {name} --force`, then pin again")
+                method, observed = got
+                if method == "none":
+                    raise ChecksumError(
+                        f"{name}: {spec['name']} cannot be pinned: it was never verified (no "
+                        "checksum in the registry and no parser for its type). Check it yourself "
+                        f"and write its sha256 into {into} by hand")
+                nbytes = target.stat().st_size
+                old_sha, old_size = spec.get("sha256"), spec.get("size")
+                if not force and ((old_sha is not None and str(old_sha).lower() != observed)
+                                  or (old_size is not None and int(old_size) != nbytes)):
+                    raise ValueError(
+                        f"{name}: {spec['name']} is pinned as sha256 {old_sha}, {old_size} bytes, "
+                        f"but the cached file has sha256 {observed}, {nbytes} bytes; nothing was "
+                        f"written to {into} (--force overwrites the pin)")
+                files.append({**spec, "sha256": observed, "size": nbytes})
+        pinned = {**entry, "files": files}
+        load_registry({name: pinned})
+        raw[name] = pinned
+        _write_json_atomic(into, raw)
+    if log is not None:
+        for spec in files:
+            log(f"{name}: pinned {spec['name']} sha256 {spec['sha256']} ({spec['size']} bytes) in {into}")
+    return pinned

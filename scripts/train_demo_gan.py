@@ -202,11 +202,12 @@ def export(state, g_config: GeneratorConfig, weights_dir: Path, meta: dict):
     """
     step = int(state["step"])
     G = Generator(jax.device_get(state["g_ema"]), g_config)
-    save_generator(G, weights_dir / "scenes64" / "generator")
+    save_generator(G, weights_dir / "scenes64" / "generator", force=True)
     save_checkpoint(
         weights_dir / "scenes64_train_state",
         {"g": jax.device_get(state["g"]), "d": jax.device_get(state["d"])},
         dict(meta, kind="scenes64-gan-train-state", step=step, g_sizes=list(g_config.sizes)),
+        force=True,
     )
     segmenter_dir = weights_dir / "scenes64" / "segmenter"
     if segmenter_dir.is_dir():

@@ -1,4 +1,4 @@
-"""Orbax checkpoints: round trip, atomic replacement, clear errors."""
+"""Orbax checkpoints: round trip, atomic replacement, clear errors (safety: test_checkpoint_safety.py)."""
 
 import os
 
@@ -25,9 +25,9 @@ def test_round_trip_and_replace(tmp_path):
     assert config == {"sizes": [4, 5], "kind": "test"}
     np.testing.assert_array_equal(loaded["layer1"]["kernel"], params["layer1"]["kernel"])
     assert loaded["steps"] == 12 and loaded["layer1"]["bias"].dtype == np.float32
-    # replacing an existing checkpoint leaves exactly one complete directory behind
+    # replacing an existing checkpoint (force=True) leaves exactly one complete directory behind
     params["steps"] = np.array(13, np.int64)
-    save_checkpoint(target, params, {"kind": "second"})
+    save_checkpoint(target, params, {"kind": "second"}, force=True)
     loaded, config = load_checkpoint(target)
     assert config == {"kind": "second"} and loaded["steps"] == 13
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
@@ -37,7 +37,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path):
     target = tmp_path / "ckpt"
     save_checkpoint(target, _params(), {"kind": "good"})
     with pytest.raises(TypeError):
-        save_checkpoint(target, _params(), {"kind": object()})  # not JSON-serialisable
+        save_checkpoint(target, _params(), {"kind": object()}, force=True)  # not JSON-serialisable
     assert load_checkpoint(target)[1] == {"kind": "good"}
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 

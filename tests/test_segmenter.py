@@ -70,7 +70,7 @@ def orbax_dir(reference_dir, tmp_path_factory):
     entry = json.loads(json.dumps(weights.load_registry()["upp-resnet50-upernet"]))
     assert entry["kind"] == "segmenter"
     assert entry["convert"] == "gandissect_jax.segmenter:convert_reference"
-    base = "http://netdissect.csail.mit.edu/data/segmodel/upp-resnet50-upernet/"
+    base = "https://netdissect.csail.mit.edu/data/segmodel/upp-resnet50-upernet/"
     assert {f["name"]: f["url"] for f in entry["files"]} == {
         name: base + name for name in ("encoder_epoch_40.pth", "decoder_epoch_40.pth", "labels.json")}
     for spec in entry["files"]:

@@ -63,7 +63,7 @@ def test_shipped_registry_lists_the_lsun_models():
     for scene in LSUN:
         e = entries[f"{scene}_lsun"]
         assert e["kind"] == "generator"
-        assert e["files"][0]["url"] == f"http://netdissect.csail.mit.edu/data/ganmodel/karras/{scene}_lsun.pth"
+        assert e["files"][0]["url"] == f"https://netdissect.csail.mit.edu/data/ganmodel/karras/{scene}_lsun.pth"
         assert e["convert"] == "gandissect_jax.proggan:convert_reference"
     from gandissect_jax.proggan import convert_reference
 

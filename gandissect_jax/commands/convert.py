@@ -3,7 +3,10 @@
 SRC may be a generator ``.pth`` (legacy or zip format, read without torch), a directory holding
 one, or a unified-parsing segmenter directory (``encoder_epoch_*.pth`` + ``decoder_epoch_*.pth``),
 which is handed to ``gandissect_jax.segmenter.convert_reference``. ``--kind`` forces the choice.
-DEST is written atomically.
+
+DEST is written atomically and never replaces anything of the user's: it must not exist (or be an
+empty directory); with ``--force`` it may also be a checkpoint that gandissect-jax wrote, which is
+replaced. SRC and DEST must not overlap. Both are checked before SRC is read.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ def add_parser(subparsers) -> None:
         "checkpoint directory that gandissect-jax loads.",
     )
     parser.add_argument("src", help="generator .pth, or a directory of reference weights")
-    parser.add_argument("dest", help="checkpoint directory to write")
+    parser.add_argument("dest", help="checkpoint directory to write (must not exist, or be empty)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace DEST if it is a checkpoint written by gandissect-jax "
+                             "(anything else at DEST is always refused and left untouched)")
     parser.add_argument("--kind", choices=sorted(CONVERTERS), default=None,
                         help="what SRC holds (detected when omitted)")
     parser.set_defaults(func=run)
@@ -52,11 +58,16 @@ def converter_for(spec: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Convert ``args.src`` into ``args.dest``."""
+    """Convert ``args.src`` into ``args.dest`` (checked first: see the module docstring)."""
+    from gandissect_jax.checkpoints import check_destination, check_distinct
+
     src = Path(args.src).expanduser()
     if not src.exists():
         raise FileNotFoundError(f"no such file or directory: {src}")
+    dest = Path(args.dest).expanduser()
+    check_distinct(src, dest)
+    check_destination(dest, args.force)
     kind = args.kind or detect_kind(src)
-    dest = converter_for(CONVERTERS[kind])(src, Path(args.dest).expanduser())
+    dest = converter_for(CONVERTERS[kind])(src, dest, force=args.force)
     print(f"converted {kind} {src} -> {dest}")
     return 0

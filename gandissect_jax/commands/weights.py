@@ -1,4 +1,4 @@
-"""``gandissect-jax weights list|fetch``: the registry of downloadable weights."""
+"""``gandissect-jax weights list|fetch|pin``: the registry of downloadable weights."""
 
 from __future__ import annotations
 
@@ -6,24 +6,41 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    """Register the ``weights`` sub-command with ``list`` and ``fetch``."""
+    """Register the ``weights`` sub-command with ``list``, ``fetch`` and ``pin``."""
     parser = subparsers.add_parser(
         "weights",
-        help="list or fetch registered weights",
-        description="List the weight registry, or download, verify and convert an entry.",
+        help="list, fetch or pin registered weights",
+        description="List the weight registry, download, verify and convert an entry, or pin the "
+        "sizes and sha256 sums of its verified downloads into a registry file of your own.",
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     list_parser = actions.add_parser("list", help="list registry entries and where they are")
     list_parser.set_defaults(func=run_list)
     fetch_parser = actions.add_parser("fetch", help="download, verify and convert an entry")
-    for sub in (list_parser, fetch_parser):
+    pin_parser = actions.add_parser(
+        "pin", help="write size + sha256 of an entry's verified downloads into a registry file",
+        description="After a first `weights fetch NAME` (which verified every file by reading it "
+        "completely), write the size and sha256 of each cached file into the registry file given "
+        "by --into (created if missing; never the shipped registry). Later fetches with "
+        "`--registry FILE` then verify the downloads against these sums.")
+    for sub in (list_parser, fetch_parser, pin_parser):
         sub.add_argument("--registry", default=None,
-                         help="registry JSON (default: the shipped weights/registry.json)")
+                         help="registry JSON to read (default: the shipped registry)")
     fetch_parser.add_argument("name", help="registry name (see `weights list`)")
-    fetch_parser.add_argument("--dest", default=None, help="converted directory (default: cache)")
-    fetch_parser.add_argument("--force", action="store_true", help="download again even if cached")
+    fetch_parser.add_argument("--dest", default=None,
+                              help="converted directory (default: the cache); must not exist, "
+                                   "or be empty")
+    fetch_parser.add_argument("--force", action="store_true",
+                              help="download every file again, and replace --dest if it is a "
+                                   "checkpoint written by gandissect-jax (nothing else is replaced)")
     fetch_parser.add_argument("--timeout", type=float, default=60.0, help="network timeout, seconds")
     fetch_parser.set_defaults(func=run_fetch)
+    pin_parser.add_argument("name", help="registry name (see `weights list`)")
+    pin_parser.add_argument("--into", required=True, metavar="FILE",
+                            help="registry file of your own to write the pinned entry into")
+    pin_parser.add_argument("--force", action="store_true",
+                            help="overwrite sums already pinned in FILE that differ from the cache")
+    pin_parser.set_defaults(func=run_pin)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -46,4 +63,12 @@ def run_fetch(args: argparse.Namespace) -> int:
 
     weights.fetch(args.name, args.dest, registry=args.registry, force=args.force,
                   timeout=args.timeout)
+    return 0
+
+
+def run_pin(args: argparse.Namespace) -> int:
+    """Pin ``args.name``'s cached downloads into ``args.into``."""
+    from gandissect_jax import weights
+
+    weights.pin(args.name, args.into, registry=args.registry, force=args.force)
     return 0

@@ -135,13 +135,22 @@ def init_segmenter_params(rng: jax.Array, widths: Sequence[int] = DEFAULT_WIDTHS
     return UNet(widths=tuple(widths)).init(rng, jnp.zeros((1, size, size, 3)))["params"]
 
 
-def save_demo_segmenter(directory, params, widths: Sequence[int] = DEFAULT_WIDTHS) -> None:
-    """Write an orbax checkpoint (params + config.json) of the demo segmenter to ``directory``."""
+def save_demo_segmenter(directory, params, widths: Sequence[int] = DEFAULT_WIDTHS, *,
+                        force: bool = False) -> str:
+    """Write an orbax checkpoint (params + config.json) of the demo segmenter to ``directory``.
+
+    ``directory`` must not exist (or be empty); ``force=True`` also allows replacing a checkpoint
+    written by gandissect-jax, never anything else. Returns the absolute path.
+
+    Raises:
+      gandissect_jax.checkpoints.DestinationError: the destination may not be written.
+    """
     from gandissect_jax.checkpoints import save_checkpoint
 
     params = jax.tree_util.tree_map(np.asarray, params)
-    save_checkpoint(directory, params, {"kind": SEGMENTER_KIND, "widths": list(widths),
-                                        "labels": [list(l) for l in SEGMENTER_LABELS]})
+    return save_checkpoint(directory, params, {"kind": SEGMENTER_KIND, "widths": list(widths),
+                                               "labels": [list(l) for l in SEGMENTER_LABELS]},
+                           force=force)
 
 
 def load_demo_segmenter(src: str | Path = "scenes64-segmenter") -> DemoSegmenter:

@@ -286,20 +286,30 @@ def _config(labeldata: Mapping[str, Any], source: str) -> dict:
             "source": source}
 
 
-def convert_reference(src_dir: str | os.PathLike, dest_dir: str | os.PathLike) -> str:
+def convert_reference(src_dir: str | os.PathLike, dest_dir: str | os.PathLike, *,
+                      force: bool = False) -> str:
     """Convert a reference ``upp-resnet50-upernet`` directory into an orbax checkpoint.
 
     Args:
       src_dir: directory with ``encoder_epoch_40.pth``, ``decoder_epoch_40.pth``, ``labels.json``.
-      dest_dir: checkpoint directory to write (atomically; replaced if present).
+      dest_dir: checkpoint directory to write (atomically). It must not exist (or be empty), or --
+        with ``force=True`` -- be a checkpoint written by gandissect-jax; it must not overlap
+        ``src_dir``. Checked before anything is read.
+      force: replace an existing gandissect-jax checkpoint at ``dest_dir`` (never anything else).
 
     Returns:
       The absolute path of the checkpoint, loadable with ``load_segmenter(dest_dir)``.
-    """
-    from ..checkpoints import save_checkpoint
 
+    Raises:
+      gandissect_jax.checkpoints.DestinationError: ``dest_dir`` may not be written.
+    """
+    from ..checkpoints import check_destination, check_distinct, save_checkpoint
+
+    check_distinct(src_dir, dest_dir)
+    check_destination(dest_dir, force)
     variables, labeldata = read_reference_dir(src_dir)
-    return save_checkpoint(dest_dir, variables, _config(labeldata, os.path.abspath(src_dir)))
+    return save_checkpoint(dest_dir, variables, _config(labeldata, os.path.abspath(src_dir)),
+                           force=force)
 
 
 def load_variables(src: str | os.PathLike) -> tuple[dict, dict]:
