@@ -143,6 +143,14 @@ def test_stylegan_split_at_two_layers_is_exact(style, z):
         # by the same ops), and XLA on CPU rounds them alike in both programs
         np.testing.assert_array_equal(np.asarray(f(G.params, r, side)), x)
         assert verify_split(G, layer) == 0.0
+    # a second model of the same definition (other weights) runs the same compiled functions
+    with compilations() as compiled:
+        other = split_module(StyleGenerator(), style_variables(1), at="conv8", z_dim=Z_DIM)
+        h, f = other.split("conv8")
+        y = f(other.params, *h(other.params, z))
+    assert compiled == [] and h is G.split("conv8").h
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(other(z)))
+    assert np.abs(np.asarray(y) - x).max() > 0.1
 
 
 def test_f_reads_w_from_the_side_input_after_an_edit(style, z):
