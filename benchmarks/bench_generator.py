@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from gandissect_jax.proggan import Generator, GeneratorConfig, init_params, state_dict_from_params
+from gandissect_jax.proggan import GeneratorConfig, ProgressiveGenerator, init_params, state_dict_from_params
 from gandissect_jax.sampling import sample_z
 
 LSUN_SIZES = (512, 512, 512, 512, 512, 256, 128, 64)
@@ -34,9 +34,9 @@ def rounds_for(batch: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def lsun_generator() -> Generator:
+def lsun_generator() -> ProgressiveGenerator:
     config = GeneratorConfig(sizes=LSUN_SIZES)
-    return Generator(init_params(jax.random.key(0), config), config)
+    return ProgressiveGenerator(init_params(jax.random.key(0), config), config)
 
 
 @pytest.mark.parametrize("batch", BATCHES)

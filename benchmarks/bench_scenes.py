@@ -32,6 +32,6 @@ def test_demo_segmenter_images_per_second(benchmark, batch):
     except FileNotFoundError as err:
         pytest.skip(f"demo segmenter not shipped: {err}")
     images, _ = world.render_scenes(0, np.arange(batch))
-    segmenter.segment(images).block_until_ready()  # compile outside the timing
-    benchmark(lambda: segmenter.segment(images).block_until_ready())
+    segmenter.segment(segmenter.params, images).block_until_ready()  # compile outside the timing
+    benchmark(lambda: segmenter.segment(segmenter.params, images).block_until_ready())
     benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.mean

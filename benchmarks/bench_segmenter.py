@@ -3,8 +3,8 @@
 Weights: the golden synthetic recipe (tests/fixtures/segmenter/golden_recipe.py; throughput does
 not depend on the values, but the recipe keeps the softmax unsaturated so the reference check
 below is meaningful). ``segsizes=(256,)``, ``downsample=1``: the reference's default settings.
-We time ``S.segment(images)`` -- the public call, including input validation -- after one warm-up
-call; the XLA compile time is reported separately in ``extra_info['compile_s']``.
+We time ``S.segment(S.params, images)`` -- the public call, including input validation -- after one
+warm-up call; the XLA compile time is reported separately in ``extra_info['compile_s']``.
 
 With ``$GANDISSECT_REFERENCE`` set and torch importable, the reference ``UnifiedParsingSegmenter``
 runs ``segment_batch`` under ``torch.no_grad()`` on the same images and weights in the same
@@ -80,15 +80,15 @@ def segmenter(state_dicts, labeldata):
 def test_segmenter_images_per_second(benchmark, segmenter, batch):
     images = jnp.asarray(smooth_images(batch))
     start = time.perf_counter()
-    first = segmenter.segment(images).block_until_ready()
+    first = segmenter.segment(segmenter.params, images).block_until_ready()
     first_call_s = time.perf_counter() - start
     assert first.shape == (batch, SIZE, SIZE, 3)
     start = time.perf_counter()
-    segmenter.segment(images).block_until_ready()
+    segmenter.segment(segmenter.params, images).block_until_ready()
     steady_s = time.perf_counter() - start
 
     benchmark.group = f"segmenter 256x256 batch {batch}"
-    benchmark.pedantic(lambda: segmenter.segment(images).block_until_ready(),
+    benchmark.pedantic(lambda: segmenter.segment(segmenter.params, images).block_until_ready(),
                        rounds=rounds_for(batch), iterations=1)
     mean = benchmark.stats.stats.mean
     benchmark.extra_info.update(
@@ -138,7 +138,7 @@ def test_reference_images_per_second(benchmark, segmenter, state_dicts, labeldat
         with torch.no_grad():
             return reference.segment_batch(torch_images)
 
-    ours = np.asarray(segmenter.segment(jnp.asarray(images))).transpose(0, 3, 1, 2)
+    ours = np.asarray(segmenter.segment(segmenter.params, jnp.asarray(images))).transpose(0, 3, 1, 2)
     theirs = run().numpy()
     agreement = float((ours == theirs).mean())
     assert agreement >= 0.999, f"labels agree on only {agreement:.4%} of pixels"
@@ -153,7 +153,7 @@ def test_reference_images_per_second(benchmark, segmenter, state_dicts, labeldat
     ratios, ours_s, theirs_s = [], [], []
     for _ in range(rounds_for(batch)):
         start = time.perf_counter()
-        segmenter.segment(jax_images).block_until_ready()
+        segmenter.segment(segmenter.params, jax_images).block_until_ready()
         ours_s.append(time.perf_counter() - start)
         start = time.perf_counter()
         run()

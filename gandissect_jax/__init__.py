@@ -2,7 +2,8 @@
 
 Data flows ``z -> h -> r -> (edit) -> f -> x -> segment -> tally -> report``:
 
-- :mod:`gandissect_jax.proggan`       the Progressive GAN generator and its split into h and f
+- :mod:`gandissect_jax.generator`     the Generator protocol (split into h and f) and split_module
+- :mod:`gandissect_jax.proggan`       the Progressive GAN generator, which implements it
 - :mod:`gandissect_jax.sampling`      z sampling identical to the reference
 - :mod:`gandissect_jax.intervention`  pure edits of a layer's representation (ablate / insert)
 - :mod:`gandissect_jax.ace`           ACE optimization: which units cause a concept
@@ -24,8 +25,13 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
+    "Generator": "gandissect_jax.generator",
+    "Split": "gandissect_jax.generator",
+    "SplitError": "gandissect_jax.generator",
+    "split_module": "gandissect_jax.generator",
+    "verify_split": "gandissect_jax.generator",
     "load_generator": "gandissect_jax.proggan",
-    "Generator": "gandissect_jax.proggan",
+    "ProgressiveGenerator": "gandissect_jax.proggan",
     "GeneratorConfig": "gandissect_jax.proggan",
     "init_params": "gandissect_jax.proggan",
     "save_generator": "gandissect_jax.proggan",

@@ -74,12 +74,13 @@ def _concept_labels(segmenter: Any, concept: str | int | Sequence[str | int]) ->
 
 
 def concept_score(
-    segmenter: Any, images: jax.Array, labels: Sequence[int], downsample: int = 1
+    segmenter: Any, params: Any, images: jax.Array, labels: Sequence[int], downsample: int = 1
 ) -> tuple[jax.Array, jax.Array]:
     """Differentiable score and mask of a union of labels.
 
     Args:
       segmenter: the Segmenter protocol.
+      params: the segmenter's parameters (``segmenter.params``; may be traced).
       images: float32 (N, H, W, 3) in [-1, 1].
       labels: label numbers; the concept is present where any of them is.
       downsample: segmentation stride.
@@ -90,23 +91,24 @@ def concept_score(
     """
     score, mask = None, None
     for c in labels:
-        s, m = segmenter.class_score(images, int(c), downsample)
+        s, m = segmenter.class_score(params, images, int(c), downsample)
         score = s if score is None else score + s
         mask = m if mask is None else mask | m
     return score, mask
 
 
 def label_scores(
-    segmenter: Any, images: jax.Array, labels: Sequence[int], downsample: int = 1
+    segmenter: Any, params: Any, images: jax.Array, labels: Sequence[int], downsample: int = 1
 ) -> jax.Array:
     """Differentiable scores float32 (N, h, w, K) of K labels, in the order given.
 
-    Uses the segmenter's optional ``class_scores`` (every label from one pass, so one backward
-    pass when differentiated) when it has one, else ``class_score`` once per label.
+    ``params`` are the segmenter's parameters (``segmenter.params``; may be traced). Uses the
+    segmenter's optional ``class_scores`` (every label from one pass, so one backward pass when
+    differentiated) when it has one, else ``class_score`` once per label.
     """
     if hasattr(segmenter, "class_scores"):
-        return segmenter.class_scores(images, downsample)[..., jnp.asarray(labels, jnp.int32)]
-    return jnp.stack([segmenter.class_score(images, int(c), downsample)[0] for c in labels], -1)
+        return segmenter.class_scores(params, images, downsample)[..., jnp.asarray(labels, jnp.int32)]
+    return jnp.stack([segmenter.class_score(params, images, int(c), downsample)[0] for c in labels], -1)
 
 
 def _pool_to_grid(x: jax.Array, grid: tuple[int, int]) -> jax.Array:
@@ -227,7 +229,7 @@ def build_ace_corpus(
     concept pixels gained at a location where the concept was absent.
 
     Args:
-      generator: the generator contract (``params``, ``split``, ``layer_shape``, ``z_dim``).
+      generator: a :class:`gandissect_jax.generator.Generator` with ``layer_shape``.
       segmenter: the Segmenter protocol.
       layer: the layer to edit.
       concept: a label name or number, or several (their union, e.g. an object and its parts).
@@ -256,12 +258,13 @@ def build_ace_corpus(
     locations = rows * cols
     if probes > locations:
         raise ValueError(f"probes = {probes} exceeds the {locations} locations of {layer}")
-    params = generator.params
+    gparams, sparams = generator.params, segmenter.params
 
+    # parameters are arguments of the jitted passes, never constants baked into them
     @jax.jit
-    def presence_pass(z):
-        r = h(params, z)
-        _, mask = concept_score(segmenter, f(params, r), labels, seg_downsample)
+    def presence_pass(gparams, sparams, z):
+        r, side = h(gparams, z)
+        _, mask = concept_score(segmenter, sparams, f(gparams, r, side), labels, seg_downsample)
         presence = _pool_to_grid(mask.astype(jnp.float32), grid)  # (N, H, W)
         weighted_sum = jnp.einsum("nhwc,nhw->c", r, presence)
         return presence.reshape(len(z), locations), weighted_sum
@@ -270,7 +273,7 @@ def build_ace_corpus(
     presence = np.zeros((search_size, locations), np.float32)
     feature_sum = np.zeros(channels, np.float64)
     for start in _batches(search_size, batch_size, progress, f"ACE {layer}: present"):
-        p, s = presence_pass(jnp.asarray(z_present[start : start + batch_size]))
+        p, s = presence_pass(gparams, sparams, jnp.asarray(z_present[start : start + batch_size]))
         presence[start : start + len(p)] = np.asarray(p)
         feature_sum += np.asarray(s, np.float64)
     best_presence = presence.max(1)
@@ -291,16 +294,16 @@ def build_ace_corpus(
     value = jnp.asarray(insertion_value)
 
     @jax.jit
-    def candidate_pass(z, probe_locations):
-        r = h(params, z)
-        _, mask = concept_score(segmenter, f(params, r), labels, seg_downsample)
+    def candidate_pass(gparams, sparams, value, z, probe_locations):
+        r, side = h(gparams, z)
+        _, mask = concept_score(segmenter, sparams, f(gparams, r, side), labels, seg_downsample)
         baseline = mask.sum((1, 2)).astype(jnp.float32)
         absent = _pool_to_grid(mask.astype(jnp.float32), grid).reshape(len(z), locations) == 0
 
         def gain(location):
             m = _location_map(jnp.full((len(z),), location), grid)
-            _, inserted = concept_score(segmenter, f(params, r * (1 - m) + value * m), labels,
-                                        seg_downsample)
+            _, inserted = concept_score(segmenter, sparams, f(gparams, r * (1 - m) + value * m, side),
+                                        labels, seg_downsample)
             return inserted.sum((1, 2)).astype(jnp.float32) - baseline
 
         gains = jax.vmap(gain)(probe_locations).T  # (N, probes)
@@ -311,7 +314,8 @@ def build_ace_corpus(
     rng = np.random.RandomState(seed)
     for start in _batches(search_size, batch_size, progress, f"ACE {layer}: candidates"):
         probe_locations = rng.choice(locations, size=probes, replace=False, p=weights)
-        g = np.asarray(candidate_pass(jnp.asarray(z_candidate[start : start + batch_size]),
+        g = np.asarray(candidate_pass(gparams, sparams, value,
+                                      jnp.asarray(z_candidate[start : start + batch_size]),
                                       jnp.asarray(probe_locations)))
         candidate_scores[start : start + len(g), probe_locations] = g
     candidate_location = candidate_scores.argmax(1).astype(np.int32)
@@ -329,6 +333,15 @@ def build_ace_corpus(
         eval_candidate_location=candidate_location[c_held_out],
         insertion_value=insertion_value,
     )
+
+
+class _AceConsts(NamedTuple):
+    """What the ACE objectives read besides alpha and the batch (a pytree passed to jit)."""
+
+    gparams: Any  # generator parameters
+    sparams: Any  # segmenter parameters
+    value: jax.Array  # float32 (C,) insertion value
+    reference: jax.Array  # float32 (L - 1 - K,) reference shares of the other labels
 
 
 class AceFit(NamedTuple):
@@ -365,7 +378,8 @@ def optimize_ace(
     """Fit the per-unit ablation weights alpha (see the module docstring for the objective).
 
     Args:
-      generator, segmenter: as for :func:`build_ace_corpus`.
+      generator, segmenter: as for :func:`build_ace_corpus`; their parameters are arguments of
+        the jitted step, not constants in it.
       corpus: from :func:`build_ace_corpus`.
       init: float (C,) starting alpha, e.g. the units' IoU with the concept divided by its
         maximum (the reference's start); None starts at zero. Clipped to [0, 1].
@@ -404,7 +418,6 @@ def optimize_ace(
     h, f = generator.split(corpus.layer)
     rows, cols, channels = generator.layer_shape(corpus.layer)
     grid = (rows, cols)
-    params = generator.params
     labels = corpus.labels
     value = jnp.asarray(corpus.insertion_value)
     if value.shape != (channels,):
@@ -422,58 +435,68 @@ def optimize_ace(
             raise ValueError(f"init has shape {alpha.shape}; expected ({channels},)")
         alpha = project_to_budget(alpha, max_units)
 
-    def score_at(images, locations):
-        score = label_scores(segmenter, images, labels, seg_downsample).sum(-1)
+    # Everything the objectives read besides alpha and the batch -- generator and segmenter
+    # parameters, the insertion value, the reference shares -- is an argument of the jitted
+    # functions (``consts``), never a constant compiled into them.
+    Consts = _AceConsts
+
+    def generate(c: Consts, z, edit_r):
+        r, side = h(c.gparams, z)
+        return f(c.gparams, edit_r(r), side)
+
+    def score_at(c: Consts, images, locations):
+        score = label_scores(segmenter, c.sparams, images, labels, seg_downsample).sum(-1)
         pooled = _pool_to_grid(score, grid).reshape(len(images), rows * cols)
         return jnp.take_along_axis(pooled, locations[:, None], 1)[:, 0]
 
-    def removal(alpha, zp, lp, zc, lc, before):
-        score = label_scores(segmenter, f(params, h(params, zp) * (1 - alpha)), labels, seg_downsample).sum(-1)
+    def removal(alpha, c: Consts, zp, lp, zc, lc, before):
+        images = generate(c, zp, lambda r: r * (1 - alpha))
+        score = label_scores(segmenter, c.sparams, images, labels, seg_downsample).sum(-1)
         return _pool_to_grid(score, grid).sum((1, 2)).mean()
 
-    def local_ace(alpha, zp, lp, zc, lc, before):
+    def local_ace(alpha, c: Consts, zp, lp, zc, lc, before):
         mp = alpha * _location_map(lp, grid)
-        erased = score_at(f(params, h(params, zp) * (1 - mp)), lp)
+        erased = score_at(c, generate(c, zp, lambda r: r * (1 - mp)), lp)
         mc = alpha * _location_map(lc, grid)
-        added = score_at(f(params, h(params, zc) * (1 - mc) + value * mc), lc)
+        added = score_at(c, generate(c, zc, lambda r: r * (1 - mc) + c.value * mc), lc)
         return erased.mean() - added.mean()
 
     others = tuple(l for l in range(1, len(segmenter.labels)) if l not in labels)
 
-    def shares(images):
+    def shares(sparams, images):
         """Image-mean scores (N, 1 + len(others)): the concept's, then every other label's."""
-        means = label_scores(segmenter, images, labels + others, seg_downsample).mean((1, 2))
+        means = label_scores(segmenter, sparams, images, labels + others, seg_downsample).mean((1, 2))
         return jnp.concatenate([means[:, : len(labels)].sum(-1, keepdims=True), means[:, len(labels) :]], -1)
 
+    consts = Consts(generator.params, segmenter.params, value, jnp.ones((len(others),), jnp.float32))
     # per present sample, what the objective compares against: the unedited shares (specific
     # removal only; they do not depend on alpha, so they are computed once)
     present_before = np.zeros((len(corpus.present_z), 0), np.float32)
     eval_before = np.zeros((len(corpus.eval_present_z), 0), np.float32)
-    reference = None
     if objective == "specific_removal":
-        unedited = jax.jit(lambda z: shares(f(params, h(params, z))))
+        unedited = jax.jit(lambda c, z: shares(c.sparams, generate(c, z, lambda r: r)))
 
         def unedited_shares(zs):
-            return np.concatenate([np.asarray(unedited(jnp.asarray(zs[i : i + batch_size])))
+            return np.concatenate([np.asarray(unedited(consts, jnp.asarray(zs[i : i + batch_size])))
                                    for i in range(0, len(zs), batch_size)])
 
         present_before = unedited_shares(corpus.present_z)
         eval_before = unedited_shares(corpus.eval_present_z)
-        reference = jnp.maximum(jnp.asarray(present_before[:, 1:].mean(0)), 1e-3)
+        consts = consts._replace(reference=jnp.maximum(jnp.asarray(present_before[:, 1:].mean(0)), 1e-3))
 
-    def specific_removal(alpha, zp, lp, zc, lc, before):
-        after = shares(f(params, h(params, zp) * (1 - alpha)))
+    def specific_removal(alpha, c: Consts, zp, lp, zc, lc, before):
+        after = shares(c.sparams, generate(c, zp, lambda r: r * (1 - alpha)))
         remaining = after[:, 0].mean() / jnp.maximum(before[:, 0].mean(), 1e-12)
-        side = ((after[:, 1:].mean(0) - before[:, 1:].mean(0)) / reference) ** 2
+        side = ((after[:, 1:].mean(0) - before[:, 1:].mean(0)) / c.reference) ** 2
         return remaining + specificity * side.sum()
 
     objective_fn = {"ace": local_ace, "removal": removal, "specific_removal": specific_removal}[objective]
     optimizer = optax.adam(learning_rate)
 
     @jax.jit
-    def step(alpha, state, ramp, *batch):
+    def step(alpha, state, ramp, c, *batch):
         def loss_fn(a):
-            return objective_fn(a, *batch) + l2 * jnp.sum(a**2) + ramp * jnp.sum(a * (1 - a))
+            return objective_fn(a, c, *batch) + l2 * jnp.sum(a**2) + ramp * jnp.sum(a * (1 - a))
 
         loss, grad = jax.value_and_grad(loss_fn)(alpha)
         updates, state = optimizer.update(grad, state, alpha)
@@ -486,7 +509,7 @@ def optimize_ace(
         total = 0.0
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            total += float(evaluate(alpha, *(jnp.asarray(a[start:stop]) for a in (
+            total += float(evaluate(alpha, consts, *(jnp.asarray(a[start:stop]) for a in (
                 corpus.eval_present_z, corpus.eval_present_location,
                 corpus.eval_candidate_z, corpus.eval_candidate_location, eval_before)))) * (stop - start)
         return total / n
@@ -507,7 +530,7 @@ def optimize_ace(
         for b in range(n_train // batch_size):
             ip = order_p[b * batch_size : (b + 1) * batch_size]
             ic = order_c[b * batch_size : (b + 1) * batch_size]
-            alpha, state, _ = step(alpha, state, ramp, jnp.asarray(corpus.present_z[ip]),
+            alpha, state, _ = step(alpha, state, ramp, consts, jnp.asarray(corpus.present_z[ip]),
                                    jnp.asarray(corpus.present_location[ip]),
                                    jnp.asarray(corpus.candidate_z[ic]),
                                    jnp.asarray(corpus.candidate_location[ic]),

@@ -17,8 +17,13 @@ An :class:`Edit` bundles ``(ablation, replacement)``; it is a pytree, so it can 
 
     h, f = G.split("layer4")
     edit = ablation_edit([0, 5, 7], num_channels=G.layer_shape("layer4")[-1])
-    x = f(G.params, edit.apply(h(G.params, z)))
+    r, side = h(G.params, z)
+    x = f(G.params, edit.apply(r), side)
     x = edited_generator(G, "layer4")(G.params, z, edit)      # the same, one jitted function
+
+``G`` is any :class:`gandissect_jax.generator.Generator`; its parameters (and the segmenter's)
+are always passed to the jitted functions as arguments, so one compiled program serves every
+generator of an architecture.
 """
 
 from __future__ import annotations
@@ -158,18 +163,26 @@ def insertion_edit(
     return Edit(jnp.asarray(ablation), jnp.asarray(replacement))
 
 
+@functools.lru_cache(maxsize=64)
+def _edited(h: Callable, f: Callable) -> Callable[[Any, jax.Array, Edit], jax.Array]:
+    def run(params, z, edit: Edit):
+        r, side = h(params, z)
+        return f(params, edit.apply(r), side)
+
+    return jax.jit(run)
+
+
 def edited_generator(G: Any, layer: str) -> Callable[[Any, jax.Array, Edit], jax.Array]:
     """A jitted pure function ``(params, z, edit) -> images`` that edits ``layer``'s output.
 
-    Equivalent to ``f(params, edit.apply(h(params, z)))`` with ``h, f = G.split(layer)``;
-    differentiable w.r.t. params, z and the edit's arrays.
+    Equivalent to ``r, side = h(params, z); f(params, edit.apply(r), side)`` with
+    ``h, f = G.split(layer)``; differentiable w.r.t. params, z and the edit's arrays. The function
+    is made once per split (``h``, ``f``): calling this again, or for another generator sharing
+    the split functions (every :class:`~gandissect_jax.proggan.ProgressiveGenerator` of one
+    config), returns the same function, which compiles once per input shape.
     """
     h, f = G.split(layer)
-
-    def run(params, z, edit: Edit):
-        return f(params, edit.apply(h(params, z)))
-
-    return jax.jit(run)
+    return _edited(h, f)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -199,7 +212,7 @@ def label_shares(
     the same number of pixels, so the pooled share is the mean of per-image shares).
 
     Args:
-      generator: the generator contract (``params``, ``split(layer)``, callable on z).
+      generator: a :class:`gandissect_jax.generator.Generator` (``params``, ``apply``, ``split``).
       segmenter: the Segmenter protocol; images are clipped to [-1, 1] before segmenting, as in
         the dissection pipeline.
       z: float32 (N, z_dim) latents.
@@ -211,34 +224,48 @@ def label_shares(
     Returns:
       float64 (L,) shares summing to 1 over the L labels (label 0 counts unlabelled pixels);
       with several segmentation channels D, every channel's labels are counted.
+
+    Raises:
+      ValueError: only one of layer / edit given, z not (N, z_dim) or empty, or the segmenter
+      produced label numbers outside ``0..L-1``.
+
+    The generator and segmenter run with their parameters as arguments of functions compiled
+    once per architecture and batch shape (see :func:`edited_generator`); batches are counted on
+    the device and nothing returns to the host before the end.
     """
     if (layer is None) != (edit is None):
         raise ValueError("give both layer and edit, or neither")
     z = np.asarray(z, np.float32)
     if z.ndim != 2:
         raise ValueError(f"z must be (N, z_dim); got shape {z.shape}")
+    if len(z) == 0:
+        raise ValueError("no images: z is empty")
+    gparams, sparams = generator.params, segmenter.params
     if edit is None:
+        from gandissect_jax.generator import jitted
+
+        apply = jitted(generator.apply)
+
         def images_of(batch):
-            return generator(batch)
+            return apply(gparams, batch)
     else:
         run = edited_generator(generator, layer)
 
         def images_of(batch):
-            return run(generator.params, batch, edit)
+            return run(gparams, batch, edit)
     num_labels = len(segmenter.labels)
-    counts = np.zeros(num_labels, np.int64)
     starts = range(0, len(z), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="label shares", unit="batch")
+    per_batch = []
     for start in starts:
         images = jnp.clip(images_of(jnp.asarray(z[start : start + batch_size])), -1.0, 1.0)
-        batch_counts, out_of_range = _count_labels(segmenter.segment(images, seg_downsample), num_labels)
+        per_batch.append(_count_labels(segmenter.segment(sparams, images, seg_downsample), num_labels))
+    counts = np.zeros(num_labels, np.int64)
+    for batch_counts, out_of_range in jax.device_get(per_batch):
         if int(out_of_range):
             raise ValueError(f"segmenter produced label numbers outside 0..{num_labels - 1}")
         counts += np.asarray(batch_counts, np.int64)
-    total = counts.sum()
-    if total == 0:
-        raise ValueError("no images: z is empty")
-    return counts / total
+    return counts / counts.sum()

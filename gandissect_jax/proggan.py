@@ -16,10 +16,10 @@ Building and using a generator::
     config = GeneratorConfig(sizes=(128, 256, 256, 128, 64, 32))   # reference `sizes`: z_dim first
     config = GeneratorConfig.from_channels(z_dim=128, channels=(256, 256, 128, 64, 32))  # same
     params = init_params(jax.random.key(0), config)   # equalized-lr init: weights N(0,1), biases 0
-    G = Generator(params, config)
+    G = ProgressiveGenerator(params, config)          # implements the Generator protocol
     x = G(z)                                          # (N, 64, 64, 3)
     x = G.apply(params, z)                            # the same as a pure function of params
-    h, f = G.split("layer4")                          # h(params, z) -> r, f(params, r) -> x
+    h, f = G.split("layer4")                          # h(params, z) -> (r, ()); f(params, r, ()) -> x
     x, feats = G.features(z, ["layer4", "layer7"])    # images + NHWC layer outputs, one pass
     G.layer_shape("layer4")                           # (H, W, C) of one sample's r
     save_generator(G, "runs/g")                       # orbax checkpoint dir (atomic)
@@ -48,11 +48,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gandissect_jax.generator import Split
+
 __all__ = [
     "GeneratorConfig",
     "LayerSpec",
     "ProgressiveGAN",
-    "Generator",
+    "ProgressiveGenerator",
     "init_params",
     "load_generator",
     "save_generator",
@@ -339,7 +341,7 @@ def init_params(rng: jax.Array, config: GeneratorConfig) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# The Generator object and its split
+# The ProgressiveGenerator object and its split
 
 
 def _check_params(params: Mapping, config: GeneratorConfig, source: str = "params") -> dict:
@@ -387,8 +389,78 @@ def _as_batch(x: jax.Array, unbatched_ndim: int) -> tuple[jax.Array, bool]:
     return x, False
 
 
-class Generator:
-    """A Progressive GAN generator: params pytree + architecture, with pure functional views.
+class _Program:
+    """The pure functions of one architecture, jitted once and shared by every generator with an
+    equal config (so a second set of weights runs the same compiled programs)."""
+
+    def __init__(self, config: GeneratorConfig):
+        self.config = config
+        self.module = ProgressiveGAN(config)
+        self.apply = jax.jit(self._apply)
+        self.apply.__doc__ = (
+            f"Pure forward pass ``apply(params, z)``: z (N, {config.z_dim}) or ({config.z_dim},) "
+            f"-> images (N, {config.resolution}, {config.resolution}, 3) or unbatched."
+        )
+        self.features = jax.jit(self._features, static_argnums=2)
+        self._splits: dict[str, Split] = {}
+
+    def _run(self, params, x, start: int, stop: int | None):
+        return self.module.apply({"params": params}, x, start=start, stop=stop)
+
+    def _latent_map(self, z: jax.Array) -> jax.Array:
+        z_dim = self.config.z_dim
+        if z.shape[-1] != z_dim:
+            raise ValueError(f"z has shape {z.shape}; expected (N, {z_dim})")
+        return z.reshape(z.shape[0], 1, 1, z_dim).astype(jnp.float32)
+
+    def _apply(self, params, z):
+        z, single = _as_batch(z, 1)
+        x = self._run(params, self._latent_map(z), 0, None)
+        return x[0] if single else x
+
+    def _features(self, params, z, layers: tuple[str, ...]):
+        x = self._latent_map(jnp.asarray(z))
+        wanted = set(layers)
+        features = {}
+        for index, spec in enumerate(self.config.layers):
+            x = self._run(params, x, index, index + 1)
+            if spec.name in wanted:
+                features[spec.name] = x
+        return x, features
+
+    def split(self, layer: str) -> Split:
+        if layer in self._splits:
+            return self._splits[layer]
+        index = self.config.layer_index(layer)
+        last = len(self.config.layers)
+        run, latent_map = self._run, self._latent_map
+
+        def h(params, z):
+            z, single = _as_batch(z, 1)
+            r = run(params, latent_map(z), 0, index + 1)
+            return (r[0] if single else r), ()
+
+        def f(params, r, side):
+            if jax.tree_util.tree_leaves(side):
+                raise ValueError(f"the Progressive GAN's f takes no side inputs (side = ()), got {side!r}")
+            r, single = _as_batch(r, 3)
+            x = run(params, r, index + 1, last) if index + 1 < last else r
+            return x[0] if single else x
+
+        h.__doc__ = f"(params, z (N, {self.config.z_dim})) -> (output of {layer} (N, H, W, C), ()); pure."
+        f.__doc__ = f"(params, output of {layer} (N, H, W, C), ()) -> images (N, R, R, 3); pure."
+        self._splits[layer] = Split(jax.jit(h), jax.jit(f))
+        return self._splits[layer]
+
+
+@functools.lru_cache(maxsize=16)
+def _program(config: GeneratorConfig) -> _Program:
+    return _Program(config)
+
+
+class ProgressiveGenerator:
+    """A Progressive GAN generator: params pytree + architecture; implements
+    :class:`gandissect_jax.generator.Generator` (its split's side inputs are ``()``).
 
     Attributes:
       params: ``{layer: {"kernel", "bias"}}`` pytree of float32 arrays.
@@ -396,16 +468,17 @@ class Generator:
       module: the :class:`ProgressiveGAN` Flax module.
       layer_names: layer names in forward order, ending with ``output_RxR``.
       z_dim: latent dimension; resolution: output side.
+
+    The pure functions (``apply``, ``split``'s h and f) depend only on the config: generators of
+    equal configs share them, and their compiled code.
     """
 
     def __init__(self, params: Mapping, config: GeneratorConfig):
         self.config = config
         checked = _check_params(params, config)
         self.params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), checked)
-        self.module = ProgressiveGAN(config)
-        self._splits: dict[str, tuple[Callable, Callable]] = {}
-        self._forward = jax.jit(self.apply)
-        self._features = jax.jit(self._features_impl, static_argnums=2)
+        self._program = _program(config)
+        self.module = self._program.module
 
     # -- description --------------------------------------------------------------------------
     @property
@@ -428,77 +501,46 @@ class Generator:
     def __repr__(self) -> str:
         count = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(self.params))
         return (
-            f"Generator(sizes={list(self.config.sizes)}, resolution={self.resolution}, "
+            f"ProgressiveGenerator(sizes={list(self.config.sizes)}, resolution={self.resolution}, "
             f"params={count:,})"
         )
 
     # -- pure functions -----------------------------------------------------------------------
-    def _run(self, params, x, start: int, stop: int | None):
-        return self.module.apply({"params": params}, x, start=start, stop=stop)
-
-    def _latent_map(self, z: jax.Array) -> jax.Array:
-        if z.shape[-1] != self.z_dim:
-            raise ValueError(f"z has shape {z.shape}; expected (N, {self.z_dim})")
-        return z.reshape(z.shape[0], 1, 1, self.z_dim).astype(jnp.float32)
-
-    def apply(self, params, z: jax.Array) -> jax.Array:
-        """Pure forward pass: ``z`` (N, z_dim) or (z_dim,) -> images (N, R, R, 3) or (R, R, 3)."""
-        z, single = _as_batch(z, 1)
-        x = self._run(params, self._latent_map(z), 0, None)
-        return x[0] if single else x
+    @property
+    def apply(self) -> Callable[[Any, jax.Array], jax.Array]:
+        """Pure forward pass ``apply(params, z)``: ``z`` (N, z_dim) or (z_dim,) -> images
+        (N, R, R, 3) or (R, R, 3); jitted, shared by generators of the same config."""
+        return self._program.apply
 
     def __call__(self, z: jax.Array) -> jax.Array:
         """Images for latents ``z`` (N, z_dim) -> (N, R, R, 3) float32, with :attr:`params` (jitted)."""
-        return self._forward(self.params, z)
+        return self._program.apply(self.params, z)
 
-    def split(self, layer: str) -> tuple[Callable, Callable]:
-        """Split the generator after ``layer`` into ``(h, f)``, both jitted pure functions.
+    def split(self, layer: str) -> Split:
+        """Split the generator after ``layer`` into ``Split(h, f)``, both jitted pure functions.
 
-        ``h(params, z)``: z (N, z_dim) -> r (N, H, W, C), the output of ``layer``;
-        ``f(params, r)``: r -> images (N, R, R, 3), so ``f(params, h(params, z)) == G(z)``.
-        Unbatched inputs ((z_dim,) and (H, W, C)) are accepted too, so both ``vmap`` over a
-        sample axis. ValueError listing the valid names if ``layer`` is unknown.
+        ``h(params, z) -> (r, ())``: z (N, z_dim) -> r (N, H, W, C), the output of ``layer``, and
+        no side inputs; ``f(params, r, side) -> x``: r -> images (N, R, R, 3), so
+        ``f(params, *h(params, z)) == G(z)`` (bitwise on CPU: the same layers run on the same
+        values). Unbatched inputs ((z_dim,) and (H, W, C)) are accepted too, so both ``vmap`` over
+        a sample axis. The split is cached and shared by generators of the same config.
+
+        Raises:
+          ValueError listing the valid names if ``layer`` is unknown; ``f`` raises ValueError
+          when given side inputs other than ``()``.
         """
-        if layer in self._splits:
-            return self._splits[layer]
-        index = self.config.layer_index(layer)
-        last = len(self.config.layers)
-
-        def h(params, z):
-            z, single = _as_batch(z, 1)
-            r = self._run(params, self._latent_map(z), 0, index + 1)
-            return r[0] if single else r
-
-        def f(params, r):
-            r, single = _as_batch(r, 3)
-            x = self._run(params, r, index + 1, last) if index + 1 < last else r
-            return x[0] if single else x
-
-        h.__doc__ = f"z (N, {self.z_dim}) -> output of {layer} (N, H, W, C); pure in params."
-        f.__doc__ = f"output of {layer} (N, H, W, C) -> images (N, R, R, 3); pure in params."
-        self._splits[layer] = (jax.jit(h), jax.jit(f))
-        return self._splits[layer]
-
-    def _features_impl(self, params, z, layers: tuple[str, ...]):
-        x = self._latent_map(jnp.asarray(z))
-        wanted = set(layers)
-        features = {}
-        for index, spec in enumerate(self.config.layers):
-            x = self._run(params, x, index, index + 1)
-            if spec.name in wanted:
-                features[spec.name] = x
-        return x, features
+        return self._program.split(layer)
 
     def features(self, z: jax.Array, layers: Iterable[str]) -> tuple[jax.Array, dict[str, jax.Array]]:
         """One forward pass returning the images and the (N, H, W, C) outputs of ``layers``."""
         layers = tuple(layers)
         for layer in layers:
             self.config.layer_index(layer)
-        return self._features(self.params, z, layers)
+        return self._program.features(self.params, z, layers)
 
-    def with_params(self, params: Mapping) -> "Generator":
-        """A generator of the same architecture with other parameters."""
-        return Generator(params, self.config)
+    def with_params(self, params: Mapping) -> "ProgressiveGenerator":
+        """A generator of the same architecture with other parameters (same compiled code)."""
+        return ProgressiveGenerator(params, self.config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -687,10 +729,12 @@ def state_dict_from_params(params: Mapping, config: GeneratorConfig) -> dict[str
     return state
 
 
-def generator_from_state_dict(state_dict: Mapping[str, Any], source: str = "state dict") -> Generator:
-    """A :class:`Generator` from a reference state dict (see :func:`params_from_state_dict`)."""
+def generator_from_state_dict(
+    state_dict: Mapping[str, Any], source: str = "state dict"
+) -> ProgressiveGenerator:
+    """A :class:`ProgressiveGenerator` from a reference state dict (see :func:`params_from_state_dict`)."""
     params, config = params_from_state_dict(state_dict, source)
-    return Generator(params, config)
+    return ProgressiveGenerator(params, config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -704,13 +748,13 @@ def _single_pth_in(directory: Path) -> Path | None:
     return None
 
 
-def _load_pth(path: Path) -> Generator:
+def _load_pth(path: Path) -> ProgressiveGenerator:
     from gandissect_jax.pth import read_pth
 
     return generator_from_state_dict(read_pth(path), source=str(path))
 
 
-def load_generator(src: "str | os.PathLike | Generator") -> Generator:
+def load_generator(src: "str | os.PathLike | ProgressiveGenerator") -> ProgressiveGenerator:
     """Load a generator from a ``.pth`` file, an orbax checkpoint directory or a registry name.
 
     ``.pth`` files may be legacy (PyTorch 0.4) or zip format; they are read without torch.
@@ -720,7 +764,7 @@ def load_generator(src: "str | os.PathLike | Generator") -> Generator:
       FileNotFoundError: no such file, directory or registry name (or weights not fetched yet).
       ValueError: not a generator checkpoint, or a missing / mis-shaped tensor (named).
     """
-    if isinstance(src, Generator):
+    if isinstance(src, ProgressiveGenerator):
         return src
     from gandissect_jax import checkpoints, weights
 
@@ -731,7 +775,7 @@ def load_generator(src: "str | os.PathLike | Generator") -> Generator:
             config = GeneratorConfig.from_dict(config_dict)
             if not isinstance(params, Mapping):
                 raise ValueError(f"{path}: params are a {type(params).__name__}, not a mapping")
-            return Generator(_check_params(params, config, source=str(path)), config)
+            return ProgressiveGenerator(_check_params(params, config, source=str(path)), config)
         pth = _single_pth_in(path)
         if pth is None:
             raise ValueError(
@@ -742,7 +786,7 @@ def load_generator(src: "str | os.PathLike | Generator") -> Generator:
     return _load_pth(path)
 
 
-def save_generator(G: Generator, directory: "str | os.PathLike", *, force: bool = False) -> str:
+def save_generator(G: ProgressiveGenerator, directory: "str | os.PathLike", *, force: bool = False) -> str:
     """Write ``G`` as an orbax checkpoint directory (atomic); returns its absolute path.
 
     ``directory`` must not exist (or be empty); with ``force=True`` it may also be a checkpoint

@@ -101,7 +101,7 @@ def picture(G, S, edits: dict, z: np.ndarray, path: Path, scale: int = 2) -> Non
         images = np.asarray(G(jnp.asarray(z)) if edit is None else
                             edited_generator(G, layer)(G.params, jnp.asarray(z), edit))
         images = np.clip(images, -1, 1)
-        labels = np.asarray(S.segment(images))[..., 0]
+        labels = np.asarray(S.segment(S.params, images))[..., 0]
         rows += [world.image_grid(images, columns=len(z)), world.image_grid(palette[labels], columns=len(z))]
         captions += [name if edit is None else f"{layer}: {name}", "segmentation"]
     grid = np.concatenate(rows, axis=0).repeat(scale, 0).repeat(scale, 1)

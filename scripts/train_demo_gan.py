@@ -40,7 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from gandissect_jax.checkpoints import load_checkpoint, save_checkpoint
-from gandissect_jax.proggan import Generator, GeneratorConfig, init_params, save_generator
+from gandissect_jax.proggan import GeneratorConfig, ProgressiveGenerator, init_params, save_generator
 from gandissect_jax.scenes import world
 
 Z_DIM = 128
@@ -112,7 +112,7 @@ class Discriminator(nn.Module):
 
 def make_training(args, g_config: GeneratorConfig):
     """Build the optimizers and the jitted train step for the given hyper-parameters."""
-    G = Generator(init_params(jax.random.PRNGKey(0), g_config), g_config)
+    G = ProgressiveGenerator(init_params(jax.random.PRNGKey(0), g_config), g_config)
     D = Discriminator()
     g_opt = optax.adam(args.lr, b1=0.0, b2=0.99, eps=1e-8)
     d_opt = optax.adam(args.lr, b1=0.0, b2=0.99, eps=1e-8)
@@ -173,7 +173,7 @@ def make_training(args, g_config: GeneratorConfig):
     return G, steps, init_state, g_opt, d_opt
 
 
-def save_grid(G: Generator, params, z, path: Path):
+def save_grid(G: ProgressiveGenerator, params, z, path: Path):
     """Write a PNG grid of the generator's images for fixed latents z."""
     images = np.asarray(G.apply(params, z))
     grid = world.image_grid(images, columns=8)
@@ -201,7 +201,7 @@ def export(state, g_config: GeneratorConfig, weights_dir: Path, meta: dict):
     exported generator (when the demo segmenter is shipped), so the files always agree.
     """
     step = int(state["step"])
-    G = Generator(jax.device_get(state["g_ema"]), g_config)
+    G = ProgressiveGenerator(jax.device_get(state["g_ema"]), g_config)
     save_generator(G, weights_dir / "scenes64" / "generator", force=True)
     save_checkpoint(
         weights_dir / "scenes64_train_state",

@@ -43,7 +43,7 @@ def evaluate(segmenter: DemoSegmenter, seed: int, count: int, batch: int = 200):
     """Confusion matrix (11 x 11, rows = truth) of the segmenter on ``count`` scenes of world ``seed``."""
     confusion = np.zeros((world.NUM_LABELS, world.NUM_LABELS), np.int64)
     for images, labels in world.iterate_scenes(seed, batch, 0, count):
-        pred = np.asarray(segmenter.segment(images))[..., 0]
+        pred = np.asarray(segmenter.segment(segmenter.params, images))[..., 0]
         confusion += np.bincount(
             (labels * world.NUM_LABELS + pred).reshape(-1), minlength=world.NUM_LABELS**2
         ).reshape(world.NUM_LABELS, world.NUM_LABELS)

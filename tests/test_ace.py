@@ -13,6 +13,7 @@ from gandissect_jax.ace import (
     concept_score,
     optimize_ace,
 )
+from gandissect_jax.generator import Generator, Split
 from gandissect_jax.intervention import edit_representation
 from gandissect_jax.sampling import sample_z
 
@@ -22,6 +23,7 @@ class ToyGenerator:
     Only unit 0 can make pixels red."""
 
     z_dim = 16
+    layer_names = ("toy",)
     params = {"gain": jnp.float32(2.0)}
 
     def layer_shape(self, layer):
@@ -29,16 +31,19 @@ class ToyGenerator:
             raise ValueError(f"unknown layer {layer!r}")
         return (2, 2, 4)
 
+    def apply(self, params, z):
+        return self.f(params, *self.h(params, z))
+
     def split(self, layer):
         self.layer_shape(layer)
-        return self.h, self.f
+        return Split(self.h, self.f)
 
     @staticmethod
     def h(params, z):
-        return jnp.asarray(z).reshape(-1, 2, 2, 4)
+        return jnp.asarray(z).reshape(-1, 2, 2, 4), ()
 
     @staticmethod
-    def f(params, r):
+    def f(params, r, side):
         red = jnp.tanh(params["gain"] * r[..., 0])
         rest = jnp.tanh(r[..., 1:3])
         x = jnp.concatenate([red[..., None], rest], -1)
@@ -51,15 +56,26 @@ class RedIsSky:
 
     labels = (("-", "object"), ("sky", "object"), ("sun", "object"))
     categories = ("object",)
+    params = {"sharpness": jnp.float32(4.0)}
 
-    def class_score(self, images, c, downsample=1):
+    def class_score(self, params, images, c, downsample=1):
         x = images[:, ::downsample, ::downsample]
-        score = jax.nn.sigmoid(4 * x[..., 0]) if c == 1 else jax.nn.sigmoid(4 * (x[..., 1] - 1.5))
+        k = params["sharpness"]
+        score = jax.nn.sigmoid(k * x[..., 0]) if c == 1 else jax.nn.sigmoid(k * (x[..., 1] - 1.5))
         return score, score > 0.5
 
-    def segment(self, images, downsample=1):
-        sky, _ = self.class_score(images, 1, downsample)
+    def segment(self, params, images, downsample=1):
+        sky, _ = self.class_score(params, images, 1, downsample)
         return (sky > 0.5).astype(jnp.int32)[..., None]
+
+
+def test_toys_implement_the_protocols():
+    from gandissect_jax.generator import verify_split
+    from gandissect_jax.segmenter.protocol import Segmenter
+
+    assert isinstance(ToyGenerator(), Generator) and isinstance(TwoWaysToRemoveSky(), Generator)
+    assert isinstance(RedIsSky(), Segmenter) and isinstance(SkyAndSun(), Segmenter)
+    assert verify_split(ToyGenerator(), "toy") == 0.0
 
 
 def test_corpus_matches_an_independent_search():
@@ -87,8 +103,9 @@ def test_corpus_matches_an_independent_search():
     assert (at[:, 0] <= 0).all()  # the concept was absent there
     h, f = G.split("toy")
     m = jax.nn.one_hot(corpus.candidate_location, 4).reshape(-1, 2, 2, 1)
-    edited = f(G.params, edit_representation(jnp.asarray(rc), m, jnp.asarray(corpus.insertion_value)))
-    gained = np.asarray(S.segment(edited)).sum((1, 2, 3)) - np.asarray(S.segment(f(G.params, rc))).sum((1, 2, 3))
+    edited = f(G.params, edit_representation(jnp.asarray(rc), m, jnp.asarray(corpus.insertion_value)), ())
+    gained = (np.asarray(S.segment(S.params, edited)).sum((1, 2, 3))
+              - np.asarray(S.segment(S.params, f(G.params, rc, ()))).sum((1, 2, 3)))
     np.testing.assert_array_equal(gained, 16)  # one 4x4 block turned to sky
 
 
@@ -119,8 +136,9 @@ def test_eval_loss_is_the_documented_objective():
 
     def mean_score_at(z, loc, replacement):
         m = jax.nn.one_hot(loc, 4).reshape(-1, 2, 2, 1) * alpha
-        x = f(G.params, edit_representation(h(G.params, z), m, replacement))
-        score = np.asarray(S.class_score(x, 1)[0])  # (N, 8, 8)
+        r, side = h(G.params, z)
+        x = f(G.params, edit_representation(r, m, replacement), side)
+        score = np.asarray(S.class_score(S.params, x, 1)[0])  # (N, 8, 8)
         blocks = score.reshape(-1, 2, 4, 2, 4).mean((2, 4)).reshape(-1, 4)
         return blocks[np.arange(len(loc)), loc].mean()
 
@@ -133,17 +151,18 @@ def test_eval_loss_is_the_documented_objective():
     # the removal objective: alpha ablated at every position of the present samples, the
     # concept's score summed over the whole feature grid (4 locations of 4x4 pixels)
     removal = optimize_ace(G, S, corpus, init=alpha, epochs=0, batch_size=4, objective="removal")
-    x = f(G.params, edit_representation(h(G.params, corpus.eval_present_z), alpha))
-    score = np.asarray(S.class_score(x, 1)[0])
+    r, side = h(G.params, corpus.eval_present_z)
+    x = f(G.params, edit_representation(r, alpha), side)
+    score = np.asarray(S.class_score(S.params, x, 1)[0])
     assert removal.eval_loss[0] == pytest.approx(score.mean((1, 2)).mean() * 4, abs=1e-5)
 
 
 def test_union_concept_scores_and_masks():
     S = RedIsSky()
     images = jnp.asarray(np.random.default_rng(0).uniform(-3, 3, (3, 8, 8, 3)), jnp.float32)
-    score, mask = concept_score(S, images, (1, 2))
-    sky, sky_mask = S.class_score(images, 1)
-    sun, sun_mask = S.class_score(images, 2)
+    score, mask = concept_score(S, S.params, images, (1, 2))
+    sky, sky_mask = S.class_score(S.params, images, 1)
+    sun, sun_mask = S.class_score(S.params, images, 2)
     np.testing.assert_allclose(score, np.asarray(sky) + np.asarray(sun), rtol=1e-6)
     assert np.asarray(sun_mask).any() and np.asarray(sky_mask).any()
     np.testing.assert_array_equal(mask, np.asarray(sky_mask) | np.asarray(sun_mask))
@@ -195,10 +214,11 @@ def test_demo_pair_corpus_candidates_really_gain_the_concept():
     assert corpus.labels == (7, 8)
     h, f = G.split("layer4")
     z = jnp.asarray(corpus.candidate_z)
-    r = h(G.params, z)
+    r, side = h(G.params, z)
     m = jax.nn.one_hot(corpus.candidate_location, 64).reshape(-1, 8, 8, 1)
-    before = np.isin(np.asarray(S.segment(f(G.params, r)))[..., 0], (7, 8))
-    after = np.isin(np.asarray(S.segment(f(G.params, edit_representation(r, m, corpus.insertion_value))))[..., 0], (7, 8))
+    before = np.isin(np.asarray(S.segment(S.params, f(G.params, r, side)))[..., 0], (7, 8))
+    edited = f(G.params, edit_representation(r, m, corpus.insertion_value), side)
+    after = np.isin(np.asarray(S.segment(S.params, edited))[..., 0], (7, 8))
     gained = after.sum((1, 2)).astype(int) - before.sum((1, 2)).astype(int)
     assert (gained[:6] > 0).all()  # the best candidates gain building pixels
     # and the concept was absent in the 8x8 block of each candidate location
@@ -219,10 +239,10 @@ class TwoWaysToRemoveSky(ToyGenerator):
     @staticmethod
     def h(params, z):
         r = jnp.asarray(z).reshape(-1, 2, 2, 4)
-        return r.at[..., 1:3].set(1 + jnp.abs(r[..., 1:3]))
+        return r.at[..., 1:3].set(1 + jnp.abs(r[..., 1:3])), ()
 
     @staticmethod
-    def f(params, r):
+    def f(params, r, side):
         gate1, gate2 = (jax.nn.sigmoid(10 * (r[..., k] - 0.5)) for k in (1, 2))
         red = jnp.tanh(2 * (r[..., 3] + 0.5)) * gate1 * gate2 - 0.5
         green = jnp.tanh(3 * (r[..., 3] + 0.5)) * (1 - gate2)
@@ -233,7 +253,7 @@ class TwoWaysToRemoveSky(ToyGenerator):
 class SkyAndSun(RedIsSky):
     """Sky where red > 0 (score sigmoid(8 red)), sun where green > 0.5 (sigmoid(8 (green - 0.5)))."""
 
-    def class_score(self, images, c, downsample=1):
+    def class_score(self, params, images, c, downsample=1):
         x = images[:, ::downsample, ::downsample]
         score = jax.nn.sigmoid(8 * x[..., 0]) if c == 1 else jax.nn.sigmoid(8 * (x[..., 1] - 0.5))
         return score, score > 0.5
@@ -303,8 +323,10 @@ def test_specific_removal_loss_is_the_documented_objective():
     h, f = G.split("toy")
 
     def image_means(z, a):
-        x = f(G.params, h(G.params, jnp.asarray(z)) * (1 - a))
-        return np.asarray(S.class_score(x, 1)[0]).mean((1, 2)), np.asarray(S.class_score(x, 2)[0]).mean((1, 2))
+        r, side = h(G.params, jnp.asarray(z))
+        x = f(G.params, r * (1 - a), side)
+        return (np.asarray(S.class_score(S.params, x, 1)[0]).mean((1, 2)),
+                np.asarray(S.class_score(S.params, x, 2)[0]).mean((1, 2)))
 
     reference = max(image_means(corpus.present_z, 0.0)[1].mean(), 1e-3)  # sun in the training images
     expected, n = 0.0, len(corpus.eval_present_z)
@@ -325,11 +347,11 @@ def test_label_scores_one_pass_matches_per_label_scores():
     S = load_demo_segmenter("scenes64-segmenter")
     images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
     wanted = (7, 0, 3, 10)
-    fast = np.asarray(label_scores(S, images, wanted, 2))
+    fast = np.asarray(label_scores(S, S.params, images, wanted, 2))
     assert fast.shape == (2, 8, 8, 4)
     for k, c in enumerate(wanted):
-        np.testing.assert_allclose(fast[..., k], S.class_score(images, c, 2)[0], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(fast[..., k], S.class_score(S.params, images, c, 2)[0], rtol=1e-6, atol=1e-7)
     toy = RedIsSky()
-    slow = np.asarray(label_scores(toy, images, (2, 1)))
-    np.testing.assert_array_equal(slow[..., 1], toy.class_score(images, 1)[0])
-    np.testing.assert_array_equal(slow[..., 0], toy.class_score(images, 2)[0])
+    slow = np.asarray(label_scores(toy, toy.params, images, (2, 1)))
+    np.testing.assert_array_equal(slow[..., 1], toy.class_score(toy.params, images, 1)[0])
+    np.testing.assert_array_equal(slow[..., 0], toy.class_score(toy.params, images, 2)[0])

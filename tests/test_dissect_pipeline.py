@@ -11,6 +11,7 @@ import pytest
 
 from gandissect_jax.dissection import LayerDissection, dissect_features, dissect_generator
 from gandissect_jax.dissection.pipeline import GeneratorSource
+from gandissect_jax.generator import Split
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dissect"
 
@@ -68,13 +69,16 @@ class TinyGenerator:
 
     def split(self, layer):
         if layer == "layer1":
-            return self._layer1, lambda p, r: self._output(p, self._layer2(p, r))
+            return Split(lambda p, z: (self._layer1(p, z), ()), lambda p, r, side: self._output(p, self._layer2(p, r)))
         if layer == "layer2":
-            return (lambda p, z: self._layer2(p, self._layer1(p, z))), self._output
+            return Split(lambda p, z: (self._layer2(p, self._layer1(p, z)), ()), lambda p, r, side: self._output(p, r))
         raise ValueError(f"unknown layer {layer}")
 
+    def apply(self, params, z):
+        return self._output(params, self._layer2(params, self._layer1(params, z)))
+
     def __call__(self, z):
-        return self._output(self.params, self._layer2(self.params, self._layer1(self.params, z)))
+        return self.apply(self.params, z)
 
 
 class TinySegmenter:
@@ -83,14 +87,15 @@ class TinySegmenter:
 
     labels = (("-", "object"), ("red", "object"), ("green", "object"), ("shiny", "material"))
     categories = ("object", "material")
+    params = ()
 
-    def segment(self, images, downsample=1):
+    def segment(self, params, images, downsample=1):
         x = images[:, ::downsample, ::downsample]
         obj = jnp.where(x[..., 0] > x[..., 1] + 0.1, 1, jnp.where(x[..., 1] > x[..., 0] + 0.1, 2, 0))
         mat = jnp.where(x.mean(-1) > 0.2, 3, 0)
         return jnp.stack([obj, mat], axis=-1).astype(jnp.int32)
 
-    def class_score(self, images, c, downsample=1):
+    def class_score(self, params, images, c, downsample=1):
         raise NotImplementedError
 
 
@@ -121,9 +126,9 @@ def test_generator_and_features_entry_points_agree(tmp_path):
     from_generator = dissect_generator(generator, segmenter, ["layer1", "layer2"], size=37, seed=3, batch_size=8,
                                        threshold="iqr", progress=False, outdir=str(tmp_path / "gen"), k=5)
     images = generator(jnp.asarray(z))
-    features = {name: np.asarray(generator.split(name)[0](generator.params, jnp.asarray(z)))
+    features = {name: np.asarray(generator.split(name)[0](generator.params, jnp.asarray(z))[0])
                 for name in ("layer1", "layer2")}
-    segs = np.asarray(segmenter.segment(images, 2))
+    segs = np.asarray(segmenter.segment(segmenter.params, images, 2))
     from_arrays = dissect_features(features, segs, list(segmenter.labels), categories=segmenter.categories,
                                    threshold="iqr", batch_size=8, progress=False, k=5)
     assert list(from_generator) == ["layer1", "layer2"]

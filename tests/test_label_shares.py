@@ -17,7 +17,7 @@ def pair():
 
 
 def independent_shares(segmenter, images):
-    labels = np.asarray(segmenter.segment(jnp.clip(jnp.asarray(images), -1, 1)))
+    labels = np.asarray(segmenter.segment(segmenter.params, jnp.clip(jnp.asarray(images), -1, 1)))
     counts = np.bincount(labels.ravel(), minlength=len(segmenter.labels))
     return counts / counts.sum()
 
@@ -41,7 +41,8 @@ def test_edited_shares_count_the_edited_images(pair, kind):
     layer = "layer4"
     h, f = G.split(layer)
     z = sample_z(16, G.z_dim, 4)
-    r = np.asarray(h(G.params, z))
+    r, side = h(G.params, z)
+    r = np.asarray(r)
     units = [3, 17, 40, 99]
     if kind == "ablation":
         edit = ablation_edit(units, r.shape[-1])
@@ -52,7 +53,7 @@ def test_edited_shares_count_the_edited_images(pair, kind):
         edited = r.copy()
         for row, col in [(2, 3), (4, 4)]:
             edited[:, row, col, units] = 5.0
-    expected = independent_shares(S, f(G.params, jnp.asarray(edited)))
+    expected = independent_shares(S, f(G.params, jnp.asarray(edited), side))
     shares = label_shares(G, S, z, layer=layer, edit=edit, batch_size=16)
     np.testing.assert_allclose(shares, expected, atol=1e-12)
     # the edit really changes the picture
@@ -77,8 +78,9 @@ def test_out_of_range_labels_are_refused(pair):
 
     class Broken:
         labels = [("-", "object"), ("thing", "object")]
+        params = ()
 
-        def segment(self, images, downsample=1):
+        def segment(self, params, images, downsample=1):
             return jnp.full(images.shape[:3] + (1,), 2, jnp.int32)
 
     with pytest.raises(ValueError, match="outside 0..1"):

@@ -12,7 +12,7 @@ import pytest
 import gandissect_jax as gj
 from gandissect_jax.proggan import (
     GeneratorConfig,
-    Generator,
+    ProgressiveGenerator,
     generator_from_state_dict,
     images_to_uint8,
     init_params,
@@ -140,8 +140,9 @@ def test_split_composes_to_G_at_every_layer(G, golden):
     def every_split(params, z):
         out = {}
         for layer, (h, f) in splits.items():
-            r = h(params, z)
-            out[layer] = (r, f(params, r))
+            r, side = h(params, z)
+            assert side == ()  # the Progressive GAN's f needs nothing besides r
+            out[layer] = (r, f(params, r, side))
         return out
 
     for layer, (r, x_split) in every_split(G.params, z).items():
@@ -150,39 +151,39 @@ def test_split_composes_to_G_at_every_layer(G, golden):
         np.testing.assert_allclose(np.asarray(x_split), x, rtol=0, atol=2e-5)
     # the jitted split functions on their own give G(z) exactly
     h, f = splits["layer5"]
-    np.testing.assert_array_equal(np.asarray(f(G.params, h(G.params, z))), x)
+    np.testing.assert_array_equal(np.asarray(f(G.params, *h(G.params, z))), x)
 
 
 def test_split_vmap(G, golden):
     z = golden["z"]
     h, f = G.split("layer3")
-    r = h(G.params, z)
-    per_sample = jax.vmap(h, in_axes=(None, 0))(G.params, z)  # unbatched z inside
+    r, side = h(G.params, z)
+    per_sample, _ = jax.vmap(h, in_axes=(None, 0))(G.params, z)  # unbatched z inside
     np.testing.assert_allclose(np.asarray(per_sample), np.asarray(r), atol=1e-6)
-    x = jax.vmap(f, in_axes=(None, 0))(G.params, r)
+    x = jax.vmap(f, in_axes=(None, 0, None))(G.params, r, side)
     np.testing.assert_allclose(np.asarray(x), np.asarray(G(z)), atol=1e-6)
     # over parameter sets: the second set is the first with the output bias shifted by 1
     shifted = jax.tree_util.tree_map(lambda a: a, G.params)
     shifted["output_32x32"] = dict(shifted["output_32x32"], bias=shifted["output_32x32"]["bias"] + 1)
     stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), G.params, shifted)
-    both = jax.vmap(f, in_axes=(0, None))(stacked, r)
+    both = jax.vmap(f, in_axes=(0, None, None))(stacked, r, side)
     np.testing.assert_allclose(np.asarray(both[1] - both[0]), 1.0, atol=1e-5)
 
 
 def test_split_grad_wrt_params_and_r(G, golden):
     z = golden["z"]
     h, f = G.split("layer6")
-    r = h(G.params, z)
+    r, side = h(G.params, z)
 
     # d sum(x) / d output bias = number of pixels per channel, exactly (no clamp on the output)
-    grads = jax.grad(lambda p: f(p, r).sum())(G.params)
+    grads = jax.grad(lambda p: f(p, r, side).sum())(G.params)
     np.testing.assert_allclose(np.asarray(grads["output_32x32"]["bias"]), 2 * 32 * 32, rtol=1e-6)
     assert float(jnp.abs(grads["layer7"]["kernel"]).max()) > 0
     assert float(jnp.abs(grads["layer6"]["kernel"]).max()) == 0  # before the split: unused by f
 
     # grad w.r.t. r against a central finite difference along a random direction
     def loss(rr):
-        return (f(G.params, rr) ** 2).mean()
+        return (f(G.params, rr, side) ** 2).mean()
 
     g = jax.jit(jax.grad(loss))(r)
     direction = jax.random.normal(jax.random.key(0), r.shape)
@@ -192,7 +193,7 @@ def test_split_grad_wrt_params_and_r(G, golden):
     np.testing.assert_allclose(float(analytic), float(fd), rtol=2e-2)
 
     # grad through h w.r.t. params reaches layer1
-    gh = jax.grad(lambda p: h(p, z).sum())(G.params)
+    gh = jax.grad(lambda p: h(p, z)[0].sum())(G.params)
     assert float(jnp.abs(gh["layer1"]["kernel"]).max()) > 0
 
 
@@ -247,7 +248,7 @@ def test_init_params_equalized_lr():
         assert params[layer]["kernel"].dtype == jnp.float32
     again = init_params(jax.random.key(3), config)
     np.testing.assert_array_equal(np.asarray(again["layer2"]["kernel"]), np.asarray(params["layer2"]["kernel"]))
-    G = Generator(params, config)
+    G = ProgressiveGenerator(params, config)
     x = G(gj.sample_z(3, 64, seed=0))
     assert x.shape == (3, 16, 16, 3) and np.isfinite(np.asarray(x)).all()
     assert float(jnp.std(x)) > 0.1
@@ -255,7 +256,7 @@ def test_init_params_equalized_lr():
 
 def test_output_tanh_clips(state_dict, golden):
     params, config = params_from_state_dict(state_dict)
-    clipped = Generator(params, GeneratorConfig(config.sizes, output_tanh=True))(golden["z"])
+    clipped = ProgressiveGenerator(params, GeneratorConfig(config.sizes, output_tanh=True))(golden["z"])
     reference = nhwc(golden["output_32x32"])
     assert np.abs(reference).max() > 1  # the clamp matters for these weights
     np.testing.assert_allclose(np.asarray(clipped), np.clip(reference, -1, 1), atol=1e-4)
@@ -322,7 +323,7 @@ def test_misshaped_params_name_key_and_both_shapes(G):
     params = jax.tree_util.tree_map(lambda a: a, G.params)
     params["layer3"] = dict(params["layer3"], kernel=jnp.zeros((3, 3, 128, 64)))
     with pytest.raises(ValueError) as err:
-        Generator(params, G.config)
+        ProgressiveGenerator(params, G.config)
     assert "layer3/kernel" in str(err.value)
     assert "(3, 3, 128, 64)" in str(err.value) and "(3, 3, 128, 128)" in str(err.value)
 

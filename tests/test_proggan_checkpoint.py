@@ -61,7 +61,7 @@ def test_save_generator_round_trip_of_trained_params(tmp_path):
     import jax
 
     config = GeneratorConfig.from_channels(z_dim=32, channels=(64, 32, 16))
-    G = gj.Generator(gj.init_params(jax.random.key(1), config), config)
+    G = gj.ProgressiveGenerator(gj.init_params(jax.random.key(1), config), config)
     path = gj.save_generator(G, tmp_path / "trained")
     G2 = gj.load_generator(path)
     assert G2.config == config
@@ -125,7 +125,7 @@ TORCH_FREE_SCRIPT = textwrap.dedent(
     convert_reference(pth, dest)
     G = gj.load_generator(dest)
     h, f = G.split("layer4")
-    x = f(G.params, h(G.params, np.load(z_file)))
+    x = f(G.params, *h(G.params, np.load(z_file)))
     np.save(out_file, np.asarray(x))
     loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
     print("TORCH_MODULES", loaded)

@@ -28,7 +28,7 @@ def generator():
 def _iou_and_accuracy(segmenter, seed, count):
     confusion = np.zeros((world.NUM_LABELS, world.NUM_LABELS), np.int64)
     for images, labels in world.iterate_scenes(seed, 100, 0, count):
-        pred = np.asarray(segmenter.segment(images))[..., 0]
+        pred = np.asarray(segmenter.segment(segmenter.params, images))[..., 0]
         confusion += np.bincount((labels * world.NUM_LABELS + pred).ravel(),
                                  minlength=world.NUM_LABELS**2).reshape(world.NUM_LABELS, -1)
     tp = np.diag(confusion)

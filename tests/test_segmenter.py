@@ -94,7 +94,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def probs(segmenter, images):
-    return segmenter.probabilities(images, downsample=2)
+    return segmenter.probabilities(segmenter.params, images, downsample=2)
 
 
 def top2_gap(p):
@@ -140,8 +140,8 @@ def test_labels_and_protocol(segmenter, quad_segmenter):
 
 
 def test_orbax_checkpoint_holds_the_same_weights(segmenter, quad_segmenter):
-    a = jax.tree_util.tree_leaves_with_path(segmenter.variables)
-    b = dict(jax.tree_util.tree_leaves_with_path(quad_segmenter.variables))
+    a = jax.tree_util.tree_leaves_with_path(segmenter.params)
+    b = dict(jax.tree_util.tree_leaves_with_path(quad_segmenter.params))
     keys = golden_recipe.load_keys()
     used = [e for part in keys.values() for e in part if e["kind"] != "bn_num_batches_tracked"]
     assert len(a) == len(b) == len(used) == 363
@@ -177,7 +177,7 @@ def _near_tie_mask():
 
 
 def test_segment_undivided_matches_golden(segmenter, images):
-    seg = segmenter.segment(images, downsample=2)
+    seg = segmenter.segment(segmenter.params, images, downsample=2)
     assert seg.dtype == jnp.int32 and seg.shape == (2, 64, 64, 3)
     count = _assert_labels_match(nchw(seg), golden("segment_batch.npz")["undivided"],
                                  _near_tie_mask(), "undivided")
@@ -185,7 +185,7 @@ def test_segment_undivided_matches_golden(segmenter, images):
 
 
 def test_segment_quad_matches_golden(quad_segmenter, images):
-    seg = np.asarray(quad_segmenter.segment(images, downsample=2))
+    seg = np.asarray(quad_segmenter.segment(quad_segmenter.params, images, downsample=2))
     assert seg.shape == (2, 64, 64, 5)
     expected = golden("segment_batch.npz")["quad"]
     ours = nchw(seg)
@@ -196,9 +196,9 @@ def test_segment_quad_matches_golden(quad_segmenter, images):
     else:  # a flipped near-tie pixel may reshape its component; only tolerate it there
         _assert_labels_match(ours[:, :3], expected[:, :3], _near_tie_mask(), "quad")
     # the reference quirk: the last component of each image is not divided
-    fixed = UnifiedParsingSegmenter(quad_segmenter.variables, quad_segmenter.labeldata, "quad",
+    fixed = UnifiedParsingSegmenter(quad_segmenter.params, quad_segmenter.labeldata, "quad",
                                     (128,), skip_last_component=False)
-    corrected = nchw(fixed.segment(images, downsample=2))
+    corrected = nchw(fixed.segment(fixed.params, images, downsample=2))
     np.testing.assert_array_equal(corrected[:, :3], ours[:, :3])
     assert int((corrected != ours).sum()) == 40  # golden summary: 40 pixel values differ
 
@@ -212,7 +212,7 @@ def test_class_scores_match_golden(segmenter, quad_segmenter, images, probs, seg
         c = int(data[f"{segdiv}_{name}_classnum"])
         assert seg.labels[c][0] == name
         if name == "door":  # the public call (runs the network again)
-            score, mask = seg.class_score(images, c, downsample=2)
+            score, mask = seg.class_score(seg.params, images, c, downsample=2)
         else:  # what class_score does after the network, on the shared probabilities
             score, mask = class_score_from_probabilities(probs, c, seg.scheme)
         assert score.dtype == jnp.float32 and mask.dtype == jnp.bool_
@@ -226,8 +226,8 @@ def test_class_scores_match_golden(segmenter, quad_segmenter, images, probs, seg
 def test_multiscale_voting_matches_golden(segmenter, images):
     data = golden("multiscale.npz")
     assert list(data["segsizes"]) == [128, 96]
-    multi = UnifiedParsingSegmenter(segmenter.variables, segmenter.labeldata, "undivided", (128, 96))
-    probs = multi.probabilities(images, downsample=2)
+    multi = UnifiedParsingSegmenter(segmenter.params, segmenter.labeldata, "undivided", (128, 96))
+    probs = multi.probabilities(multi.params, images, downsample=2)
     ours = {"object": probs.object, "material": probs.material,
             **{f"part_{i}": p for i, p in enumerate(probs.parts)}}
     for key, value in ours.items():
@@ -235,7 +235,7 @@ def test_multiscale_voting_matches_golden(segmenter, images):
         print(f"multiscale {key}: max |diff| {diff:.2e}")
         assert diff <= PROB_ATOL, key
     gaps = np.minimum.reduce([top2_gap(data[k]) for k in ours])
-    seg = multi.segment(images, downsample=2)
+    seg = multi.segment(multi.params, images, downsample=2)
     _assert_labels_match(nchw(seg), data["segment_batch_undivided"], gaps < TIE_GAP,
                          "multiscale")
 
@@ -251,7 +251,7 @@ def test_intermediates_match_golden(segmenter, images):
 
     x = preprocess(images[:1])
     found = {"input_preprocessed": np.asarray(x)[0].transpose(2, 0, 1)}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(features(segmenter.variables, x)):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(features(segmenter.params, x)):
         name = path[1].key
         value = np.asarray(leaf)[0]
         found[name] = value if value.ndim == 1 else value.transpose(2, 0, 1)
@@ -276,11 +276,11 @@ def test_gradient_matches_finite_differences(segmenter, images):
     quotient with sum |grad| over the patch (measured worst case over 8 patches: 0.4%).
     """
     c = 6  # door: object probability + building-part probability (both paths)
-    small = UnifiedParsingSegmenter(segmenter.variables, segmenter.labeldata, "undivided", (64,))
+    small = UnifiedParsingSegmenter(segmenter.params, segmenter.labeldata, "undivided", (64,))
     x = adaptive_avg_pool(images, (64, 64))
 
     def total_score(x):
-        return small.class_score(x, c, downsample=2)[0].sum()
+        return small.class_score(small.params, x, c, downsample=2)[0].sum()
 
     grad = np.asarray(jax.grad(total_score)(x))
     assert grad.shape == x.shape and np.all(np.isfinite(grad)) and np.abs(grad[1]).max() > 0
@@ -296,8 +296,8 @@ def test_gradient_matches_finite_differences(segmenter, images):
         expected = float(np.abs(grad[patch]).sum(dtype=np.float64))
         step = jnp.asarray(direction * eps)
         # both evaluations in batch slot 0 beside the same image 1: rounding depends on the slot
-        plus = small.class_score(jnp.stack([x[0] + step, x[1]]), c, downsample=2)[0]
-        minus = small.class_score(jnp.stack([x[0] - step, x[1]]), c, downsample=2)[0]
+        plus = small.class_score(small.params, jnp.stack([x[0] + step, x[1]]), c, downsample=2)[0]
+        minus = small.class_score(small.params, jnp.stack([x[0] - step, x[1]]), c, downsample=2)[0]
         fd = (np.asarray(plus[0], np.float64).sum() - np.asarray(minus[0], np.float64).sum()) / (
             2 * eps)
         errors.append(abs(fd - expected) / expected)
@@ -307,24 +307,24 @@ def test_gradient_matches_finite_differences(segmenter, images):
 
 def test_bad_images_are_rejected(segmenter, images):
     with pytest.raises(ValueError, match="NHWC.*NCHW"):
-        segmenter.segment(jnp.transpose(images, (0, 3, 1, 2)))
+        segmenter.segment(segmenter.params, jnp.transpose(images, (0, 3, 1, 2)))
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        segmenter.segment(images * 1.5)
+        segmenter.segment(segmenter.params, images * 1.5)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        segmenter.class_score((images + 1) * 127.5, 4)
+        segmenter.class_score(segmenter.params, (images + 1) * 127.5, 4)
     with pytest.raises(ValueError, match="NaN"):
-        segmenter.segment(images.at[0, 0, 0, 0].set(jnp.nan))
+        segmenter.segment(segmenter.params, images.at[0, 0, 0, 0].set(jnp.nan))
     with pytest.raises(ValueError, match="NHWC"):
-        segmenter.segment(images[0])
+        segmenter.segment(segmenter.params, images[0])
     with pytest.raises(ValueError, match="floating"):
-        segmenter.segment(np.zeros((1, 64, 64, 3), np.uint8))
+        segmenter.segment(segmenter.params, np.zeros((1, 64, 64, 3), np.uint8))
 
 
 def test_unsupported_classes_are_rejected(segmenter, quad_segmenter, images):
     with pytest.raises(ValueError, match="out of range"):
-        segmenter.class_score(images, 21)
+        segmenter.class_score(segmenter.params, images, 21)
     with pytest.raises(ValueError, match="divided"):
-        quad_segmenter.class_score(images, 11)  # sky-t
+        quad_segmenter.class_score(quad_segmenter.params, images, 11)  # sky-t
 
 
 def _relabelled_dir(directory, reference_dir, edit):

@@ -178,11 +178,12 @@ class GeneratorSource(_Source):
         tail = splits[last][1]
 
         def features(params, z):
-            return {layer: h(params, z) for layer, h in heads.items()}
+            return {layer: h(params, z)[0] for layer, h in heads.items()}
 
         def features_and_images(params, z):
-            feats = features(params, z)
-            return feats, tail(params, feats[last])
+            outputs = {layer: h(params, z) for layer, h in heads.items()}
+            r, side = outputs[last]
+            return {layer: out[0] for layer, out in outputs.items()}, tail(params, r, side)
 
         self._features = jax.jit(features)
         self._features_and_images = jax.jit(features_and_images)
@@ -226,7 +227,7 @@ class GeneratorSource(_Source):
     def _segment(self, images, sharding):
         # Generators are unclamped (ProGAN outputs stray slightly outside [-1, 1]); segmenters
         # take images in [-1, 1], so segment what would be displayed.
-        labels = self.segmenter.segment(jnp.clip(images, -1.0, 1.0), self.seg_downsample)
+        labels = self.segmenter.segment(self.segmenter.params, jnp.clip(images, -1.0, 1.0), self.seg_downsample)
         return jax.device_put(jnp.asarray(labels, jnp.int32), sharding)
 
     def features_and_labels(self, indices, sharding):
@@ -940,7 +941,7 @@ def dissect_generator(generator, segmenter, layers: Sequence[str], *, size: int 
     """Dissect layers of a generator: for samples z_i (i < size) of RandomState(seed) normal noise,
     run h (to each layer), f (to the image) and the segmenter, and score every unit.
 
-    generator: the generator contract (``params``, ``layer_names``, ``z_dim``, ``split(layer)``
+    generator: the Generator protocol (``params``, ``layer_names``, ``z_dim``, ``apply``, ``split(layer)``
     -> (h, f)); segmenter: the Segmenter protocol (``labels``, ``categories``, ``segment``).
     The segmentation is taken at 1/seg_downsample of the image size (2, as the reference), and
     features are upsampled to it. threshold: 'iqr' (default, the paper's GAN setting) or

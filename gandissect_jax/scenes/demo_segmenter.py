@@ -10,6 +10,7 @@ per-category union for no benefit; label 0 (``-``, none) is never predicted.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,12 +77,26 @@ def _pool(x: jax.Array, downsample: int) -> jax.Array:
     return x.reshape(n, h // downsample, downsample, w // downsample, downsample, c).mean((2, 4))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _probabilities(network: UNet, params, images: jax.Array, downsample: int) -> jax.Array:
+    """Softmax of the U-Net on clipped images, ``downsample``-block means; one compiled program per
+    network architecture, image shape and stride, shared by every set of weights."""
+    logits = network.apply({"params": params}, jnp.clip(images, -1.0, 1.0))
+    return _pool(jax.nn.softmax(logits, -1), downsample)
+
+
 class DemoSegmenter:
     """Segmenter protocol implementation for the scene world.
 
     ``labels``: (name, 'object') for '-', sky, sun, cloud, grass, road, tree, building, window,
     door, roof (label numbers as in :data:`gandissect_jax.scenes.world.LABEL_NAMES`).
     Images are clipped to [-1, 1] first (generator outputs have no tanh and overshoot slightly).
+    Every method takes the U-Net parameters explicitly (``S.segment(S.params, images)``) and is
+    pure in them, so it can run inside an outer ``jax.jit`` that passes them as an argument.
+
+    Attributes:
+      params: the U-Net's parameter pytree.
+      widths: its channel widths; network: the :class:`UNet` module.
     """
 
     labels = SEGMENTER_LABELS
@@ -91,42 +106,34 @@ class DemoSegmenter:
         self.params = params
         self.widths = tuple(int(w) for w in widths)
         self.network = UNet(widths=self.widths)
-        network = self.network
 
-        def probabilities(params, images, downsample):
-            logits = network.apply({"params": params}, jnp.clip(images, -1.0, 1.0))
-            return _pool(jax.nn.softmax(logits, -1), downsample)
-
-        self._probabilities = jax.jit(probabilities, static_argnums=2)
-
-    def probabilities(self, images, downsample: int = 1) -> jax.Array:
+    def probabilities(self, params, images, downsample: int = 1) -> jax.Array:
         """Class probabilities float32 (N, H//ds, W//ds, 10) for labels 1..10 (ds x ds block means)."""
-        return self._probabilities(self.params, _check_images(images), int(downsample))
+        return _probabilities(self.network, params, _check_images(images), int(downsample))
 
-    def segment(self, images, downsample: int = 1) -> jax.Array:
+    def segment(self, params, images, downsample: int = 1) -> jax.Array:
         """Label map int32 (N, H//ds, W//ds, 1) of NHWC images in [-1, 1]; labels 1..10."""
-        probs = self.probabilities(images, downsample)
+        probs = self.probabilities(params, images, downsample)
         return (jnp.argmax(probs, -1) + 1).astype(jnp.int32)[..., None]
 
-    def class_scores(self, images, downsample: int = 1) -> jax.Array:
+    def class_scores(self, params, images, downsample: int = 1) -> jax.Array:
         """Differentiable probabilities of every label float32 (N, h, w, 11); label 0 ('-') is 0."""
-        probs = self.probabilities(images, downsample)
+        probs = self.probabilities(params, images, downsample)
         return jnp.concatenate([jnp.zeros_like(probs[..., :1]), probs], -1)
 
-    def class_score(self, images, c: int, downsample: int = 1) -> tuple[jax.Array, jax.Array]:
+    def class_score(self, params, images, c: int, downsample: int = 1) -> tuple[jax.Array, jax.Array]:
         """Differentiable probability of label ``c`` float32 (N, h, w) and bool mask (N, h, w) where c wins.
 
-        Label 0 ('-') gets a zero score and an empty mask.
+        Label 0 ('-') gets a zero score and an empty mask. ``c`` may be traced (e.g. vmapped); a
+        concrete ``c`` outside 0..10 raises ValueError.
         """
-        c = int(c)
-        if not 0 <= c < len(self.labels):
-            raise ValueError(f"label number {c} out of range 0..{len(self.labels) - 1}")
-        probs = self.probabilities(images, downsample)
-        if c == 0:
-            zeros = jnp.zeros(probs.shape[:3], jnp.float32)
-            return zeros, zeros > 0
-        score = probs[..., c - 1]
-        mask = jnp.argmax(probs, -1) == c - 1
+        if not isinstance(c, jax.core.Tracer):
+            c = int(c)
+            if not 0 <= c < len(self.labels):
+                raise ValueError(f"label number {c} out of range 0..{len(self.labels) - 1}")
+        scores = self.class_scores(params, images, downsample)
+        score = jnp.take(scores, c, axis=-1)
+        mask = (jnp.argmax(scores[..., 1:], -1) + 1 == c) & (c != 0)
         return score, mask
 
 

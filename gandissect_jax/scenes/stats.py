@@ -15,7 +15,7 @@ def segmented_label_frequencies(segmenter, images_batches) -> np.ndarray:
     """Pixel share of each label float64 (num_labels,) over batches of NHWC images in [-1, 1]."""
     counts = np.zeros(len(segmenter.labels), np.int64)
     for images in images_batches:
-        seg = np.asarray(segmenter.segment(images))
+        seg = np.asarray(segmenter.segment(segmenter.params, images))
         counts += np.bincount(seg.reshape(-1), minlength=len(counts))[: len(counts)]
     return counts / max(counts.sum(), 1)
 

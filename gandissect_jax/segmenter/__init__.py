@@ -13,10 +13,13 @@ Example::
 
     S = load_segmenter("weights/upp-resnet50-upernet", segdiv="undivided", segsizes=(256,))
     images = jnp.zeros((2, 256, 256, 3))               # NHWC RGB in [-1, 1]
-    seg = S.segment(images, downsample=2)              # int32 (2, 128, 128, 3)
+    seg = S.segment(S.params, images, downsample=2)    # int32 (2, 128, 128, 3)
     tree = S.labels.index(("tree", "object"))
-    score, mask = S.class_score(images, tree)          # (2, 256, 256) float32 / bool
-    grad = jax.grad(lambda x: S.class_score(x, tree)[0].sum())(images)
+    score, mask = S.class_score(S.params, images, tree) # (2, 256, 256) float32 / bool
+    grad = jax.grad(lambda x: S.class_score(S.params, x, tree)[0].sum())(images)
+
+Parameters are explicit in every method (``S.params`` is the network's variables), so
+``jax.jit(S.segment, static_argnums=2)(S.params, images, 2)`` compiles once for any weights.
 """
 
 from __future__ import annotations

@@ -8,36 +8,46 @@ Label numbers index ``labels``; label 0 is "no label" (named ``"-"``). A segment
 channels so that one pixel can carry several labels (e.g. an object, its part and its material);
 0 in a channel means "nothing in this channel".
 
-A segmenter may also have ``class_scores(images, downsample=1)``, returning float32
-``(N, h, w, L)`` scores of every label at once (column ``c`` equal to ``class_score(images, c)[0]``).
-It is optional: ACE optimization uses it, when present, to score several labels with one
-backward pass through the network instead of one per label.
+Every method takes the segmenter's parameters explicitly, as its first argument, and is pure in
+them: ``S.segment(S.params, images)``. So a segmenter can be called inside an outer ``jax.jit``
+(or ``grad``) that passes its parameters as an argument -- nothing is captured as a constant, one
+compiled program serves any weights -- and value checks of the inputs run only on concrete arrays.
 
-Example -- a segmenter that calls bright pixels "sky"::
+A segmenter may also have ``class_scores(params, images, downsample=1)``, returning float32
+``(N, h, w, L)`` scores of every label at once (column ``c`` equal to
+``class_score(params, images, c)[0]``). It is optional: ACE optimization uses it, when present,
+to score several labels with one backward pass through the network instead of one per label.
 
-    import jax.numpy as jnp
+Example -- a segmenter that calls pixels "sky" where a learned colour direction is bright::
+
+    import jax, jax.numpy as jnp
 
     class BrightIsSky:
         labels = (("-", "object"), ("sky", "object"))
         categories = ("object",)
 
-        def segment(self, images, downsample=1):
-            score, _ = self.class_score(images, 1, downsample)
+        def __init__(self):
+            self.params = {"colour": jnp.ones(3) / 3}                    # any pytree
+
+        def segment(self, params, images, downsample=1):
+            score, _ = self.class_score(params, images, 1, downsample)
             return (score > 0.5).astype(jnp.int32)[..., None]          # (N, h, w, 1)
 
-        def class_score(self, images, c, downsample=1):
-            if c != 1:
+        def class_score(self, params, images, c, downsample=1):
+            if not isinstance(c, jax.core.Tracer) and c != 1:
                 raise ValueError(f"unknown label {c}")
-            x = images[:, ::downsample, ::downsample].mean(-1)       # (N, h, w)
+            x = images[:, ::downsample, ::downsample] @ params["colour"]   # (N, h, w)
             score = (x + 1) / 2                                       # differentiable
             return score, score > 0.5
 
-    assert isinstance(BrightIsSky(), Segmenter)
+    S = BrightIsSky()
+    assert isinstance(S, Segmenter)
+    labels = jax.jit(S.segment)(S.params, images)                       # params as an argument
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import jax
 
@@ -46,22 +56,25 @@ __all__ = ["Segmenter", "label_index"]
 
 @runtime_checkable
 class Segmenter(Protocol):
-    """A semantic segmenter of images in [-1, 1], NHWC.
+    """A semantic segmenter of images in [-1, 1], NHWC, with explicit parameters.
 
     Attributes:
+      params: the parameter pytree every method takes as its first argument.
       labels: ``(name, category)`` for every label number; ``labels[0]`` is ``("-", ...)``.
       categories: the category names used in ``labels`` (e.g. ``("object", "part", "material")``).
     """
 
+    params: Any
     labels: Sequence[tuple[str, str]]
     categories: Sequence[str]
 
-    def segment(self, images: jax.Array, downsample: int = 1) -> jax.Array:
+    def segment(self, params: Any, images: jax.Array, downsample: int = 1) -> jax.Array:
         """Label every pixel.
 
         Args:
+          params: the segmenter's parameters (usually its :attr:`params`).
           images: float32 ``(N, H, W, 3)`` RGB in [-1, 1].
-          downsample: output stride.
+          downsample: output stride (a static Python int).
 
         Returns:
           int32 ``(N, H // downsample, W // downsample, D)`` label numbers, 0 = none.
@@ -69,9 +82,10 @@ class Segmenter(Protocol):
         ...
 
     def class_score(
-        self, images: jax.Array, c: int, downsample: int = 1
+        self, params: Any, images: jax.Array, c: int, downsample: int = 1
     ) -> tuple[jax.Array, jax.Array]:
-        """Score of label ``c`` at every pixel, differentiable with respect to ``images``.
+        """Score of label ``c`` at every pixel, differentiable with respect to ``images`` and
+        ``params``.
 
         Returns:
           ``(score, mask)``: float32 ``(N, h, w)`` and bool ``(N, h, w)`` (where ``c`` wins).

@@ -288,12 +288,16 @@ def class_score_from_probabilities(probs: Probabilities, c: jax.Array,
 class UnifiedParsingSegmenter:
     """The unified-parsing (UPerNet-50) segmenter; implements :class:`Segmenter`.
 
+    Every method takes the network's variables explicitly (``S.segment(S.params, images)``) and
+    is pure in them: it can run inside an outer ``jax.jit`` that passes them as an argument, and
+    segmenters of equal settings share compiled code.
+
     Attributes:
+      params: the network's Flax variables (on device), the pytree every method takes.
       labels: tuple of ``(name, category)`` per class number (0 = ``("-", "object")``).
       categories: ``("object", "part", "material")``.
       segdiv: ``"undivided"`` (3 channels) or ``"quad"`` (5 channels).
       segsizes: square input sizes voted over.
-      variables: the network's Flax variables (on device).
       scheme: :class:`LabelScheme` with the numbering tables.
     """
 
@@ -309,7 +313,7 @@ class UnifiedParsingSegmenter:
         self.segdiv = segdiv
         self.segsizes = segsizes
         self.skip_last_component = bool(skip_last_component)
-        self.variables = jax.device_put(variables)
+        self.params = jax.device_put(variables)
         self.labels = self.scheme.labels
 
     def __repr__(self) -> str:
@@ -321,30 +325,32 @@ class UnifiedParsingSegmenter:
         """D, the number of label channels ``segment`` returns."""
         return 5 if self.segdiv == "quad" else 3
 
-    def probabilities(self, images: jax.Array, downsample: int = 1) -> Probabilities:
+    def probabilities(self, params: Any, images: jax.Array, downsample: int = 1) -> Probabilities:
         """Voting softmax maps (NHWC, at ``(H // downsample, W // downsample)``)."""
         images = check_images(images)
         downsample = _check_downsample(downsample, images.shape)
-        return raw_probabilities(self.variables, images, self.scheme, self.segsizes, downsample)
+        return raw_probabilities(params, images, self.scheme, self.segsizes, downsample)
 
-    def segment(self, images: jax.Array, downsample: int = 1) -> jax.Array:
+    def segment(self, params: Any, images: jax.Array, downsample: int = 1) -> jax.Array:
         """Label every pixel: float32 ``(N, H, W, 3)`` in [-1, 1] -> int32 ``(N, H//ds, W//ds, D)``.
 
         Channels: object, material, part (parts of sky/building/person where the owner wins);
         with ``segdiv="quad"`` also the ``-t``/``-b`` and ``-l``/``-r`` channels.
+        ``params``: :attr:`params` (or other variables of the same network).
         """
-        probs = self.probabilities(images, downsample)
+        probs = self.probabilities(params, images, downsample)
         return segment_from_probabilities(probs, self.scheme, self.segdiv == "quad",
                                           self.skip_last_component)
 
-    def class_score(self, images: jax.Array, c: int,
+    def class_score(self, params: Any, images: jax.Array, c: int,
                     downsample: int = 1) -> tuple[jax.Array, jax.Array]:
         """Differentiable score of class ``c`` and the mask where it is the predicted label.
 
         Returns:
           ``(score, mask)``: float32 ``(N, h, w)`` (probability, or summed object + part
           probability for classes that are both) and bool ``(N, h, w)``. Divided quad classes
-          (``-t`` ...) are not supported, as in the reference.
+          (``-t`` ...) are not supported, as in the reference. ``c`` may be traced (e.g. vmapped);
+          a concrete ``c`` out of range or unsupported raises ValueError.
         """
         if not isinstance(c, jax.core.Tracer):
             c = int(c)
@@ -354,7 +360,7 @@ class UnifiedParsingSegmenter:
                 raise ValueError(
                     f"class {c} ({self.labels[c][0]!r}) has no score: divided quad classes are "
                     "not supported by class_score")
-        probs = self.probabilities(images, downsample)
+        probs = self.probabilities(params, images, downsample)
         return class_score_from_probabilities(probs, c, self.scheme)
 
 
