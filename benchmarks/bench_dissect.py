@@ -102,17 +102,23 @@ class SyntheticSource:
 
         return jax.vmap(one)(indices)
 
-    def features(self, indices, sharding):
+    @property
+    def feature_shapes(self):
+        return {"layer": (self.feature, self.feature, self.units)}
+
+    def fetch(self, indices, sharding, labels=True):
         import jax
 
-        features, _ = self._make(np.clip(indices, 0, self.num_samples - 1).astype(np.int32))
-        return {"layer": jax.device_put(features, sharding)}
+        features, segmentation = self._make(np.clip(indices, 0, self.num_samples - 1).astype(np.int32))
+        batch = {"layer": jax.device_put(features, sharding)}
+        if labels:
+            batch["labels"] = jax.device_put(segmentation, sharding)
+        return batch
 
-    def features_and_labels(self, indices, sharding):
-        import jax
+    def features_only(self):
+        from gandissect_jax.dissection.sources import FeaturesOnly
 
-        features, labels = self._make(np.clip(indices, 0, self.num_samples - 1).astype(np.int32))
-        return {"layer": jax.device_put(features, sharding)}, jax.device_put(labels, sharding)
+        return FeaturesOnly(self)
 
     def visual_batch(self, indices, layer):
         raise NotImplementedError
@@ -129,32 +135,29 @@ def run_scale(samples: int, threshold: str = "iqr", batch_size: int = 8, **scale
     """Dissect ``samples`` synthetic samples at paper scale; return timings and peak RSS (MB)."""
     import jax
 
-    from gandissect_jax.dissection import pipeline
+    from gandissect_jax.dissection import DissectConfig, dissect, engine
 
     params = dict(PAPER, **scale)
     source = SyntheticSource(samples, params["units"], params["feature"], params["seg"], params["labels"],
                              params["channels"])
     timings = {}
-    original = pipeline._run_pass
+    original = engine.tally
 
-    def timed(name, *args, **kwargs):
+    def timed(*args, desc="tally", **kwargs):
         start = time.perf_counter()
-        result = original(name, *args, **kwargs)
-        timings[name] = time.perf_counter() - start
+        result = original(*args, desc=desc, **kwargs)
+        timings[desc] = time.perf_counter() - start
         return result
 
-    pipeline._run_pass = timed
+    engine.tally = timed  # the passes call engine.tally, one call per pass
     try:
         start = time.perf_counter()
-        shapes = {"layer": (params["feature"], params["feature"], params["units"])}
-        results = pipeline._dissect(
-            source, source.labels, source.categories, threshold=threshold, quantile=0.005, levels=None,
-            search_iqr=None, k=10, batch_size=batch_size, devices=None, outdir=None, iou_threshold=0.05,
-            checkpoint_every=1e9, progress=False, unit_chunk=None, make_images=False, make_report=False,
-            strip_length=10, title=None, feature_shapes=shapes)
+        config = DissectConfig(threshold=threshold, batch_size=batch_size, checkpoint_every=1e9, progress=False,
+                               make_images=False, make_report=False)
+        results = dissect(source, source.labels, source.categories, config, default_threshold=threshold)
         total = time.perf_counter() - start
     finally:
-        pipeline._run_pass = original
+        engine.tally = original
     result = results["layer"]
     passes = sum(timings.values())
     return {

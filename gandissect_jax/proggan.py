@@ -833,11 +833,7 @@ def convert_reference(src: "str | os.PathLike", dest: "str | os.PathLike", *, fo
 
 
 def images_to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
-    """Map images in [-1, 1] (any shape, float) to uint8 [0, 255] as the reference does.
+    """Kept for existing callers: :func:`gandissect_jax.images.to_uint8` (the one [-1, 1] -> uint8 rule)."""
+    from gandissect_jax.images import to_uint8
 
-    ``((x + 1) / 2 * 255)`` clipped to [0, 255] and truncated (like torch's ``.byte()``), so PNGs
-    match the reference's pixel for pixel.
-    """
-    x = np.asarray(images, dtype=np.float32)
-    x = np.clip((x + np.float32(1)) / np.float32(2) * np.float32(255), 0, 255)
-    return x.astype(np.uint8)
+    return to_uint8(images)

@@ -53,7 +53,7 @@ def test_cli_reproduces_reference_iou(cli_run):
         u = unit["unit"]
         assert unit["label"] == names[data["iou_best_label"][u]]
         assert abs(unit["iou"] - data["iou_best_score"][u]) < 1e-6
-        assert unit["threshold"] == pytest.approx(float(data["levels"][u]), abs=0)
+        assert unit["level"] == pytest.approx(float(data["levels"][u]), abs=0)
         if u != 16:  # unit 16 is constant: any order of its tied samples is right
             assert [t["sample"] for t in unit["top"]] == data["topk_indices"][u].tolist()
     # 11 of the 12 indicator units win their own label at the 0.995 level (all but lamp)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gandissect_jax.dissection import LayerDissection, dissect_features, dissect_generator
-from gandissect_jax.dissection.pipeline import GeneratorSource
+from gandissect_jax.dissection.sources import GeneratorSource
 from gandissect_jax.generator import Split
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dissect"
@@ -140,6 +140,18 @@ def test_generator_and_features_entry_points_agree(tmp_path):
     assert (tmp_path / "gen" / "layer1" / "scores.npz").exists()
 
 
+def test_generator_and_segmenter_in_one_jit_give_the_same_dissection(monkeypatch):
+    """The switch to the new Segmenter contract (segmentation inside the generator's jitted
+    function, parameters passed in) changes no number."""
+    from gandissect_jax.dissection import sources
+
+    options = dict(size=37, seed=3, batch_size=8, threshold="iqr", progress=False, k=5)
+    separate = dissect_generator(TinyGenerator(), TinySegmenter(), ["layer2"], **options)["layer2"]
+    monkeypatch.setattr(sources, "SEGMENT_IN_JIT", True)
+    fused = dissect_generator(TinyGenerator(), TinySegmenter(), ["layer2"], **options)["layer2"]
+    assert_same(separate, fused)
+
+
 def test_generator_z_stream_matches_sample_z():
     source = GeneratorSource(TinyGenerator(), TinySegmenter(), ["layer1"], 50, seed=5, seg_downsample=2)
     expected = np.random.RandomState(5).standard_normal(50 * 6).reshape(50, 6).astype(np.float32)
@@ -188,7 +200,8 @@ def test_interrupted_run_resumes_to_identical_results(golden, tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         dissect_features(crashing, segs, labels, outdir=str(tmp_path / "run"), **options)
     progress = tmp_path / "run" / ".progress"
-    assert (progress / "counts.npz").exists() and (progress / "quantiles.npz").exists()
+    [passes] = progress.glob("passes-*")  # the pending layers' pass checkpoints
+    assert (passes / "counts" / "tally.npz").exists() and (passes / "plan.npz").exists()
     resumed_reads = CountingArray(features)
     resumed = dissect_features(resumed_reads, segs, labels, outdir=str(tmp_path / "run"), **options)["features"]
     assert resumed_reads.reads == 2  # only the last two batches of the count pass were read again
@@ -198,7 +211,7 @@ def test_interrupted_run_resumes_to_identical_results(golden, tmp_path):
     rerun = dissect_features(again, segs, labels, outdir=str(tmp_path / "run"), **options)["features"]
     assert again.reads == 0
     assert_same(full, rerun)
-    assert not (progress / "counts.npz").exists()
+    assert not passes.exists()
 
 
 def test_outdir_with_other_settings_is_refused(golden, tmp_path):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gandissect_jax.dissection import quantiles as qt
 from gandissect_jax.dissection import statistics as st
 from gandissect_jax.dissection.scoring import score_counts
 from gandissect_jax.dissection.upsample import (bilinear_matrix, bilinear_taps, upsample_bilinear,
@@ -87,11 +88,11 @@ def test_upsample_is_independent_of_batch_size():
 
 def run_radix(values: np.ndarray, q, batch=7, unit_chunk=2, bits=(16, 8, 8)):
     n, m, units = values.shape
-    plan = st.RadixQuantiles(units, q, bits)
+    plan = qt.RadixQuantiles(units, q, bits)
     stages = 0
     while not plan.done:
         stage = plan.stage()
-        stat = st.radix_histogram(units, stage, unit_chunk)
+        stat = qt.radix_histogram(units, stage, unit_chunk)
         state = stat.init()
         tables = tuple(jnp.asarray(t) for t in stage.tables)
         update = jax.jit(stat.update)
@@ -102,7 +103,7 @@ def run_radix(values: np.ndarray, q, batch=7, unit_chunk=2, bits=(16, 8, 8)):
             block[:len(chunk)] = chunk
             block[len(chunk):] = 1e30  # padding must be ignored
             valid[:len(chunk)] = True
-            state = update(state, tables, jnp.asarray(block.transpose(2, 0, 1)), jnp.asarray(valid))
+            state = update(state, (tables, jnp.asarray(block.transpose(2, 0, 1))), jnp.asarray(valid))
         plan.observe(stat.finalize(state))
         stages += 1
     return plan, stages
@@ -145,11 +146,11 @@ def test_radix_quantile_rank_error_on_golden_features():
 
 def test_float_keys_order_and_roundtrip():
     values = np.array([-np.inf, -3.5, -1e-30, -0.0, 0.0, 1e-37, 2.0, np.inf], np.float32)
-    keys = np.asarray(st.float_to_key(jnp.asarray(values)))
+    keys = np.asarray(qt.float_to_key(jnp.asarray(values)))
     assert np.all(np.diff(keys.astype(np.int64)) >= 0)
     assert keys[3] == keys[4]  # -0.0 folds onto +0.0
-    np.testing.assert_array_equal(keys, st.float_to_key_np(values))
-    back = st.key_to_float(keys)
+    np.testing.assert_array_equal(keys, qt.float_to_key_np(values))
+    back = qt.key_to_float(keys)
     np.testing.assert_array_equal(back[np.isfinite(values)], np.where(values == 0, 0.0, values)[np.isfinite(values)])
 
 
@@ -173,7 +174,7 @@ def test_topk_streams_and_merges_exactly():
             index = np.zeros(6, np.int32)
             index[:len(chunk)] = chunk
             valid = np.arange(6) < len(chunk)
-            state = update(state, jnp.asarray(block), jnp.asarray(index), jnp.asarray(valid))
+            state = update(state, (jnp.asarray(block), jnp.asarray(index)), jnp.asarray(valid))
         halves.append(jax.tree_util.tree_map(np.asarray, state))
     merged = stat.merge(halves[1], halves[0])
     values, indices = stat.finalize(merged)
@@ -229,8 +230,8 @@ def test_level_counts_match_brute_force_at_every_level():
     categories = st.image_category_presence(presence, jnp.asarray(label_category), C, valid)
     dedup = st.dedup_channels(flat)
     unit_major = jnp.asarray(up.reshape(n, -1, U).transpose(2, 0, 1))
-    state = stat.update(stat.init(), unit_major, jnp.asarray(levels), dedup, categories, valid)
-    lstate = labstat.update(labstat.init(), flat, dedup, categories, valid)
+    state = stat.update(stat.init(), (unit_major, jnp.asarray(levels), dedup, categories), valid)
+    lstate = labstat.update(labstat.init(), (flat, dedup, categories), valid)
     counts = stat.finalize(state)
     lab = labstat.finalize(lstate)
     category_above = st.suffix_counts(counts.category)
@@ -259,7 +260,7 @@ def test_score_counts_reproduce_reference_scores():
 def test_overflow_bound():
     assert st.samples_before_overflow(128 * 128, 5) == (2**31 - 1) // (128 * 128 * 5)
     with pytest.raises(ValueError):
-        st.RadixQuantiles(3, [0.5], bits=(16, 8))
+        qt.RadixQuantiles(3, [0.5], bits=(16, 8))
 
 
 # ----------------------------------------------------------------------------- threshold search

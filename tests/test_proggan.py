@@ -262,9 +262,9 @@ def test_output_tanh_clips(state_dict, golden):
     np.testing.assert_allclose(np.asarray(clipped), np.clip(reference, -1, 1), atol=1e-4)
 
 
-def test_images_to_uint8_truncates_like_reference():
+def test_images_to_uint8_rounds_half_up_like_every_writer():
     x = np.array([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0], np.float32)
-    np.testing.assert_array_equal(images_to_uint8(x), [0, 0, 127, 254, 255, 255])
+    np.testing.assert_array_equal(images_to_uint8(x), [0, 0, 128, 255, 255, 255])
 
 
 # ---------------------------------------------------------------------------------------------

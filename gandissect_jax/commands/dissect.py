@@ -8,7 +8,9 @@ Two sources, same outputs (dissect.json, <layer>/scores.npz, image strips, disse
 Thresholds: ``--threshold iqr`` (the paper's information-quality-ratio search; default with
 ``--model``) or ``--threshold quantile`` with ``--quantile 0.005`` (the top 0.5% of each unit's
 activations; the reference's default for precomputed data, default with ``--features``).
-``--levels`` fixes the per-unit thresholds instead. A rerun with the same arguments resumes.
+``--levels`` fixes the per-unit thresholds (levels) instead. A rerun with the same arguments resumes;
+a second run into the same ``--outdir`` while one is running is refused. Outputs follow schema 2
+(gandissect_jax/dissection/README.md).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          help="a unit is interpretable when its concept's IoU is >= this (default 0.05)")
     run = parser.add_argument_group("run")
     run.add_argument("--outdir", required=True, help="output directory (reruns resume here)")
-    run.add_argument("--topk", type=int, default=10, help="top samples kept per unit (default 10)")
+    run.add_argument("--topk", type=int, default=10,
+                     help="top samples kept per unit and shown in its image strip (default 10)")
     run.add_argument("--batch-size", type=int, default=32, help="samples per step over all devices (default 32)")
     run.add_argument("--checkpoint-every", type=float, default=600.0,
                      help="seconds between checkpoints of long passes (default 600)")
@@ -102,7 +105,7 @@ def _summary(results, outdir: str, iou_threshold: float) -> None:
 
 def run_command(args) -> int:
     """Run the dissection described by the parsed arguments."""
-    from gandissect_jax.dissection import dissect_features, dissect_generator
+    from gandissect_jax.dissection import DissectConfig, dissect_features, dissect_generator
 
     if args.model and args.features:
         raise ValueError("give either --model (with --segmenter and --layers) or --features "
@@ -112,9 +115,9 @@ def run_command(args) -> int:
             args.model = DEMO_MODEL
             args.segmenter = args.segmenter or DEMO_SEGMENTER
             args.layers = args.layers or list(DEMO_LAYERS)
-    common = dict(quantile=args.quantile, k=args.topk, batch_size=args.batch_size, outdir=args.outdir,
-                  iou_threshold=args.iou_threshold, checkpoint_every=args.checkpoint_every,
-                  progress=not args.quiet, make_images=not args.no_images, title=args.title)
+    config = DissectConfig(threshold=args.threshold, quantile=args.quantile, topk=args.topk, batch_size=args.batch_size,
+                           iou_threshold=args.iou_threshold, checkpoint_every=args.checkpoint_every,
+                           progress=not args.quiet, make_images=not args.no_images, title=args.title)
     if args.features:
         if not args.segmentations or not args.labels:
             raise ValueError("--features needs --segmentations and --labels")
@@ -123,9 +126,8 @@ def run_command(args) -> int:
         labels = _load_labels(args.labels)
         images = _load_array(args.images, "images") if args.images else None
         levels = _load_array(args.levels, "levels") if args.levels else None
-        results = dissect_features(features, segmentations, labels, levels=levels,
-                                   threshold=args.threshold or "quantile", images=images, layer=args.layer_name,
-                                   **common)
+        results = dissect_features(features, segmentations, labels, config, levels=levels, images=images,
+                                   layer=args.layer_name, outdir=args.outdir)
     else:
         if not args.segmenter or not args.layers:
             raise ValueError("--model needs --segmenter and --layers")
@@ -135,8 +137,8 @@ def run_command(args) -> int:
 
         generator = gandissect_jax.load_generator(args.model)
         segmenter = gandissect_jax.load_segmenter(args.segmenter)
-        results = dissect_generator(generator, segmenter, args.layers, size=args.size, seed=args.seed,
-                                    seg_downsample=args.seg_downsample, threshold=args.threshold or "iqr",
-                                    identity={"model": args.model, "segmenter": args.segmenter}, **common)
+        results = dissect_generator(generator, segmenter, args.layers, config, size=args.size, seed=args.seed,
+                                    seg_downsample=args.seg_downsample, outdir=args.outdir,
+                                    identity={"model": args.model, "segmenter": args.segmenter})
     _summary(results, args.outdir, args.iou_threshold)
     return 0

@@ -2,7 +2,7 @@
 
 Output layout under ``--out DIR``::
 
-    DIR/images/000000.png ...   one PNG per sample ([-1, 1] mapped to uint8 as the reference does)
+    DIR/images/000000.png ...   one PNG per sample ([-1, 1] mapped to uint8 by gandissect_jax.images.to_uint8)
     DIR/z.npy                   the (N, z_dim) float32 latents (gandissect_jax.sample_z(N, z_dim, seed))
     DIR/features/<layer>.npz    array ``features``: (N, H, W, C) float32, NHWC, one file per --layers
 
@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from gandissect_jax.proggan import images_to_uint8, load_generator
+    from gandissect_jax.images import to_uint8
+    from gandissect_jax.proggan import load_generator
     from gandissect_jax.sampling import sample_z
 
     if args.n <= 0 or args.batch_size <= 0:
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     for start in tqdm(range(0, args.n, args.batch_size), desc="generate", unit="batch"):
         batch = z[start : start + args.batch_size]
         images, feats = G.features(batch, tuple(layers))
-        pixels = images_to_uint8(images)
+        pixels = to_uint8(images)
         for offset, pixel in enumerate(pixels):
             path = out / "images" / f"{start + offset:06d}.png"
             _atomic_write(path, lambda tmp, p=pixel: Image.fromarray(p).save(tmp, format="PNG"))

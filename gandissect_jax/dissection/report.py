@@ -1,6 +1,6 @@
-"""Dissection outputs: ``dissect.json``, top-k image strips, bar graphs and the HTML report.
+"""Dissection outputs: ``dissect.json`` (schema 2), per-layer records, bar graphs and the HTML report.
 
-Layout of an output directory::
+Layout of an output directory (the image strips are written by :mod:`.strips`)::
 
     dissect.json                 all layers (schema in gandissect_jax/dissection/README.md)
     dissect.html                 self-contained report (no network, data embedded)
@@ -20,22 +20,43 @@ import json
 import math
 import os
 import re
+import string
 import xml.etree.ElementTree as ET
 from typing import Mapping, Sequence
 
-import numpy as np
-
 from .results import LayerDissection
-from .upsample import bilinear_matrix
+from .resume import atomic_file
+from .schema import SCHEMA
 
 CATEGORY_COLORS = ("#4B4CBF", "#55B05B", "#D4A024", "#D92E2B", "#50BDAC", "#AB6BC6", "#F0883B", "#81C679")
 CATEGORY_LIGHT = ("#B6B6F2", "#B6F2BA", "#F2E1B6", "#F2B6B6", "#A5E5DB", "#CFAAFF", "#F2CFB6", "#C0FF9B")
 
 
+OUTPUT_FILES = ("dissect.json", "dissect.html", "comparison.svg")
+_KEPT = frozenset(string.ascii_letters + string.digits + "_-.")
+
+
 def safe_dir_name(name: str) -> str:
-    """A directory name for a layer: letters, digits and ' ._-' only."""
-    cleaned = "".join(c for c in str(name) if c.isalnum() or c in " ._-").rstrip()
-    return cleaned or "layer"
+    """The directory of a layer inside the output directory, whatever the layer's name.
+
+    ASCII letters, digits, '_', '-' and '.' are kept; every other character ('/', '\\', ':',
+    spaces, '%', non-ASCII ...) becomes its percent-encoded UTF-8 bytes ('a/b' -> 'a%2Fb'), and so
+    does a leading '.'. The result is one path component that cannot be absolute, hidden or climb
+    out of the output directory ('..' -> '%2E.'), and distinct names give distinct directories.
+    ValueError for an empty name, a name over 200 characters (or 240 once encoded), or a name of
+    the output files (dissect.json, dissect.html, comparison.svg).
+    """
+    name = str(name)
+    if not name or len(name) > 200:
+        raise ValueError(f"layer name {name!r} cannot name an output directory (it must have 1 to 200 characters)")
+    encoded = "".join(c if c in _KEPT else "".join(f"%{b:02X}" for b in c.encode("utf-8")) for c in name)
+    if encoded.startswith("."):
+        encoded = "%2E" + encoded[1:]
+    if encoded.lower() in OUTPUT_FILES:
+        raise ValueError(f"layer name {name!r} is reserved for an output file; rename the layer")
+    if len(encoded) > 240:
+        raise ValueError(f"layer name {name!r} is too long for a directory name once encoded ({len(encoded)} > 240)")
+    return encoded
 
 
 def readable(label: str) -> str:
@@ -44,103 +65,8 @@ def readable(label: str) -> str:
 
 
 def _atomic_bytes(path: str, payload: bytes) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as handle:
+    with atomic_file(path) as handle:
         handle.write(payload)
-    os.replace(temporary, path)
-
-
-# ----------------------------------------------------------------------------- image strips
-
-
-def _palette(count: int) -> np.ndarray:
-    rng = np.random.RandomState(7)
-    colors = rng.randint(40, 236, size=(max(count, 1), 3)).astype(np.uint8)
-    colors[0] = (0, 0, 0)
-    return colors
-
-
-def colorize_segmentation(labels: np.ndarray, num_labels: int) -> np.ndarray:
-    """uint8 (n, H, W, 3) picture of int (n, H, W, D) segmentations: the first non-zero channel."""
-    first = labels[..., 0].copy()
-    for d in range(1, labels.shape[-1]):
-        first = np.where(first == 0, labels[..., d], first)
-    return _palette(num_labels)[np.clip(first, 0, num_labels - 1)]
-
-
-def _resize_nearest(images: np.ndarray, size: int) -> np.ndarray:
-    rows = (np.arange(size) * images.shape[1] // size).astype(np.int64)
-    cols = (np.arange(size) * images.shape[2] // size).astype(np.int64)
-    return images[:, rows][:, :, cols]
-
-
-def _resize_area(images: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
-
-
-def outline_activation(image: np.ndarray, mask: np.ndarray, dim: float = 0.5) -> np.ndarray:
-    """uint8 (T, T, 3) image with the inactive area dimmed and a yellow outline around the mask."""
-    interior = mask.copy()
-    padded = np.pad(mask, 1, mode="edge")
-    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-        interior &= padded[dy:dy + mask.shape[0], dx:dx + mask.shape[1]]
-    edge = mask & ~interior
-    out = image.astype(np.float32) * np.where(mask, 1.0, dim)[:, :, None]
-    out[edge] = (255, 220, 0)
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def write_strips(outdir: str, result: LayerDissection, source, *, strip_length: int = 10, batch_size: int = 32,
-                 thumbnail: int | None = None, unit_chunk: int = 64, gap: int = 4, show_progress: bool = True) -> None:
-    """Write ``<layer>/image/<unit>-top.jpg``: the unit's top samples side by side, each with the
-    region where the upsampled activation exceeds the unit's level outlined. Backgrounds are the
-    images when the source has them, else the colorized segmentation."""
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    layer_dir = os.path.join(outdir, safe_dir_name(result.layer), "image")
-    os.makedirs(layer_dir, exist_ok=True)
-    tops = result.topk_indices[:, :strip_length]
-    units = result.num_units
-    length = tops.shape[1]
-    if length == 0:
-        return
-    first_batch = None
-    for start in tqdm(range(0, units, unit_chunk), desc=f"strips {result.layer}", disable=not show_progress,
-                      leave=False):
-        chunk = range(start, min(start + unit_chunk, units))
-        needed = np.unique(tops[list(chunk)].reshape(-1))
-        thumbs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for b in range(0, needed.size, batch_size):
-            indices = needed[b:b + batch_size]
-            padded = np.concatenate([indices, np.full(batch_size - indices.size, indices[-1])]).astype(np.int64)
-            background, features = source.visual_batch(padded, result.layer)
-            if first_batch is None:
-                first_batch = background.shape
-            size = thumbnail or int(min(max(background.shape[1], 96), 160))
-            if background.shape[1] > size:
-                background = _resize_area(background, size)
-            elif background.shape[1] < size:
-                background = _resize_nearest(background, size)
-            for i, index in enumerate(indices):
-                thumbs[int(index)] = (background[i], features[i])
-        size = next(iter(thumbs.values()))[0].shape[0]
-        any_features = next(iter(thumbs.values()))[1]
-        rows = bilinear_matrix(any_features.shape[0], size)
-        cols = bilinear_matrix(any_features.shape[1], size)
-        for unit in chunk:
-            strip = np.full((size, length * (size + gap) - gap, 3), 255, np.uint8)
-            for rank, index in enumerate(tops[unit]):
-                image, features = thumbs[int(index)]
-                surface = rows @ features[:, :, unit].astype(np.float64) @ cols.T
-                mask = surface > float(result.levels[unit])
-                strip[:, rank * (size + gap): rank * (size + gap) + size] = outline_activation(image, mask)
-            path = os.path.join(layer_dir, f"{unit}-top.jpg")
-            temporary = path + ".tmp.jpg"
-            Image.fromarray(strip).save(temporary, quality=88)
-            os.replace(temporary, path)
 
 
 # ----------------------------------------------------------------------------- SVG graphs
@@ -256,8 +182,8 @@ def layer_record(result: LayerDissection, iou_threshold: float, has_images: bool
             "category": result.label_categories[label],
             "iou": _finite(result.unit_iou[u]),
             "iqr": _finite(result.unit_iqr[u]),
-            "threshold": _finite(result.levels[u]),
-            "quantile": _finite(result.activation_fraction[u]),
+            "level": _finite(result.levels[u]),
+            "activation_fraction": _finite(result.activation_fraction[u]),
             "interpretable": bool(interpretable[u]),
             "top": [{"sample": int(i), "value": _finite(v)}
                     for i, v in zip(result.topk_indices[u], result.topk_values[u])],
@@ -300,13 +226,14 @@ def write_report(outdir: str, results: Mapping[str, LayerDissection], *, iou_thr
         prefix = record["dirname"] + "/"
         local_units = [dict(u, image=u["image"][len(prefix):]) if "image" in u else u for u in record["units"]]
         local = dict(record, dirname=".", bargraph="bargraph.svg", units=local_units)
-        single = {"title": title, "iou_threshold": iou_threshold, "layers": [local]}
+        single = {"schema": SCHEMA, "title": title, "iou_threshold": iou_threshold, "layers": [local]}
         _atomic_bytes(os.path.join(layer_dir, "dissect.json"), json.dumps(single, indent=1).encode())
         records.append((record, bargraph))
     comparison = layer_comparison([(r["layer"], r["category_counts"], r["num_units"]) for r, _ in records],
                                   first.categories)
     _atomic_bytes(os.path.join(outdir, "comparison.svg"), comparison.encode())
     document = {
+        "schema": SCHEMA,
         "title": title or "Dissection",
         "iou_threshold": iou_threshold,
         "categories": first.categories,
@@ -370,12 +297,12 @@ _SCRIPT = r"""
       head.appendChild(el('span', {'class': 'unit-num'}, 'unit ' + u.unit));
       head.appendChild(el('span', {'class': 'unit-label'}, u.label + ' (' + u.category + ')'));
       head.appendChild(el('span', {}, 'IoU ' + fmt(u.iou, 3) + ', IQR ' + fmt(u.iqr, 3) +
-        ', threshold ' + fmt(u.threshold, 3) + ', top ' + fmt(100 * (u.quantile || 0), 2) + '%'));
+        ', level ' + fmt(u.level, 3) + ', top ' + fmt(100 * (u.activation_fraction || 0), 2) + '%'));
       row.appendChild(head);
       if (u.image) {
         var img = el('img', {'alt': 'unit ' + u.unit, 'loading': 'lazy'});
         img.addEventListener('error', function () { console.error('image failed to load: ' + u.image); });
-        img.setAttribute('src', u.image);
+        img.setAttribute('src', encodeURI(u.image));  // directory names may hold %XX
         row.appendChild(img);
       }
       list.appendChild(row);

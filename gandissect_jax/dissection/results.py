@@ -1,12 +1,14 @@
-"""The per-layer dissection record, its labelling summary and its ``scores.npz`` form."""
+"""``LayerDissection``: everything measured for one layer, its labelling summary and its ``scores.npz`` form."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+
+from .resume import atomic_file
+from .schema import SCHEMA
 
 
 @dataclasses.dataclass
@@ -99,8 +101,9 @@ class LayerDissection:
         return np.lexsort((np.arange(values.shape[0]), -values))[:k].astype(np.int64)
 
     def save_npz(self, path: str) -> None:
-        """Write every array (and the label names) to ``path`` atomically (numpy .npz, no pickle)."""
-        arrays: dict[str, Any] = {}
+        """Write every array (and the label names) to ``path`` atomically (numpy .npz, no pickle),
+        with a ``schema`` array (the output schema version, :mod:`.schema`)."""
+        arrays: dict[str, Any] = {"schema": np.asarray(SCHEMA)}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if value is None:
@@ -111,14 +114,16 @@ class LayerDissection:
                 arrays[field.name] = np.asarray(value)
             else:
                 arrays[field.name] = np.asarray(value)
-        temporary = path + ".tmp.npz"
-        np.savez_compressed(temporary, **arrays)
-        os.replace(temporary, path)
+        with atomic_file(path) as handle:
+            np.savez_compressed(handle, **arrays)
 
     @classmethod
     def load_npz(cls, path: str) -> "LayerDissection":
-        """Read a record written by :meth:`save_npz`."""
+        """Read a record written by :meth:`save_npz` (schema 1 or 2). ValueError for a newer schema."""
         with np.load(path, allow_pickle=False) as data:
+            schema = int(data["schema"]) if "schema" in data.files else 1
+            if schema > SCHEMA:
+                raise ValueError(f"{path} has schema {schema}; this gandissect-jax reads schemas 1 to {SCHEMA}")
             values = {}
             for field in dataclasses.fields(cls):
                 if field.name not in data.files:
@@ -135,9 +140,3 @@ class LayerDissection:
                     value = None if np.isnan(value) else float(value)
                 values[field.name] = value
         return cls(**values)
-
-
-def label_category_indices(labels: Sequence[Sequence[str]], categories: Sequence[str]) -> np.ndarray:
-    """(L,) int64 category index per (name, category) label; unknown categories map to 0 (as the reference)."""
-    categories = list(categories)
-    return np.array([categories.index(cat) if cat in categories else 0 for _, cat in labels], np.int64)

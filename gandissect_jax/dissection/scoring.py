@@ -1,4 +1,4 @@
-"""IoU and information-quality ratio (IQR) from exact counts, in float64 numpy.
+"""IoU and information-quality ratio (IQR) from exact counts: the MI / joint-entropy formulas live here.
 
 Definitions follow the reference's ``score_tally_stats``. For label l of category c = cat(l) and
 unit u, with ``pred = category_activation_counts[c, u]`` (active pixels summed over the images
@@ -22,35 +22,42 @@ from typing import Sequence
 import numpy as np
 
 
-def mutual_information(table: np.ndarray) -> np.ndarray:
-    """MI of 2x2 joint tables (2, 2, ...) float64 -> (...), NaN terms counted as 0, clamped >= 0."""
-    total = np.zeros(table.shape[2:], np.float64)
+def mi_and_je(table, xp=np):
+    """Mutual information and joint entropy of 2x2 joint tables, the one implementation of both.
+
+    table: ``table[j][k]`` arrays of any one shape (a numpy (2, 2, ...) array or nested lists);
+    xp: ``numpy`` (float64 on the host) or ``jax.numpy`` (under jit). NaN terms (0 log 0) count as
+    0; both are clamped at 0. Returns (mi, je) of the entries' shape.
+    """
+    mi = 0.0
+    je = 0.0
     with np.errstate(divide="ignore", invalid="ignore"):
         for j in range(2):
             for k in range(2):
-                joint = table[j, k]
-                independent = table[j].sum(axis=0) * table[:, k].sum(axis=0)
-                term = joint * np.log(joint / independent)
-                total += np.where(np.isnan(term), 0.0, term)
-    return np.maximum(total, 0.0)
+                joint = table[j][k]
+                independent = (table[j][0] + table[j][1]) * (table[0][k] + table[1][k])
+                term = joint * xp.log(joint / independent)
+                mi = mi + xp.where(xp.isnan(term), 0.0, term)
+                term = joint * xp.log(joint)
+                je = je + xp.where(xp.isnan(term), 0.0, term)
+    return xp.maximum(mi, 0.0), xp.maximum(-je, 0.0)
+
+
+def mutual_information(table: np.ndarray) -> np.ndarray:
+    """MI of 2x2 joint tables (2, 2, ...) float64 -> (...), NaN terms counted as 0, clamped >= 0."""
+    return mi_and_je(table)[0]
 
 
 def joint_entropy(table: np.ndarray) -> np.ndarray:
     """Joint entropy of 2x2 tables (2, 2, ...) float64 -> (...), NaN terms counted as 0, clamped >= 0."""
-    total = np.zeros(table.shape[2:], np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for j in range(2):
-            for k in range(2):
-                joint = table[j, k]
-                term = joint * np.log(joint)
-                total += np.where(np.isnan(term), 0.0, term)
-    return np.maximum(-total, 0.0)
+    return mi_and_je(table)[1]
 
 
 def information_quality_ratio(table: np.ndarray) -> np.ndarray:
     """MI / JE of 2x2 tables, with 0/0 (NaN) set to 0."""
+    mi, je = mi_and_je(table)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = mutual_information(table) / joint_entropy(table)
+        ratio = mi / je
     return np.where(np.isnan(ratio), 0.0, ratio)
 
 

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .scoring import mi_and_je
+
 #: The reference's candidate fractions: torch.logspace(-3, 0, 100) in float32.
 IQR_FRACTIONS = np.logspace(-3.0, 0.0, 100).astype(np.float32)
 MIN_LABEL_FRACTION = 1e-3
@@ -61,27 +63,13 @@ def _table(xp, isects, preds, truth):
     return [[xp.clip(t, 0, 1) for t in row] for row in table], unions
 
 
-def _mi_je(xp, table):
-    mi = 0.0
-    je = 0.0
-    for j in range(2):
-        for k in range(2):
-            joint = table[j][k]
-            independent = (table[j][0] + table[j][1]) * (table[0][k] + table[1][k])
-            term = joint * xp.log(joint / independent)
-            mi = mi + xp.where(xp.isnan(term), 0.0, term)
-            term = joint * xp.log(joint)
-            je = je + xp.where(xp.isnan(term), 0.0, term)
-    return xp.maximum(mi, 0.0), xp.maximum(-je, 0.0)
-
-
 @jax.jit
 def _search_chunk(isects, preds, truth, enabled, level_ok):
     """float32 isects/preds (Lc, U, F), truth (Lc,), enabled (Lc,), level_ok (U, F) -> best (Lc, U)."""
 
     def one_label(isects, preds, truth, enabled):
         table, _ = _table(jnp, isects, preds, truth)
-        mi, je = _mi_je(jnp, table)
+        mi, je = mi_and_je(table, jnp)
         mi = mi.at[:, -1].set(0.0)
         mi = jnp.where(enabled, mi, 0.0)
         iqr = mi / je
@@ -163,7 +151,7 @@ def search_iqr_thresholds(label_above, category_above, label_counts, label_pixel
         total_counts[label_category][:, None], pixels)
     with np.errstate(divide="ignore", invalid="ignore"):
         table, unions = _table(np, isects, preds, truth)
-        mi, je = _mi_je(np, table)
+        mi, je = mi_and_je(table, np)
         mi = np.where(candidate == num_candidates - 1, 0.0, mi)
         mi = np.where(enabled_all[:, None], mi, 0.0)
         iqr = mi / je

@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import numpy as np
 
+from gandissect_jax.dissection.labels import count_labels
 from gandissect_jax.scenes import world
 
 
-def segmented_label_frequencies(segmenter, images_batches) -> np.ndarray:
-    """Pixel share of each label float64 (num_labels,) over batches of NHWC images in [-1, 1]."""
-    counts = np.zeros(len(segmenter.labels), np.int64)
-    for images in images_batches:
-        seg = np.asarray(segmenter.segment(segmenter.params, images))
-        counts += np.bincount(seg.reshape(-1), minlength=len(counts))[: len(counts)]
+def _shares(per_batch: list, num_labels: int) -> np.ndarray:
+    """Label shares float64 (num_labels,) from per-batch (counts, outside) device pairs of count_labels."""
+    counts = np.zeros(num_labels, np.int64)
+    for batch_counts, outside in per_batch:  # read back once, after every batch was dispatched
+        if int(outside):
+            raise ValueError(f"label numbers outside 0..{num_labels - 1}")
+        counts += np.asarray(batch_counts, np.int64)
     return counts / max(counts.sum(), 1)
+
+
+def segmented_label_frequencies(segmenter, images_batches) -> np.ndarray:
+    """Pixel share of each label float64 (num_labels,) over batches of NHWC images in [-1, 1].
+
+    ValueError when the segmenter returns label numbers outside its labels."""
+    num_labels = len(segmenter.labels)
+    return _shares([count_labels(segmenter.segment(segmenter.params, images), num_labels) for images in images_batches], num_labels)
 
 
 def generated_label_frequencies(generator, segmenter, n: int = 256, seed: int = 0, batch: int = 64) -> np.ndarray:
@@ -31,10 +41,8 @@ def generated_label_frequencies(generator, segmenter, n: int = 256, seed: int = 
 def world_label_frequencies(n: int = 2000, world_seed: int = 0, segmenter=None, batch: int = 200) -> np.ndarray:
     """Label shares float64 (num_labels,) of ``n`` world scenes: exact labels, or ``segmenter``'s if given."""
     if segmenter is None:
-        counts = np.zeros(world.NUM_LABELS, np.int64)
-        for _, labels in world.iterate_scenes(world_seed, batch, 0, n):
-            counts += np.bincount(labels.reshape(-1), minlength=world.NUM_LABELS)
-        return counts / counts.sum()
+        batches = world.iterate_scenes(world_seed, batch, 0, n)
+        return _shares([count_labels(labels, world.NUM_LABELS) for _, labels in batches], world.NUM_LABELS)
     return segmented_label_frequencies(segmenter, (x for x, _ in world.iterate_scenes(world_seed, batch, 0, n)))
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gandissect_jax.images import to_uint8
+
 SIZE = 64
 LABEL_NAMES = ("-", "sky", "sun", "cloud", "grass", "road", "tree", "building", "window", "door", "roof")
 LABELS = {name: number for number, name in enumerate(LABEL_NAMES)}
@@ -442,8 +444,15 @@ def iterate_scenes(seed: int = 0, batch_size: int = 64, start: int = 0, stop: in
 
 
 def label_frequencies(labels: np.ndarray) -> np.ndarray:
-    """Fraction of pixels carrying each label number: float64 (NUM_LABELS,) from int labels (..., H, W)."""
-    counts = np.bincount(np.asarray(labels).reshape(-1), minlength=NUM_LABELS)[:NUM_LABELS]
+    """Fraction of pixels carrying each label number: float64 (NUM_LABELS,) from int labels (..., H, W).
+
+    ValueError for label numbers outside 0 .. NUM_LABELS - 1."""
+    from gandissect_jax.dissection.labels import count_labels
+
+    counts, outside = count_labels(labels, NUM_LABELS)
+    if int(outside):
+        raise ValueError(f"{int(outside)} label entries lie outside 0..{NUM_LABELS - 1}")
+    counts = np.asarray(counts, np.int64)
     return counts / max(counts.sum(), 1)
 
 
@@ -470,9 +479,7 @@ def label_palette() -> np.ndarray:
 
 def image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
     """Tile float images (N, H, W, 3) in [-1, 1] (or uint8) into one uint8 (rows*H, columns*W, 3) grid."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        images = np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
+    images = to_uint8(images)
     n, h, w, c = images.shape
     rows = -(-n // columns)
     grid = np.zeros((rows * h, columns * w, c), np.uint8)

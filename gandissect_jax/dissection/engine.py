@@ -1,0 +1,238 @@
+"""The engine: ``tally`` streams a source through any jittable computation into streaming statistics, sharded over local devices.
+
+``tally(compute, source, statistics)`` reads samples 0 .. N - 1 of ``source`` in batches, splits
+each batch over a 1-D mesh of local devices, and on every device runs, in one jitted
+``shard_map`` step, ``outputs = compute(params, batch)`` and
+``state[name] = statistics[name].update(state[name], outputs[name], batch["valid"])``. Nothing is
+communicated between devices while the pass runs: each accumulates its own state. Before any
+device state could overflow (``capacity``, decided on the host from sample counts alone) and at
+the end, device states are drained into host states with ``merge``, which is exact and
+order-independent, so the results are identical for any device count and batch size. With
+``checkpoint_dir``, the host states are saved every ``checkpoint_every`` seconds and a rerun
+continues from the last save.
+
+This is davidbau/dissect's ``tally`` in JAX form, with optax's ``init``/``update`` composition
+for the statistics (:mod:`.statistics`, :mod:`.quantiles`, :mod:`.moments`, or your own).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any, Callable, Mapping, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from . import resume
+from .statistics import StreamingStatistic
+
+AXIS = "devices"
+CHECKPOINT_NAME = "tally.npz"
+
+
+class Source(Protocol):
+    """What :func:`tally` reads: a fixed number of samples, fetched by sample number.
+
+    ``fetch(indices, sharding)`` returns a dict of arrays whose leading axis is ``len(indices)``,
+    placed with ``sharding`` (split over the mesh along that axis). Numbers past the end may be
+    asked for (padding of the last batch); return any sample for them, they are masked out.
+    ``identity()`` returns a JSON-able description of the data (for resume checks).
+    """
+
+    num_samples: int
+
+    def fetch(self, indices: np.ndarray, sharding) -> dict[str, jax.Array]: ...
+
+    def identity(self) -> dict: ...
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh (axis ``"devices"``) over ``devices`` (default: all local devices)."""
+    devices = list(devices) if devices is not None else jax.local_devices()
+    if not devices:
+        raise ValueError("no devices")
+    return Mesh(np.array(devices), (AXIS,))
+
+
+@functools.lru_cache(maxsize=64)
+def _step(compute: Callable, names: tuple[str, ...], statistics: tuple[StreamingStatistic, ...], mesh: Mesh):
+    """jit(shard_map(...)) of one batch for every statistic; states carry a leading device axis."""
+
+    def body(states, params, batch):
+        local = jax.tree_util.tree_map(lambda x: x[0], states)
+        outputs = compute(params, batch)
+        valid = batch["valid"]
+        updated = {name: stat.update(local[name], outputs[name], valid) for name, stat in zip(names, statistics)}
+        return jax.tree_util.tree_map(lambda x: x[None], updated)
+
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(AXIS), P(), P(AXIS)), out_specs=P(AXIS), check_vma=False)
+    return jax.jit(mapped, donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=64)
+def _init(names: tuple[str, ...], statistics: tuple[StreamingStatistic, ...], mesh: Mesh):
+    """A jitted function making fresh device states, one per device along the leading axis."""
+    count = mesh.devices.size
+
+    def make():
+        return {name: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (count,) + x.shape), stat.init())
+                for name, stat in zip(names, statistics)}
+
+    return jax.jit(make, out_shardings=NamedSharding(mesh, P(AXIS)))
+
+
+def _per_device(state: Any) -> list[Any]:
+    """Host copies of each device's state, from a state with a leading (sharded) device axis."""
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    shards = [sorted(leaf.addressable_shards, key=lambda s: s.index[0].start or 0) for leaf in leaves]
+    # explicit transfers (jax.device_get), so the pass also runs under jax.transfer_guard("disallow")
+    return [jax.tree_util.tree_unflatten(treedef, [jax.device_get(shards[i][d].data)[0] for i in range(len(leaves))])
+            for d in range(len(shards[0]) if shards else 0)]
+
+
+def _drain(statistics: Mapping[str, StreamingStatistic], host: dict, states: dict) -> dict:
+    for name, stat in statistics.items():
+        for device_state in _per_device(states[name]):
+            host[name] = stat.merge(host[name], device_state)
+    return host
+
+
+def _signature(statistics: Mapping[str, StreamingStatistic], num_samples: int) -> dict:
+    shapes = {name: [[list(x.shape), str(x.dtype)] for x in jax.tree_util.tree_leaves(jax.eval_shape(stat.init))]
+              for name, stat in statistics.items()}
+    return {"statistics": list(statistics), "shapes": shapes, "num_samples": int(num_samples)}
+
+
+def _capacity(compute, statistics, params, batch, per_device: int) -> tuple[int | None, str]:
+    """The fewest samples per device any statistic can take between drains, from shapes only."""
+    local = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((per_device,) + tuple(x.shape[1:]), x.dtype), batch)
+    outputs = jax.eval_shape(compute, params, local)
+    missing = [name for name in statistics if name not in outputs]
+    if missing:
+        raise ValueError(f"compute returned no inputs for statistic(s) {missing}; it returned {sorted(outputs)}")
+    limit, which = None, ""
+    for name, stat in statistics.items():
+        if stat.capacity is not None:
+            value = stat.capacity(outputs[name])
+            if value is not None and (limit is None or value < limit):
+                limit, which = max(1, int(value)), name
+    return limit, which
+
+
+def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
+          statistics: Mapping[str, StreamingStatistic] | StreamingStatistic, *, params: Any = None,
+          checkpoint_dir: str | None = None, mesh: Mesh | None = None, batch_size: int = 32,
+          checkpoint_every: float = 600.0, progress: bool = True, desc: str = "tally") -> Any:
+    """Stream every sample of ``source`` once through ``compute`` into ``statistics``; return their results.
+
+    compute: jittable ``compute(params, batch) -> {name: inputs}`` run on each device's shard of
+      a batch: ``batch`` is the source's dict for those samples plus ``"index"`` (int32 (n,)
+      sample numbers) and ``"valid"`` (bool (n,), False for the padding of the last batch).
+      ``params`` are passed explicitly (replicated on every device), never captured.
+    statistics: ``{name: StreamingStatistic}``; statistic ``name`` consumes ``outputs[name]``.
+      A single statistic may be given instead: ``compute`` then returns its inputs directly and
+      ``tally`` returns its result alone.
+    checkpoint_dir: where to save the host states (``tally.npz``) every ``checkpoint_every``
+      seconds; a rerun with the same statistics and source size continues from there (a
+      finished pass is not run again). ValueError when the checkpoint was written by a different
+      tally. mesh: a 1-D mesh (:func:`make_mesh`; default: all local devices).
+    batch_size: samples per step over all devices (rounded up to a multiple of the device count).
+
+    Returns ``{name: statistics[name].finalize(state)}`` (or the single result). Results are
+    identical for any device count and batch size: integer states merge exactly, top-k merges
+    by (value, sample number), and :mod:`.moments` folds float partials in sample order.
+    ValueError when a batch could overflow a statistic between drains (use a smaller batch).
+    """
+    single = isinstance(statistics, StreamingStatistic)
+    if single:
+        compute, statistics = _single(compute), {"result": statistics}
+    statistics = dict(statistics)
+    if not statistics:
+        raise ValueError("no statistics to tally")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    total = int(source.num_samples)
+    if total < 1:
+        raise ValueError("the source has no samples")
+    mesh = mesh if mesh is not None else make_mesh()
+    devices = mesh.devices.size
+    per_device = -(-int(batch_size) // devices)
+    global_batch = per_device * devices
+    sharding = NamedSharding(mesh, P(AXIS))
+    names, stats = tuple(statistics), tuple(statistics.values())
+    step, init = _step(compute, names, stats, mesh), _init(names, stats, mesh)
+    host = {name: jax.device_get(stat.init()) for name, stat in statistics.items()}
+    start = 0
+    signature = _signature(statistics, total)
+    checkpoint = os.path.join(checkpoint_dir, CHECKPOINT_NAME) if checkpoint_dir else None
+    if checkpoint and os.path.exists(checkpoint):
+        if resume.checkpoint_meta(checkpoint).get("signature") != resume.json_normalize(signature):
+            raise ValueError(f"checkpoint {checkpoint} was written by a different tally (other statistics, shapes "
+                             f"or number of samples); remove {checkpoint_dir} or use another checkpoint_dir")
+        host, meta = resume.load_checkpoint(checkpoint, host)
+        start = int(meta["samples_done"])
+    elif checkpoint_dir:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+    replicated = jax.device_put(params, NamedSharding(mesh, P()))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, desc=desc, unit="sample", disable=not progress, leave=False)
+    try:
+        states = init() if start < total else None
+        limit = None
+        since_drain = 0
+        last_save = time.monotonic()
+        position = start
+        while position < total:
+            indices = np.arange(position, position + global_batch)
+            valid = indices < total
+            batch = dict(source.fetch(indices, sharding))
+            batch["index"] = jax.device_put(indices.astype(np.int32), sharding)
+            batch["valid"] = jax.device_put(valid, sharding)
+            if limit is None:
+                limit, which = _capacity(compute, statistics, replicated, batch, per_device)
+                limit = limit if limit is not None else np.iinfo(np.int64).max
+                if per_device > limit:
+                    raise ValueError(f"a batch of {per_device} samples per device could overflow statistic "
+                                     f"{which!r} between drains; use a batch size of at most {limit * devices}")
+            states = step(states, replicated, batch)
+            position = min(total, position + global_batch)
+            since_drain += per_device
+            bar.update(int(valid.sum()))
+            must_save = checkpoint is not None and time.monotonic() - last_save >= checkpoint_every and position < total
+            if since_drain + per_device > limit or must_save:
+                host = _drain(statistics, host, states)
+                del states
+                states, since_drain = init(), 0
+                if must_save:
+                    _save(checkpoint, host, signature, position)
+                    last_save = time.monotonic()
+        if states is not None:
+            host = _drain(statistics, host, states)
+            if checkpoint:
+                _save(checkpoint, host, signature, total)
+    finally:
+        bar.close()
+    results = {name: stat.finalize(host[name]) for name, stat in statistics.items()}
+    return results["result"] if single else results
+
+
+def _save(path: str, host: dict, signature: dict, samples_done: int) -> None:
+    resume.save_checkpoint(path, host, {"signature": signature, "samples_done": int(samples_done)})
+
+
+@functools.lru_cache(maxsize=64)
+def _single(compute: Callable) -> Callable:
+    def wrapped(params, batch):
+        return {"result": compute(params, batch)}
+
+    return wrapped
+
+
+__all__ = ["tally", "make_mesh", "Source", "AXIS"]

@@ -1,0 +1,308 @@
+"""Sources of samples by number: precomputed arrays, a generator with a segmenter, or a tfds dataset.
+
+Every source has ``num_samples``, ``fetch(indices, sharding) -> dict of arrays`` (leading axis =
+samples, placed with ``sharding``) and ``identity()``, which is all
+:func:`~gandissect_jax.dissection.engine.tally` needs. A sample is produced again from its
+number whenever it is needed, so nothing per-sample is kept between passes.
+
+The dissection sources (:class:`ArraySource`, :class:`GeneratorSource`) fetch
+``{layer: float32 (n, h, w, U), ..., "labels": int32 (n, H, W, D)}`` and also give
+``layers``, ``feature_shapes``, ``seg_size``, a features-only view (:meth:`features_only`, for
+the quantile passes, where a generator runs only ``h``) and ``visual_batch`` for image strips.
+:class:`TfdsSource` reads images and label maps of a tensorflow-datasets split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gandissect_jax.images import to_uint8
+
+from .labels import colorize_segmentation
+
+# ============================================================================ generator / segmenter contracts
+# The only three places that call a generator or a segmenter. To switch to the new protocols
+# (INTERFACES.md: ``split(layer) -> Split(h, f)`` with ``h(params, z) -> (r, side)`` and
+# ``f(params, r, side) -> x``; ``segmenter.segment(params, images, downsample)``), change the
+# marked lines here and set ``SEGMENT_IN_JIT = True``.
+
+SEGMENT_IN_JIT = True
+
+
+def split_at(generator, layer: str):
+    """(head, tail) of ``generator`` at ``layer``: ``head(params, z) -> (r, side)``, ``tail(params, r, side) -> x``."""
+    split = generator.split(layer)
+    return split.h, split.f
+
+
+def segmenter_params(segmenter) -> Any:
+    """The segmenter's parameters, passed explicitly into :func:`segment`."""
+    return segmenter.params
+
+
+def segment(segmenter, params, images: jax.Array, downsample: int) -> jax.Array:
+    """int32 (n, H / downsample, W / downsample, D) labels of images in [-1, 1]."""
+    return segmenter.segment(params, images, downsample)
+
+
+# ============================================================================ views
+
+
+class FeaturesOnly:
+    """A dissection source that fetches the features only (no images, no segmentation)."""
+
+    def __init__(self, source):
+        self.source = source
+        self.num_samples = source.num_samples
+
+    def fetch(self, indices: np.ndarray, sharding) -> dict[str, jax.Array]:
+        return self.source.fetch(indices, sharding, labels=False)
+
+    def identity(self) -> dict:
+        return self.source.identity()
+
+
+def _clip(indices: np.ndarray, count: int) -> np.ndarray:
+    return np.clip(np.asarray(indices), 0, count - 1)
+
+
+def _take(array, indices: np.ndarray, count: int) -> np.ndarray:
+    """array[indices] (indices clipped to the samples), as one slice when they are consecutive."""
+    indices = _clip(indices, count)
+    lo, hi = int(indices.min()), int(indices.max()) + 1
+    if hi - lo == len(indices) and np.all(np.diff(indices) == 1):
+        return np.asarray(array[lo:hi])
+    return np.asarray(array[indices])
+
+
+# ============================================================================ arrays
+
+
+class ArraySource:
+    """Precomputed activations (N, h, w, U) per layer and segmentations (N, H, W, D), e.g. memory-mapped."""
+
+    def __init__(self, features: Mapping[str, Any], segmentations, images=None, identity: dict | None = None):
+        if not features:
+            raise ValueError("no features given")
+        for name, value in features.items():
+            if value.ndim != 4:
+                raise ValueError(f"features {name!r} must have shape (N, h, w, U), got {tuple(value.shape)}")
+        self.arrays = dict(features)
+        self.layers = tuple(self.arrays)
+        segmentations = segmentations if segmentations.ndim == 4 else segmentations[..., None]
+        if segmentations.ndim != 4:
+            raise ValueError(f"segmentations must have shape (N, H, W, D), got {tuple(segmentations.shape)}")
+        if not np.issubdtype(segmentations.dtype, np.integer):
+            raise ValueError(f"segmentations must hold integer labels, got dtype {segmentations.dtype}")
+        self.segmentations = segmentations
+        counts = {name: a.shape[0] for name, a in self.arrays.items()}
+        counts["segmentations"] = segmentations.shape[0]
+        if images is not None:
+            if images.ndim != 4 or images.shape[-1] != 3:
+                raise ValueError(f"images must have shape (N, H, W, 3), got {tuple(images.shape)}")
+            counts["images"] = images.shape[0]
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"features, segmentations and images disagree on the number of samples: {counts}")
+        self.images_array = images
+        self.num_samples = int(segmentations.shape[0])
+        self.seg_size = (int(segmentations.shape[1]), int(segmentations.shape[2]))
+        self.feature_shapes = {name: tuple(int(s) for s in a.shape[1:]) for name, a in self.arrays.items()}
+        self._identity = identity or {}
+
+    def fetch(self, indices: np.ndarray, sharding, labels: bool = True) -> dict[str, jax.Array]:
+        batch = {name: jax.device_put(_take(a, indices, self.num_samples).astype(np.float32), sharding)
+                 for name, a in self.arrays.items()}
+        if labels:
+            seg = _take(self.segmentations, indices, self.num_samples).astype(np.int32)
+            batch["labels"] = jax.device_put(seg, sharding)
+        return batch
+
+    def features_only(self) -> FeaturesOnly:
+        return FeaturesOnly(self)
+
+    def visual_batch(self, indices: np.ndarray, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (n, H, W, 3) backgrounds (the images, else the coloured segmentation) and float32 (n, h, w, U) features."""
+        if self.images_array is not None:
+            background = to_uint8(_take(self.images_array, indices, self.num_samples))
+        else:
+            seg = _take(self.segmentations, indices, self.num_samples).astype(np.int64)
+            background = colorize_segmentation(seg, int(seg.max()) + 1)
+        return background, _take(self.arrays[layer], indices, self.num_samples).astype(np.float32)
+
+    def identity(self) -> dict:
+        shapes = {name: list(a.shape) for name, a in self.arrays.items()}
+        digest = hashlib.sha256()
+        for array in (*self.arrays.values(), self.segmentations):
+            for index in (0, self.num_samples - 1):
+                digest.update(np.ascontiguousarray(array[index]).tobytes())
+        return {"kind": "arrays", "features": shapes, "segmentations": list(self.segmentations.shape),
+                "digest": digest.hexdigest()[:16], **self._identity}
+
+
+# ============================================================================ generator
+
+
+class GeneratorSource:
+    """Samples z_i of ``sample_z``-style normal noise (numpy RandomState(seed)) through a generator split
+    at each layer, and segments the generated images (clipped to [-1, 1]) at 1/seg_downsample of their size."""
+
+    def __init__(self, generator, segmenter, layers: Sequence[str], num_samples: int, seed: int = 1,
+                 seg_downsample: int = 2, identity: dict | None = None):
+        names = tuple(getattr(generator, "layer_names", ()))
+        unknown = [layer for layer in layers if names and layer not in names]
+        if unknown:
+            raise ValueError(f"unknown layer(s) {unknown}; the generator has {list(names)}")
+        if not layers:
+            raise ValueError("no layers to dissect")
+        self.generator, self.segmenter = generator, segmenter
+        self.layers = tuple(layers)
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.seg_downsample = int(seg_downsample)
+        self.z_dim = int(generator.z_dim)
+        self._identity = identity or {}
+        parts = {layer: split_at(generator, layer) for layer in self.layers}
+        # The last of the layers in forward order produces the image through its tail.
+        last = sorted(self.layers, key=lambda l: names.index(l) if l in names else 0)[-1]
+
+        def features(gparams, z):
+            return {layer: head(gparams, z)[0] for layer, (head, _) in parts.items()}
+
+        def features_and_images(gparams, z):
+            heads = {layer: head(gparams, z) for layer, (head, _) in parts.items()}
+            r, side = heads[last]
+            return {layer: value[0] for layer, value in heads.items()}, parts[last][1](gparams, r, side)
+
+        def features_and_labels(gparams, sparams, z):
+            feats, images = features_and_images(gparams, z)
+            return feats, segment(segmenter, sparams, jnp.clip(images, -1.0, 1.0), self.seg_downsample)
+
+        self._features = jax.jit(features)
+        self._features_and_images = jax.jit(features_and_images)
+        self._features_and_labels = jax.jit(features_and_labels)
+        self._placed: tuple[Any, Any] | None = None
+        self._stream = None
+        probe = jax.eval_shape(features_and_images, generator.params, jax.ShapeDtypeStruct((1, self.z_dim), jnp.float32))
+        self.image_size = (int(probe[1].shape[1]), int(probe[1].shape[2]))
+        self.seg_size = (self.image_size[0] // self.seg_downsample, self.image_size[1] // self.seg_downsample)
+        self.feature_shapes = {layer: tuple(int(s) for s in probe[0][layer].shape[1:]) for layer in self.layers}
+
+    def _z(self, indices: np.ndarray) -> np.ndarray:
+        """float32 z rows of the given sample numbers: rows of RandomState(seed).standard_normal(N * z_dim)
+        (the reference's and ``sample_z``'s stream), drawn in bounded chunks."""
+        indices = _clip(indices, self.num_samples)
+        lo, hi = int(indices.min()), int(indices.max()) + 1
+        rng, row = self._stream if self._stream is not None else (None, 0)
+        if rng is None or row > lo:
+            rng, row = np.random.RandomState(self.seed), 0
+        # Legacy Gaussians are drawn one by one (the pair cache lives in the state), so drawing
+        # the stream in pieces gives the same numbers as one big draw.
+        while row < lo:
+            take = min(lo - row, max(1, (1 << 20) // self.z_dim))
+            rng.standard_normal(take * self.z_dim)
+            row += take
+        block = rng.standard_normal((hi - lo) * self.z_dim).reshape(hi - lo, self.z_dim)
+        self._stream = (rng, hi)
+        return block[indices - lo].astype(np.float32)
+
+    def _params(self, sharding) -> tuple[Any, Any]:
+        """Generator and segmenter parameters, replicated on the mesh (placed once per mesh)."""
+        if self._placed is None or self._placed[0] is not sharding.mesh:
+            replicated = NamedSharding(sharding.mesh, P())
+            placed = jax.device_put((self.generator.params, segmenter_params(self.segmenter)), replicated)
+            self._placed = (sharding.mesh, placed)
+        return self._placed[1]
+
+    def fetch(self, indices: np.ndarray, sharding, labels: bool = True) -> dict[str, jax.Array]:
+        z = jax.device_put(self._z(indices), sharding)
+        gparams, sparams = self._params(sharding)
+        if not labels:
+            feats = self._features(gparams, z)
+        elif SEGMENT_IN_JIT:
+            feats, seg = self._features_and_labels(gparams, sparams, z)
+        else:
+            feats, images = self._features_and_images(gparams, z)
+            seg = segment(self.segmenter, sparams, jnp.clip(images, -1.0, 1.0), self.seg_downsample)
+        batch = {name: jax.device_put(value, sharding) for name, value in feats.items()}
+        if labels:
+            batch["labels"] = jax.device_put(jnp.asarray(seg, jnp.int32), sharding)
+        return batch
+
+    def features_only(self) -> FeaturesOnly:
+        return FeaturesOnly(self)
+
+    def visual_batch(self, indices: np.ndarray, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (n, H, W, 3) generated images and float32 (n, h, w, U) features of ``layer``."""
+        feats, images = self._features_and_images(self.generator.params, jnp.asarray(self._z(indices)))
+        return to_uint8(images), np.asarray(feats[layer], np.float32)
+
+    def identity(self) -> dict:
+        return {"kind": "generator", "num_samples": self.num_samples, "seed": self.seed,
+                "seg_downsample": self.seg_downsample, "z_dim": self.z_dim, **self._identity}
+
+
+# ============================================================================ tensorflow-datasets
+
+
+class TfdsSource:
+    """Images and label maps of a tensorflow-datasets split, by example number (random access).
+
+    data: a random-access split, e.g. ``builder.as_data_source("train")`` (array_record; needs
+    no TensorFlow), or any sequence of example dicts; see :meth:`from_builder`. fetch ->
+    ``{"image": float32 (n, H, W, 3) in [-1, 1] (uint8 x / 127.5 - 1), "label": int32 (n, H, W, D)}``
+    (a 2-D label map gets D = 1; a scalar label stays (n,)). Feed it to ``tally`` with a
+    ``compute`` that runs your model on ``batch["image"]``.
+    """
+
+    def __init__(self, data, *, image_key: str = "image", label_key: str | None = "label",
+                 num_samples: int | None = None, identity: dict | None = None):
+        self.data = data
+        self.image_key, self.label_key = image_key, label_key
+        self.num_samples = int(len(data) if num_samples is None else min(num_samples, len(data)))
+        if self.num_samples < 1:
+            raise ValueError("the dataset split has no examples")
+        example = data[0]
+        for key in (image_key, label_key):
+            if key is not None and key not in example:
+                raise ValueError(f"the dataset's examples have no {key!r}; they have {sorted(example)}")
+        self._identity = identity or {}
+
+    @classmethod
+    def from_builder(cls, builder, split: str = "train", **kwargs) -> "TfdsSource":
+        """Source over ``builder.as_data_source(split)`` of a prepared tfds builder."""
+        identity = {"dataset": str(builder.info.full_name), "split": split}
+        return cls(builder.as_data_source(split), identity={**identity, **kwargs.pop("identity", {})}, **kwargs)
+
+    def examples(self, indices: np.ndarray) -> list[dict]:
+        return [self.data[int(i)] for i in _clip(indices, self.num_samples)]
+
+    def images(self, indices: np.ndarray) -> np.ndarray:
+        """uint8 (n, H, W, 3) images."""
+        return to_uint8(np.stack([np.asarray(e[self.image_key]) for e in self.examples(indices)]))
+
+    def fetch(self, indices: np.ndarray, sharding) -> dict[str, jax.Array]:
+        examples = self.examples(indices)
+        images = np.stack([np.asarray(e[self.image_key]) for e in examples])
+        if images.dtype == np.uint8:
+            images = images.astype(np.float32) / np.float32(127.5) - np.float32(1)
+        batch = {"image": jax.device_put(images.astype(np.float32), sharding)}
+        if self.label_key is not None:
+            labels = np.stack([np.asarray(e[self.label_key]) for e in examples]).astype(np.int32)
+            if labels.ndim == 3:
+                labels = labels[..., None]
+            batch["label"] = jax.device_put(labels, sharding)
+        return batch
+
+    def identity(self) -> dict:
+        return {"kind": "tfds", "num_samples": self.num_samples, **self._identity}
+
+
+__all__ = ["ArraySource", "GeneratorSource", "TfdsSource", "FeaturesOnly", "split_at", "segment",
+           "segmenter_params", "SEGMENT_IN_JIT"]

@@ -1,0 +1,95 @@
+"""The output directory is the user's: layer names cannot write outside it, two layers never share a
+directory, and two runs cannot write into one directory at once."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from filelock import FileLock
+
+from gandissect_jax.dissection import dissect_features
+from gandissect_jax.dissection.report import OUTPUT_FILES, safe_dir_name
+from gandissect_jax.dissection.resume import LOCK_NAME
+
+FIXTURES = Path(__file__).parent / "fixtures" / "dissect"
+
+HOSTILE = ["..", ".", "../x", "../../etc/passwd", "a/b", "a\\b", "/abs", "C:\\x", "\\\\server\\share", ".progress",
+           ".hidden", "a/../..", "~", "a b", "%2F", "a%2Fb", "nul\x01", "ümlaut", "層", "-rf", "layer4", "Layer4.",
+           "..\\..", "a:b", "a\nb", "...", "x" * 200]
+
+
+def golden_small():
+    data = np.load(FIXTURES / "dissect_golden.npz")
+    labels = json.loads((FIXTURES / "labels.json").read_text())
+    return data["features"].transpose(0, 2, 3, 1)[:16, :, :, :4], data["segs"].transpose(0, 2, 3, 1)[:16], labels
+
+
+def is_one_safe_component(name: str) -> bool:
+    return (name not in ("", ".", "..") and "/" not in name and "\\" not in name and not name.startswith(".")
+            and not os.path.isabs(name) and os.path.basename(name) == name and ":" not in name
+            and all(32 < ord(c) < 127 for c in name))
+
+
+def test_every_layer_name_becomes_one_safe_distinct_directory():
+    rng = np.random.RandomState(0)
+    alphabet = list("abc./\\:%_- \x00\x7fé層") + ["..", "%2E"]
+    names = HOSTILE + ["".join(rng.choice(alphabet, size=rng.randint(1, 12))) for _ in range(500)]
+    names = list(dict.fromkeys(names))
+    encoded = {}
+    for name in names:
+        try:
+            directory = safe_dir_name(name)
+        except ValueError:
+            continue
+        assert is_one_safe_component(directory), (name, directory)
+        assert directory not in encoded, (name, encoded.get(directory))  # distinct names, distinct directories
+        encoded[directory] = name
+    assert safe_dir_name("layer4") == "layer4" and safe_dir_name("..") == "%2E."
+    assert safe_dir_name("a/b") == "a%2Fb" and safe_dir_name("a%2Fb") == "a%252Fb"
+
+
+@pytest.mark.parametrize("name", ["", "x" * 201, *OUTPUT_FILES, "DISSECT.JSON"])
+def test_names_that_cannot_name_a_directory_are_refused(name):
+    with pytest.raises(ValueError, match="layer name"):
+        safe_dir_name(name)
+
+
+def test_a_layer_named_dotdot_writes_inside_the_outdir(tmp_path):
+    features, segs, labels = golden_small()
+    outdir = tmp_path / "out"
+    dissect_features(features, segs, labels, layer="../escape", outdir=str(outdir), progress=False, batch_size=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing written beside the outdir
+    assert (outdir / "%2E.%2Fescape" / "scores.npz").exists()
+    document = json.loads((outdir / "dissect.json").read_text())
+    assert document["layers"][0]["layer"] == "../escape"
+    assert document["layers"][0]["dirname"] == "%2E.%2Fescape"
+    assert (outdir / "%2E.%2Fescape" / "image" / "0-top.jpg").exists()
+
+
+def test_two_layers_that_would_share_a_directory_are_refused(tmp_path):
+    features, segs, labels = golden_small()
+    with pytest.raises(ValueError, match="share the output directory"):
+        dissect_features({"Layer4": features, "layer4": features}, segs, labels, outdir=str(tmp_path),
+                         progress=False)
+
+
+def test_a_second_run_into_a_busy_outdir_is_refused_then_runs(tmp_path):
+    features, segs, labels = golden_small()
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    (outdir / "notes.txt").write_text("the user's")
+    holder = FileLock(str(outdir / LOCK_NAME))  # another run holding the directory
+    holder.acquire()
+    try:
+        with pytest.raises(ValueError, match="another dissection is writing into"):
+            dissect_features(features, segs, labels, outdir=str(outdir), progress=False, make_images=False)
+        assert sorted(p.name for p in outdir.iterdir()) == [LOCK_NAME, "notes.txt"]  # nothing touched
+    finally:
+        holder.release()
+    result = dissect_features(features, segs, labels, outdir=str(outdir), progress=False, make_images=False)
+    assert result["features"].num_units == 4
+    assert (outdir / "notes.txt").read_text() == "the user's"
