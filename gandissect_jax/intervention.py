@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gandissect_jax.dissection.labels import count_labels
+
 __all__ = [
     "Edit",
     "edit_representation",
@@ -185,15 +187,6 @@ def edited_generator(G: Any, layer: str) -> Callable[[Any, jax.Array, Edit], jax
     return _edited(h, f)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _count_labels(labels: jax.Array, num_labels: int) -> tuple[jax.Array, jax.Array]:
-    """On device: int32 (num_labels,) pixel count per label (out-of-range entries are counted as
-    label 0) and the number of out-of-range entries, so only num_labels + 1 ints reach the host."""
-    labels = labels.reshape(-1)
-    outside = (labels < 0) | (labels >= num_labels)
-    return jnp.bincount(jnp.where(outside, 0, labels), length=num_labels), outside.sum()
-
-
 def label_shares(
     generator: Any,
     segmenter: Any,
@@ -262,7 +255,7 @@ def label_shares(
     per_batch = []
     for start in starts:
         images = jnp.clip(images_of(jnp.asarray(z[start : start + batch_size])), -1.0, 1.0)
-        per_batch.append(_count_labels(segmenter.segment(sparams, images, seg_downsample), num_labels))
+        per_batch.append(count_labels(segmenter.segment(sparams, images, seg_downsample), num_labels))
     counts = np.zeros(num_labels, np.int64)
     for batch_counts, out_of_range in jax.device_get(per_batch):
         if int(out_of_range):

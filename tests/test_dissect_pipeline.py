@@ -140,18 +140,6 @@ def test_generator_and_features_entry_points_agree(tmp_path):
     assert (tmp_path / "gen" / "layer1" / "scores.npz").exists()
 
 
-def test_generator_and_segmenter_in_one_jit_give_the_same_dissection(monkeypatch):
-    """The switch to the new Segmenter contract (segmentation inside the generator's jitted
-    function, parameters passed in) changes no number."""
-    from gandissect_jax.dissection import sources
-
-    options = dict(size=37, seed=3, batch_size=8, threshold="iqr", progress=False, k=5)
-    separate = dissect_generator(TinyGenerator(), TinySegmenter(), ["layer2"], **options)["layer2"]
-    monkeypatch.setattr(sources, "SEGMENT_IN_JIT", True)
-    fused = dissect_generator(TinyGenerator(), TinySegmenter(), ["layer2"], **options)["layer2"]
-    assert_same(separate, fused)
-
-
 def test_generator_z_stream_matches_sample_z():
     source = GeneratorSource(TinyGenerator(), TinySegmenter(), ["layer1"], 50, seed=5, seg_downsample=2)
     expected = np.random.RandomState(5).standard_normal(50 * 6).reshape(50, 6).astype(np.float32)

@@ -28,12 +28,8 @@ from gandissect_jax.images import to_uint8
 from .labels import colorize_segmentation
 
 # ============================================================================ generator / segmenter contracts
-# The only three places that call a generator or a segmenter. To switch to the new protocols
-# (INTERFACES.md: ``split(layer) -> Split(h, f)`` with ``h(params, z) -> (r, side)`` and
-# ``f(params, r, side) -> x``; ``segmenter.segment(params, images, downsample)``), change the
-# marked lines here and set ``SEGMENT_IN_JIT = True``.
-
-SEGMENT_IN_JIT = True
+# The only three places that call a generator or a segmenter (the Generator and Segmenter
+# protocols: ``split(layer) -> Split(h, f)``, ``segment(params, images, downsample)``).
 
 
 def split_at(generator, layer: str):
@@ -225,11 +221,8 @@ class GeneratorSource:
         gparams, sparams = self._params(sharding)
         if not labels:
             feats = self._features(gparams, z)
-        elif SEGMENT_IN_JIT:
-            feats, seg = self._features_and_labels(gparams, sparams, z)
         else:
-            feats, images = self._features_and_images(gparams, z)
-            seg = segment(self.segmenter, sparams, jnp.clip(images, -1.0, 1.0), self.seg_downsample)
+            feats, seg = self._features_and_labels(gparams, sparams, z)
         batch = {name: jax.device_put(value, sharding) for name, value in feats.items()}
         if labels:
             batch["labels"] = jax.device_put(jnp.asarray(seg, jnp.int32), sharding)
@@ -305,4 +298,4 @@ class TfdsSource:
 
 
 __all__ = ["ArraySource", "GeneratorSource", "TfdsSource", "FeaturesOnly", "split_at", "segment",
-           "segmenter_params", "SEGMENT_IN_JIT"]
+           "segmenter_params"]
