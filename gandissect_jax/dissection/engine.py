@@ -9,7 +9,9 @@ device state could overflow (``capacity``, decided on the host from sample count
 the end, device states are drained into host states with ``merge``, which is exact and
 order-independent, so the results are identical for any device count and batch size. With
 ``checkpoint_dir``, the host states are saved every ``checkpoint_every`` seconds and a rerun
-continues from the last save.
+continues from the last save. Ctrl-C (SIGINT) stops the pass at the end of the running batch:
+the states are saved (with ``checkpoint_dir``) and :class:`Interrupted` says where a rerun
+continues; a second Ctrl-C stops at once.
 
 This is davidbau/dissect's ``tally`` in JAX form, with optax's ``init``/``update`` composition
 for the statistics (:mod:`.statistics`, :mod:`.quantiles`, :mod:`.moments`, or your own).
@@ -17,10 +19,14 @@ for the statistics (:mod:`.statistics`, :mod:`.quantiles`, :mod:`.moments`, or y
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import numbers
 import os
+import signal
+import threading
 import time
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import resume
+from .config import MAX_BATCH, MAX_CHECKPOINT_SECONDS
 from .statistics import StreamingStatistic
 
 AXIS = "devices"
@@ -49,6 +56,59 @@ class Source(Protocol):
     def fetch(self, indices: np.ndarray, sharding) -> dict[str, jax.Array]: ...
 
     def identity(self) -> dict: ...
+
+
+class PassProgress(Protocol):
+    """What ``tally(progress=...)`` may also be given instead of True/False: a display that makes
+    the bar of each pass (e.g. :class:`gandissect_jax.dissection.progress.RunProgress`, which
+    also keeps an overall bar over all passes). ``bar(desc, total, initial)`` returns an object
+    with ``update(n)`` and ``close()``, as a tqdm bar."""
+
+    def bar(self, desc: str, total: int, initial: int) -> Any: ...
+
+
+class Interrupted(KeyboardInterrupt):
+    """A pass stopped by Ctrl-C (SIGINT) at a batch boundary.
+
+    Attributes: ``stage`` (the pass's name), ``samples_done`` and ``num_samples`` (of the pass),
+    ``checkpoint`` (the file holding the state up to ``samples_done``, or None when the tally
+    had no ``checkpoint_dir`` and nothing was saved). ``str()`` is a one-line summary saying
+    where a rerun continues.
+    """
+
+    def __init__(self, stage: str, samples_done: int, num_samples: int, checkpoint: str | None):
+        super().__init__(stage, samples_done, num_samples, checkpoint)
+        self.stage, self.samples_done, self.num_samples, self.checkpoint = stage, samples_done, num_samples, checkpoint
+
+    def __str__(self) -> str:
+        where = f"{self.stage} stopped at sample {self.samples_done:,} of {self.num_samples:,}"
+        if self.checkpoint is None:
+            return f"interrupted: {where}; nothing was saved (no checkpoint directory)"
+        return (f"interrupted: {where}; progress saved in {os.path.dirname(self.checkpoint)}: "
+                f"rerun the same command to resume from there")
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """While the block runs, Ctrl-C (SIGINT) only sets a flag, read by the returned function; a
+    second Ctrl-C raises KeyboardInterrupt at once. Outside the main thread, or when SIGINT is
+    not handled by Python's default handler, nothing changes (the flag stays False)."""
+    requested: list[bool] = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -127,7 +187,7 @@ def _capacity(compute, statistics, params, batch, per_device: int) -> tuple[int 
 def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
           statistics: Mapping[str, StreamingStatistic] | StreamingStatistic, *, params: Any = None,
           checkpoint_dir: str | None = None, mesh: Mesh | None = None, batch_size: int = 32,
-          checkpoint_every: float = 600.0, progress: bool = True, desc: str = "tally") -> Any:
+          checkpoint_every: float = 60.0, progress: bool | PassProgress = True, desc: str = "tally") -> Any:
     """Stream every sample of ``source`` once through ``compute`` into ``statistics``; return their results.
 
     compute: jittable ``compute(params, batch) -> {name: inputs}`` run on each device's shard of
@@ -142,11 +202,14 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
       finished pass is not run again). ValueError when the checkpoint was written by a different
       tally. mesh: a 1-D mesh (:func:`make_mesh`; default: all local devices).
     batch_size: samples per step over all devices (rounded up to a multiple of the device count).
+    progress: show a tqdm bar named ``desc`` (True), nothing (False), or a :class:`PassProgress`.
 
     Returns ``{name: statistics[name].finalize(state)}`` (or the single result). Results are
     identical for any device count and batch size: integer states merge exactly, top-k merges
     by (value, sample number), and :mod:`.moments` folds float partials in sample order.
     ValueError when a batch could overflow a statistic between drains (use a smaller batch).
+    :class:`Interrupted` (a KeyboardInterrupt) after Ctrl-C, once the states up to the last
+    finished batch are saved (with ``checkpoint_dir``).
     """
     single = isinstance(statistics, StreamingStatistic)
     if single:
@@ -154,8 +217,11 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
     statistics = dict(statistics)
     if not statistics:
         raise ValueError("no statistics to tally")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not (isinstance(batch_size, numbers.Integral) and 1 <= batch_size <= MAX_BATCH):
+        raise ValueError(f"batch_size must be an integer in [1, {MAX_BATCH}], got {batch_size!r}")
+    if not (isinstance(checkpoint_every, numbers.Real) and 0 <= float(checkpoint_every) <= MAX_CHECKPOINT_SECONDS):
+        raise ValueError(f"checkpoint_every must be a number of seconds in [0, {MAX_CHECKPOINT_SECONDS:g}], "
+                         f"got {checkpoint_every!r}")
     total = int(source.num_samples)
     if total < 1:
         raise ValueError("the source has no samples")
@@ -180,43 +246,53 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
         os.makedirs(checkpoint_dir, exist_ok=True)
     replicated = jax.device_put(params, NamedSharding(mesh, P()))
 
-    from tqdm.auto import tqdm
+    if hasattr(progress, "bar"):
+        bar = progress.bar(desc, total, start)
+    else:
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=start, desc=desc, unit="sample", disable=not progress, leave=False)
+        bar = tqdm(total=total, initial=start, desc=desc, unit="sample", disable=not progress, leave=False)
     try:
-        states = init() if start < total else None
-        limit = None
-        since_drain = 0
-        last_save = time.monotonic()
-        position = start
-        while position < total:
-            indices = np.arange(position, position + global_batch)
-            valid = indices < total
-            batch = dict(source.fetch(indices, sharding))
-            batch["index"] = jax.device_put(indices.astype(np.int32), sharding)
-            batch["valid"] = jax.device_put(valid, sharding)
-            if limit is None:
-                limit, which = _capacity(compute, statistics, replicated, batch, per_device)
-                limit = limit if limit is not None else np.iinfo(np.int64).max
-                if per_device > limit:
-                    raise ValueError(f"a batch of {per_device} samples per device could overflow statistic "
-                                     f"{which!r} between drains; use a batch size of at most {limit * devices}")
-            states = step(states, replicated, batch)
-            position = min(total, position + global_batch)
-            since_drain += per_device
-            bar.update(int(valid.sum()))
-            must_save = checkpoint is not None and time.monotonic() - last_save >= checkpoint_every and position < total
-            if since_drain + per_device > limit or must_save:
+        with deferred_interrupt() as stop_requested:
+            states = init() if start < total else None
+            limit = None
+            since_drain = 0
+            last_save = time.monotonic()
+            position = start
+            while position < total:
+                indices = np.arange(position, position + global_batch)
+                valid = indices < total
+                batch = dict(source.fetch(indices, sharding))
+                batch["index"] = jax.device_put(indices.astype(np.int32), sharding)
+                batch["valid"] = jax.device_put(valid, sharding)
+                if limit is None:
+                    limit, which = _capacity(compute, statistics, replicated, batch, per_device)
+                    limit = limit if limit is not None else np.iinfo(np.int64).max
+                    if per_device > limit:
+                        raise ValueError(f"a batch of {per_device} samples per device could overflow statistic "
+                                         f"{which!r} between drains; use a batch size of at most {limit * devices}")
+                states = step(states, replicated, batch)
+                position = min(total, position + global_batch)
+                since_drain += per_device
+                bar.update(int(valid.sum()))
+                stopping = stop_requested() and position < total
+                must_save = checkpoint is not None and position < total and (
+                    stopping or time.monotonic() - last_save >= checkpoint_every)
+                if since_drain + per_device > limit or must_save:
+                    host = _drain(statistics, host, states)
+                    del states
+                    states, since_drain = init(), 0
+                    if must_save:
+                        _save(checkpoint, host, signature, position)
+                        last_save = time.monotonic()
+                if stopping:
+                    raise Interrupted(desc, position, total, checkpoint)
+            if states is not None:
                 host = _drain(statistics, host, states)
-                del states
-                states, since_drain = init(), 0
-                if must_save:
-                    _save(checkpoint, host, signature, position)
-                    last_save = time.monotonic()
-        if states is not None:
-            host = _drain(statistics, host, states)
-            if checkpoint:
-                _save(checkpoint, host, signature, total)
+                if checkpoint:
+                    _save(checkpoint, host, signature, total)
+            if stop_requested():  # Ctrl-C during the last batch: the pass is complete and saved
+                raise Interrupted(desc, total, total, checkpoint)
     finally:
         bar.close()
     results = {name: stat.finalize(host[name]) for name, stat in statistics.items()}
@@ -235,4 +311,4 @@ def _single(compute: Callable) -> Callable:
     return wrapped
 
 
-__all__ = ["tally", "make_mesh", "Source", "AXIS"]
+__all__ = ["tally", "make_mesh", "Source", "PassProgress", "Interrupted", "deferred_interrupt", "AXIS"]

@@ -14,7 +14,6 @@ the quantile passes, where a generator runs only ``h``) and ``visual_batch`` for
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -26,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from gandissect_jax.images import to_uint8
 
 from .labels import colorize_segmentation
+from .resume import content_digest, pytree_digest
 
 # ============================================================================ generator / segmenter contracts
 # The only three places that call a generator or a segmenter (the Generator and Segmenter
@@ -82,7 +82,14 @@ def _take(array, indices: np.ndarray, count: int) -> np.ndarray:
 
 
 class ArraySource:
-    """Precomputed activations (N, h, w, U) per layer and segmentations (N, H, W, D), e.g. memory-mapped."""
+    """Precomputed activations (N, h, w, U) per layer and segmentations (N, H, W, D), e.g. memory-mapped.
+
+    ``identity()`` holds a sha256 of every byte of every array (streamed, computed once), and
+    ``label_range()`` the smallest and largest segmentation entry, taken in the same read.
+    """
+
+    # The data are read, not computed, so every statistic of them is the same for any batch size.
+    batch_invariant = True
 
     def __init__(self, features: Mapping[str, Any], segmentations, images=None, identity: dict | None = None):
         if not features:
@@ -132,14 +139,33 @@ class ArraySource:
             background = colorize_segmentation(seg, int(seg.max()) + 1)
         return background, _take(self.arrays[layer], indices, self.num_samples).astype(np.float32)
 
+    def _scan(self) -> dict:
+        """sha256 of every array's content, and the segmentations' (min, max), in one read of each array."""
+        if getattr(self, "_content", None) is None:
+            low, high = [], []
+
+            def extremes(chunk):
+                if chunk.size:
+                    low.append(int(chunk.min()))
+                    high.append(int(chunk.max()))
+
+            content = {"features": {name: content_digest(a) for name, a in self.arrays.items()},
+                       "segmentations": content_digest(self.segmentations, visit=extremes)}
+            if self.images_array is not None:
+                content["images"] = content_digest(self.images_array)
+            self._content = content
+            self._label_range = (min(low), max(high)) if low else (0, 0)
+        return self._content
+
+    def label_range(self) -> tuple[int, int]:
+        """(smallest, largest) entry of the segmentations, exact (any integer dtype)."""
+        self._scan()
+        return self._label_range
+
     def identity(self) -> dict:
         shapes = {name: list(a.shape) for name, a in self.arrays.items()}
-        digest = hashlib.sha256()
-        for array in (*self.arrays.values(), self.segmentations):
-            for index in (0, self.num_samples - 1):
-                digest.update(np.ascontiguousarray(array[index]).tobytes())
         return {"kind": "arrays", "features": shapes, "segmentations": list(self.segmentations.shape),
-                "digest": digest.hexdigest()[:16], **self._identity}
+                "content": self._scan(), **self._identity}
 
 
 # ============================================================================ generator
@@ -147,7 +173,14 @@ class ArraySource:
 
 class GeneratorSource:
     """Samples z_i of ``sample_z``-style normal noise (numpy RandomState(seed)) through a generator split
-    at each layer, and segments the generated images (clipped to [-1, 1]) at 1/seg_downsample of their size."""
+    at each layer, and segments the generated images (clipped to [-1, 1]) at 1/seg_downsample of their size.
+
+    ``identity()`` holds a sha256 of the generator's and the segmenter's parameters.
+    """
+
+    # Generator and segmenter outputs still differ slightly with the batch shape (CPU kernels), so
+    # a run's identity includes its batch size and device count.
+    batch_invariant = False
 
     def __init__(self, generator, segmenter, layers: Sequence[str], num_samples: int, seed: int = 1,
                  seg_downsample: int = 2, identity: dict | None = None):
@@ -237,8 +270,12 @@ class GeneratorSource:
         return to_uint8(images), np.asarray(feats[layer], np.float32)
 
     def identity(self) -> dict:
+        if getattr(self, "_params_digest", None) is None:
+            self._params_digest = {"generator": pytree_digest(self.generator.params),
+                                   "segmenter": pytree_digest(segmenter_params(self.segmenter))}
         return {"kind": "generator", "num_samples": self.num_samples, "seed": self.seed,
-                "seg_downsample": self.seg_downsample, "z_dim": self.z_dim, **self._identity}
+                "seg_downsample": self.seg_downsample, "z_dim": self.z_dim, "params": self._params_digest,
+                **self._identity}
 
 
 # ============================================================================ tensorflow-datasets
