@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except KeyboardInterrupt as err:  # Ctrl-C: one line, no traceback (a dissection says where it resumes)
-        message = str(err) if str(err).startswith("interrupted") else (
-            "interrupted; rerun the same command to resume from the last saved progress")
+        message = str(err) if str(err).startswith("interrupted") else "interrupted" + (
+            "; rerun the same command to resume from the last saved progress" if args.command == "dissect" else "")
         start = "\r" if sys.stderr.isatty() else ""  # over the terminal's "^C"
         print(f"{start}gandissect-jax {args.command}: {message}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -137,3 +137,53 @@ def test_cli_generator_source(tmp_path, monkeypatch):
         assert scores["iou"].shape == (4, 7) and scores["levels"].shape == (7,)
         assert scores["max_iqr"].shape == (4, 7)
     assert len(list((outdir / "layer2" / "image").glob("*-top.jpg"))) == 7
+
+
+def _toy_files(directory: Path, seed: int = 0, layout: str = "nhwc") -> list[str]:
+    from test_dissect_runs import LABELS, toy
+
+    feats, seg = toy(seed=seed)
+    np.save(directory / "f.npy", feats if layout == "nhwc" else np.ascontiguousarray(feats.transpose(0, 3, 1, 2)))
+    np.save(directory / "s.npy", seg)
+    (directory / "labels.json").write_text(json.dumps(LABELS))
+    return ["dissect", "--features", str(directory / "f.npy"), "--segmentations", str(directory / "s.npy"),
+            "--labels", str(directory / "labels.json"), "--quiet", "--no-images", "--batch-size", "16"]
+
+
+def test_cli_refuses_other_data_in_an_outdir_and_restarts_on_request(tmp_path, capsys):
+    argv = _toy_files(tmp_path) + ["--outdir", str(tmp_path / "out")]
+    assert main(argv) == 0
+    (tmp_path / "out" / "mine.txt").write_text("the user's")
+    _toy_files(tmp_path, seed=1)  # the same files, other data
+    capsys.readouterr()
+    assert main(argv) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"gandissect-jax dissect: error: {tmp_path / 'out'} holds a dissection of other inputs")
+    assert "source.content.features.features was sha256" in line and "--restart" in line
+    assert main(argv + ["--restart"]) == 0
+    assert (tmp_path / "out" / "mine.txt").read_text() == "the user's"
+    assert main(argv) == 0  # the restarted run is now the one that resumes
+
+
+def test_cli_layout_flag_reads_channels_first_features(tmp_path, capsys):
+    argv = _toy_files(tmp_path, layout="nchw")
+    assert main(argv + ["--outdir", str(tmp_path / "refused")]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "pass --layout nchw" in line and not (tmp_path / "refused").exists()
+    assert main(argv + ["--layout", "nchw", "--outdir", str(tmp_path / "nchw")]) == 0
+    assert main(_toy_files(tmp_path) + ["--outdir", str(tmp_path / "nhwc")]) == 0
+    with np.load(tmp_path / "nchw" / "features" / "scores.npz") as a, \
+            np.load(tmp_path / "nhwc" / "features" / "scores.npz") as b:
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_cli_bad_labels_get_one_line_before_any_work(tmp_path, capsys):
+    argv = _toy_files(tmp_path)
+    seg = np.load(tmp_path / "s.npy")
+    seg[40, 3, 3] = 255
+    np.save(tmp_path / "s.npy", seg)
+    assert main(argv + ["--outdir", str(tmp_path / "out")]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "hold label 255, outside [0, 3]" in line and "map 'ignore' values such as 255 or -1 to 0" in line
+    assert not (tmp_path / "out").exists()

@@ -334,3 +334,38 @@ def test_progress_bars_name_each_pass(capsys):
     for name in ("pass 1/4: unit quantiles and top samples", "pass 2/4: quantile refinement",
                  "pass 3/4: exact quantiles", "pass 4/4: concept counts", "dissection:"):
         assert name in err, name
+
+
+def test_overall_progress_weights_each_pass_by_its_measured_cost(monkeypatch):
+    """The overall bar counts each pass's samples times its cost per sample relative to the first
+    pass: a prior at first, the measured ratio once a twentieth of the pass ran; it ends full."""
+    from gandissect_jax.dissection import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    run = progress.RunProgress(1000, ["quantiles-0", "quantiles-1", "counts"], costs={"counts": 6.0})
+    seconds_per_sample = {"quantiles-0": 0.001, "quantiles-1": 0.0005, "counts": 0.003}
+    assert run.outer.total == 1000 * (1 + 1 + 6)
+    seen = {}
+    for name, cost in seconds_per_sample.items():
+        bar = run.bar(name, 1000, 0)
+        for _ in range(100):
+            clock[0] += 10 * cost
+            bar.update(10)
+        seen[name] = list(run.costs)
+        bar.close()
+    assert seen["quantiles-0"] == [1.0, 1.0, 6.0]  # priors while the first pass runs
+    assert seen["quantiles-1"][1] == pytest.approx(0.5)  # measured: half the first pass's time per sample
+    assert seen["counts"][2] == pytest.approx(3.0)  # the prior 6 replaced by the measured 3
+    assert run.outer.n == pytest.approx(run.outer.total) == pytest.approx(1000 * (1 + 0.5 + 3))
+    run.close()
+
+
+def test_a_resumed_run_starts_the_overall_bar_where_it_stopped():
+    from gandissect_jax.dissection import progress
+
+    run = progress.RunProgress(1000, ["quantiles-0", "quantiles-1", "counts"], costs={"counts": 2.0})
+    bar = run.bar("quantiles-1", 1000, 400)  # passes 0 done, 400 samples of pass 1 saved
+    assert run.outer.n == pytest.approx(1000 + 400) and run.outer.total == pytest.approx(4000)
+    bar.close()
+    run.close()

@@ -40,6 +40,7 @@ from .statistics import StreamingStatistic
 
 AXIS = "devices"
 CHECKPOINT_NAME = "tally.npz"
+IN_FLIGHT = 4  # steps the host may queue ahead of the devices
 
 
 class Source(Protocol):
@@ -256,7 +257,7 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
         with deferred_interrupt() as stop_requested:
             states = init() if start < total else None
             limit = None
-            since_drain = 0
+            since_drain = steps_run = 0
             last_save = time.monotonic()
             position = start
             while position < total:
@@ -271,6 +272,12 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
                     if per_device > limit:
                         raise ValueError(f"a batch of {per_device} samples per device could overflow statistic "
                                          f"{which!r} between drains; use a batch size of at most {limit * devices}")
+                # At most IN_FLIGHT steps queued: the host fetches ahead while the devices work,
+                # but queued batches cannot pile up in memory, progress counts (nearly) finished
+                # steps, and Ctrl-C stops within a few steps. (A wait, not a transfer.)
+                steps_run += 1
+                if steps_run % IN_FLIGHT == 0:
+                    jax.block_until_ready(states)
                 states = step(states, replicated, batch)
                 position = min(total, position + global_batch)
                 since_drain += per_device

@@ -48,8 +48,8 @@ class _PassBar:
             self.run.jump(self)
             return
         self.timed_samples += count
-        self.run.calibrate(self)
         self.run.outer.update(count * self.run.costs[self.index])
+        self.run.calibrate(self)
 
     def rate(self) -> float | None:
         """Samples per second since the first batch (None before there is a measure)."""
