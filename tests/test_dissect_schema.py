@@ -50,8 +50,12 @@ def test_schema_1_dissect_json_reads_as_schema_2(fresh):
     upgraded = read_dissect_json(str(V1 / "dissect.json"))
     current = json.loads((outdir / "dissect.json").read_text())
     assert upgraded["schema"] == current["schema"] == 2
-    # the same document, field for field, except the settings' version (the run format changed with it)
-    assert upgraded["settings"].pop("version") == 1 and current["settings"].pop("version") == 2
+    # the same document, field for field, except the run format's version and the source's identity
+    # (version 3 records a sha256 of all the data and the layout instead of a digest of two samples)
+    assert upgraded["settings"].pop("version") == 1 and current["settings"].pop("version") == 3
+    old_source, new_source = upgraded["settings"].pop("source"), current["settings"].pop("source")
+    assert old_source.pop("digest") and set(new_source.pop("content")) == {"features", "segmentations"}
+    assert new_source.pop("layout") == "nhwc" and old_source == new_source
     assert upgraded == current
     unit = upgraded["layers"][0]["units"][3]
     assert unit["level"] == raw["layers"][0]["units"][3]["threshold"]
