@@ -108,7 +108,7 @@ def _check_label_values(source, num_labels: int, mesh, batch_size: int) -> None:
     if low >= 0 and high < num_labels:
         return
     bad = high if high >= num_labels else low
-    hint = (f"; map 'ignore' values such as 255 or -1 to 0 (no label) first" if bad in IGNORE_VALUES
+    hint = ("; map 'ignore' values such as 255 or -1 to 0 (no label) first" if bad in IGNORE_VALUES
             else "; the labels file must list every label number the segmentations use")
     raise ValueError(f"{where} hold label {bad}, outside [0, {num_labels - 1}]: the labels list "
                      f"{num_labels} labels (0 = no label){hint}")
