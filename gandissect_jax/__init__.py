@@ -49,6 +49,7 @@ _EXPORTS = {
     "Segmenter": "gandissect_jax.segmenter",
     "dissect_generator": "gandissect_jax.dissection",
     "dissect_features": "gandissect_jax.dissection",
+    "dissect_model": "gandissect_jax.dissection",
     "DissectConfig": "gandissect_jax.dissection",
     "LayerDissection": "gandissect_jax.dissection",
     "tally": "gandissect_jax.dissection",

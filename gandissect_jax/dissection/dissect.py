@@ -25,7 +25,7 @@ from .labels import label_category_indices, labels_and_categories
 from .report import safe_dir_name, write_report
 from .results import LayerDissection
 from .resume import RunDirectory, digest, outdir_lock
-from .sources import ArraySource, GeneratorSource
+from .sources import ArraySource, GeneratorSource, ModelSource
 from .strips import write_strips
 
 
@@ -176,7 +176,10 @@ def dissect_generator(generator, segmenter, layers: Sequence[str], config: Disse
     """Dissect layers of a generator: for samples z_i (i < size) of RandomState(seed) normal noise,
     run h (to each layer), f (to the image) and the segmenter, and score every unit.
 
-    generator: the generator contract (``params``, ``layer_names``, ``z_dim``, ``split(layer)``);
+    generator: the Generator protocol (``params``, ``layer_names``, ``z_dim``, ``apply``,
+    ``split(layer)``); every layer's split is checked first (``f(h(z)) == G(z)`` on a probe
+    batch, :func:`~gandissect_jax.generator.verify_split`), so a split that ignores side inputs
+    is refused before any pass;
     segmenter: the Segmenter protocol (``labels``, ``categories``, ``segment``). The segmentation
     is taken at 1/seg_downsample of the image size (2, as the reference), and features are
     upsampled to it. config / overrides: :class:`DissectConfig` settings (``threshold`` defaults
@@ -194,4 +197,26 @@ def dissect_generator(generator, segmenter, layers: Sequence[str], config: Disse
                    levels=levels, devices=devices, outdir=outdir)
 
 
-__all__ = ["dissect", "dissect_features", "dissect_generator"]
+def dissect_model(model, data, layers: Sequence[str], labels, config: DissectConfig | None = None, *,
+                  categories: Sequence[str] | None = None, levels=None, devices=None, outdir: str | None = None,
+                  identity: dict | None = None, **overrides) -> dict[str, LayerDissection]:
+    """Dissect layers of a model of images (e.g. a classifier) against a labelled dataset's label maps.
+
+    model: a Generator-protocol object whose input is an image batch, such as
+    ``split_module(module, params, at=..., input_shape=(H, W, 3))``; data: a source of
+    ``{"image", "label"}`` by example number such as :class:`~.sources.TfdsSource`; labels /
+    categories: the names of the data's label numbers (label 0 = none), as
+    :func:`dissect_features`. config / overrides: :class:`DissectConfig` settings (``threshold``
+    defaults to 'quantile', the Network Dissection rule). Returns {layer: LayerDissection}.
+    """
+    config = _config(config, overrides)
+    source = ModelSource(model, data, layers, identity)
+    if levels is not None and not isinstance(levels, Mapping):
+        if len(source.layers) != 1:
+            raise ValueError("with several layers, levels must be a dict layer -> (U,) array")
+        levels = {source.layers[0]: levels}
+    return dissect(source, labels, categories, config, default_threshold="quantile", levels=levels, devices=devices,
+                   outdir=outdir)
+
+
+__all__ = ["dissect", "dissect_features", "dissect_generator", "dissect_model"]
