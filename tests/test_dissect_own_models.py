@@ -12,7 +12,8 @@ import pytest
 from toy_models import Z_DIM, Classifier, StyleGenerator, random_like, style_variables
 
 from gandissect_jax.dissection import dissect_features, dissect_generator, dissect_model
-from gandissect_jax.generator import Split, SplitError, split_module
+from gandissect_jax.flax_split import split_module
+from gandissect_jax.generator import Split, SplitError
 
 FIELDS = ("levels", "label_counts", "total_counts", "category_activation_counts", "intersection_counts", "iou",
           "iqr", "unit_label", "topk_values", "topk_indices", "max_iqr", "max_iqr_level", "candidate_levels",

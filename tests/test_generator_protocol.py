@@ -16,7 +16,8 @@ import pytest
 from flax import nnx
 
 import gandissect_jax as gd
-from gandissect_jax.generator import Generator, Split, SplitError, split_module, verify_split
+from gandissect_jax.flax_split import split_module
+from gandissect_jax.generator import Generator, Split, SplitError, verify_split
 from toy_models import W_DIM, Z_DIM, Classifier, Mapping, ModConv, StyleGenerator, modulated_conv, pixel_norm, random_like, style_variables  # noqa: F401
 
 FIXTURES = Path(__file__).parent / "fixtures" / "proggan"
