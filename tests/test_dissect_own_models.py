@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from toy_models import Z_DIM, Classifier, StyleGenerator, random_like, style_variables
 
+from gandissect_jax.images import to_uint8
 from gandissect_jax.dissection import dissect_features, dissect_generator, dissect_model
 from gandissect_jax.flax_split import split_module
 from gandissect_jax.generator import Split, SplitError
@@ -105,7 +106,7 @@ def test_classifier_layer_dissects_against_a_tfds_datasets_label_maps(tmp_path):
 
     # independently: the builder's stored images and labels, the layers as Flax records them
     images, label_maps = world.render_scenes(3, np.arange(24))
-    stored = np.round((images + 1) * 127.5).astype(np.uint8)  # how the builder quantized them
+    stored = to_uint8(images)  # how the builder quantized them
     inputs = stored.astype(np.float32) / np.float32(127.5) - np.float32(1)
     features, _ = intermediates(Classifier(), variables, jnp.asarray(inputs), ["conv1", "conv2"])
     expected = dissect_features(features, label_maps.astype(np.int32), labels, batch_size=8, progress=False, topk=4)
