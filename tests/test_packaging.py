@@ -47,6 +47,44 @@ def test_every_package_of_the_source_tree_is_listed_for_the_wheel():
     assert _pyproject()["tool"]["setuptools"]["package-dir"] == {SHIPPED_WEIGHTS_PACKAGE: "weights"}
 
 
+def _pins(path: Path) -> dict[str, str]:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            requirement = Requirement(line)
+            (spec,) = requirement.specifier
+            assert spec.operator == "==", f"{path.name}: {line!r} is not an exact pin"
+            pins[canonicalize_name(requirement.name)] = spec.version
+    return pins
+
+
+def test_every_declared_floor_is_the_tested_minimum_pin():
+    """Each dependency has a floor, and constraints/minimum.txt (run by .ci/run) pins exactly it."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = _pyproject()["project"]
+    declared = list(project["dependencies"])
+    for extra, requirements in project["optional-dependencies"].items():
+        if extra != "torch":  # the exact torch the golden data were checked with; not in [test]
+            declared += requirements
+    pins = _pins(ROOT / "constraints" / "minimum.txt")
+    floors = {}
+    for text in declared:
+        requirement = Requirement(text)
+        lower = [s.version for s in requirement.specifier if s.operator == ">="]
+        assert len(lower) == 1, f"{text!r} needs exactly one '>=' floor"
+        floors[canonicalize_name(requirement.name)] = lower[0]
+    assert {name: pins.get(name) for name in floors} == floors
+    # jax pins its own jaxlib; the minimum run uses the matching one.
+    assert pins["jaxlib"] == pins["jax"]
+    assert set(pins) == set(floors) | {"jaxlib"}
+
+
 def test_weights_directory_holds_no_python_files():
     """weights/ is installed as a data-only package; code there would be installed and importable."""
     assert not list((ROOT / "weights").rglob("*.py"))
