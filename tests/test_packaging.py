@@ -116,8 +116,10 @@ def _run(args, **kwargs) -> subprocess.CompletedProcess:
 
 
 def _unit_numbers(outdir: Path) -> list:
-    layer = json.loads((outdir / "dissect.json").read_text())["layers"][0]
-    return [(u["unit"], u["label"], u["iou"], u["iqr"], u["threshold"], u["top"]) for u in layer["units"]]
+    """Every per-unit record of the dissection (labels, IoU, IQR, levels, top samples)."""
+    units = json.loads((outdir / "dissect.json").read_text())["layers"][0]["units"]
+    assert len(units) == 128 and all("iou" in unit for unit in units)
+    return units
 
 
 @pytest.mark.slow
