@@ -36,7 +36,11 @@ def compilations():
     try:
         yield events
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        # public from jax 0.8.1; the declared minimum (0.6.1) has only the private function
+        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+        if unregister is None:
+            from jax._src.monitoring import _unregister_event_duration_listener_by_callback as unregister
+        unregister(listener)
 
 
 @pytest.fixture(scope="module")
