@@ -116,7 +116,7 @@ def concept_bargraph(concepts: Sequence[tuple[str, str, list[int]]], categories:
 
         used = [c for c in categories if any(category == c for _, category, _ in concepts)]
         axes.legend(handles=[Patch(color=_category_color(c, categories), label=c) for c in used], fontsize=8,
-                    frameon=False)
+                    frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _svg(figure)
 
 

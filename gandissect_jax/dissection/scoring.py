@@ -1,4 +1,7 @@
-"""IoU and information-quality ratio (IQR) from exact counts: the MI / joint-entropy formulas live here.
+"""IoU and information-quality ratio (IQR) from exact counts, and whether an IoU beats chance (FDR-controlled).
+
+The MI / joint-entropy formulas live here, and the chance IoU, the per-image binomial test and the
+Benjamini-Hochberg step of the label rules (:func:`significance`).
 
 Definitions follow the reference's ``score_tally_stats``. For label l of category c = cat(l) and
 unit u, with ``pred = category_activation_counts[c, u]`` (active pixels summed over the images
