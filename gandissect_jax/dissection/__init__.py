@@ -9,7 +9,7 @@ jittable computation over any source into any :class:`StreamingStatistic`, shard
 resumable. See ``README.md`` in this package for the layout, what is exact and the schema.
 """
 
-from .analysis import score_layer
+from .analysis import LABEL_RULES, label_units, score_layer
 from .config import DissectConfig
 from .dissect import dissect, dissect_features, dissect_generator, dissect_model
 from .engine import make_mesh, tally
@@ -17,7 +17,7 @@ from .labels import count_labels
 from .moments import running_covariance, running_moments, sample_ordered
 from .results import LayerDissection
 from .schema import read_dissect_json
-from .scoring import score_counts
+from .scoring import chance_iou, score_counts, significance
 from .sources import ArraySource, GeneratorSource, ModelSource, TfdsSource
 from .statistics import StreamingStatistic, label_statistics, level_counts, top_k
 from .threshold_search import IQR_FRACTIONS, search_iqr_thresholds
@@ -28,4 +28,5 @@ __all__ = [
     "StreamingStatistic", "top_k", "label_statistics", "level_counts", "running_moments", "running_covariance",
     "sample_ordered", "count_labels", "ArraySource", "GeneratorSource", "ModelSource", "TfdsSource", "score_layer", "score_counts",
     "search_iqr_thresholds", "read_dissect_json", "IQR_FRACTIONS", "upsample_bilinear", "bilinear_matrix",
+    "label_units", "LABEL_RULES", "chance_iou", "significance",
 ]

@@ -7,6 +7,7 @@ import math
 import numbers
 
 THRESHOLD_RULES = ("iqr", "quantile", "levels")
+LABEL_RULES = ("significant", "reference")  # as analysis.LABEL_RULES
 # Earlier keyword names, still accepted by dissect_features / dissect_generator.
 ALIASES = {"k": "topk", "strip_length": "topk"}
 
@@ -25,6 +26,9 @@ class DissectConfig:
     topk: top samples kept per unit (by the maximum of the unit's map) and shown in its image strip.
     batch_size: samples per step over all devices.
     iou_threshold: a unit is interpretable when its concept's IoU is >= this.
+    label_rule: how a unit gets its concept (analysis.label_units): 'significant' (default; the
+      concept must beat the chance IoU at false-discovery rate 0.05, large concepts are never
+      hidden) or 'reference' (the reference's rule, to reproduce the paper's numbers).
     checkpoint_every: seconds between checkpoints of a running pass (0: after every batch).
     unit_chunk: units per scatter step (default: 1 on CPU, 64 on accelerators).
     make_images / make_report: write the top-k image strips / dissect.json and the HTML report.
@@ -38,6 +42,7 @@ class DissectConfig:
     topk: int = 10
     batch_size: int = 32
     iou_threshold: float = 0.05
+    label_rule: str = "significant"
     checkpoint_every: float = 600.0
     unit_chunk: int | None = None
     make_images: bool = True
@@ -66,6 +71,8 @@ class DissectConfig:
         if not (isinstance(self.checkpoint_every, numbers.Real) and float(self.checkpoint_every) >= 0
                 and not math.isnan(float(self.checkpoint_every))):
             fail("checkpoint_every", "a number of seconds >= 0")
+        if self.label_rule not in LABEL_RULES:
+            fail("label_rule", "'significant' or 'reference'")
         if self.search_iqr is not None and not isinstance(self.search_iqr, bool):
             fail("search_iqr", "None, True or False")
 
@@ -97,4 +104,4 @@ class DissectConfig:
         return threshold, search_iqr
 
 
-__all__ = ["DissectConfig", "THRESHOLD_RULES"]
+__all__ = ["DissectConfig", "THRESHOLD_RULES", "LABEL_RULES"]

@@ -84,7 +84,7 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
         "source": source.identity(), "labels": [list(l) for l in labels], "categories": categories,
         "threshold": threshold, "quantile": float(config.quantile) if threshold == "quantile" else None,
         "levels": None if levels is None else {k: digest(v) for k, v in sorted(levels.items())},
-        "search_iqr": bool(search_iqr), "topk": int(config.topk),
+        "search_iqr": bool(search_iqr), "topk": int(config.topk), "label_rule": config.label_rule,
     }
     lock = outdir_lock(outdir) if outdir else contextlib.nullcontext()
     with lock:
@@ -137,7 +137,7 @@ def _measure(source, pending, labels, categories, label_category, threshold, sea
     return {layer: score_layer(layer, counts[layer], layer_levels[layer], label_state, topk[layer], label_names=labels,
                                categories=categories, label_category=label_category, threshold=threshold,
                                quantile=config.quantile, num_samples=source.num_samples, seg_size=source.seg_size,
-                               raw_quantile_q=passes.RAW_REPORT_Q)
+                               raw_quantile_q=passes.RAW_REPORT_Q, label_rule=config.label_rule)
             for layer in pending}
 
 
