@@ -73,6 +73,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     scoring.add_argument("--levels", help="float .npy (U,) of fixed per-unit thresholds (--features only)")
     scoring.add_argument("--iou-threshold", type=arguments.unit_interval(), default=0.05,
                          help="a unit is interpretable when its concept's IoU is >= this, in [0, 1] (default 0.05)")
+    scoring.add_argument("--label-rule", choices=("significant", "reference"), default="significant",
+                         help="how units get their concept: significant (default: the concept's IoU must beat "
+                              "chance at false-discovery rate 0.05; large concepts are never hidden) or reference "
+                              "(the reference's rule, to reproduce the paper's numbers)")
     run = parser.add_argument_group("run")
     run.add_argument("--outdir", required=True, help="output directory (reruns resume here)")
     run.add_argument("--restart", action="store_true",
@@ -129,7 +133,8 @@ def _load_labels(path: str) -> dict:
 def _summary(results, outdir: str, iou_threshold: float) -> None:
     for layer, result in results.items():
         count = int(result.interpretable(iou_threshold).sum())
-        print(f"{layer}: {count} of {result.num_units} units interpretable (IoU >= {iou_threshold})")
+        chance = f", beating chance at FDR {result.fdr:g}" if result.label_rule == "significant" else ""
+        print(f"{layer}: {count} of {result.num_units} units interpretable (IoU >= {iou_threshold}{chance})")
     print(f"report: {os.path.join(outdir, 'dissect.html')}")
 
 
@@ -146,7 +151,8 @@ def run_command(args) -> int:
             args.segmenter = args.segmenter or DEMO_SEGMENTER
             args.layers = args.layers or list(DEMO_LAYERS)
     config = DissectConfig(threshold=args.threshold, quantile=args.quantile, topk=args.topk, batch_size=args.batch_size,
-                           iou_threshold=args.iou_threshold, checkpoint_every=args.checkpoint_every,
+                           iou_threshold=args.iou_threshold, label_rule=args.label_rule,
+                           checkpoint_every=args.checkpoint_every,
                            progress=not args.quiet, make_images=not args.no_images, title=args.title,
                            keep_progress=args.keep_progress)
     if args.features:

@@ -7,6 +7,7 @@ import math
 import numbers
 
 THRESHOLD_RULES = ("iqr", "quantile", "levels")
+LABEL_RULES = ("significant", "reference")  # as analysis.LABEL_RULES
 # Ranges shared with the command line (gandissect_jax/commands/arguments.py; a test holds them equal).
 MAX_BATCH = 65536  # samples per step
 MAX_TOPK = 10000  # top samples per unit
@@ -34,6 +35,9 @@ class DissectConfig:
       there are fewer; :meth:`resolved_topk`).
     batch_size: samples per step over all devices.
     iou_threshold: a unit is interpretable when its concept's IoU is >= this.
+    label_rule: how a unit gets its concept (analysis.label_units): 'significant' (default; the
+      concept must beat the chance IoU at false-discovery rate 0.05, large concepts are never
+      hidden) or 'reference' (the reference's rule, to reproduce the paper's numbers).
     checkpoint_every: seconds between checkpoints of a running pass, in [0, 86400] (0: after
       every batch; Ctrl-C also saves the running pass, whatever the interval).
     unit_chunk: units per scatter step (default: 1 on CPU, 64 on accelerators).
@@ -51,6 +55,7 @@ class DissectConfig:
     topk: int | None = None
     batch_size: int = 32
     iou_threshold: float = 0.05
+    label_rule: str = "significant"
     checkpoint_every: float = 60.0
     unit_chunk: int | None = None
     make_images: bool = True
@@ -89,6 +94,8 @@ class DissectConfig:
         for name in ("make_images", "make_report", "progress", "keep_progress"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
+        if self.label_rule not in LABEL_RULES:
+            fail("label_rule", "'significant' or 'reference'")
         if self.search_iqr is not None and not isinstance(self.search_iqr, bool):
             fail("search_iqr", "None, True or False")
 
@@ -129,5 +136,5 @@ class DissectConfig:
         return threshold, search_iqr
 
 
-__all__ = ["DissectConfig", "THRESHOLD_RULES", "MAX_BATCH", "MAX_TOPK", "MAX_CHECKPOINT_SECONDS", "MAX_SAMPLES",
-           "MAX_SEED"]
+__all__ = ["DissectConfig", "THRESHOLD_RULES", "LABEL_RULES", "MAX_BATCH", "MAX_TOPK", "MAX_CHECKPOINT_SECONDS",
+           "MAX_SAMPLES", "MAX_SEED"]

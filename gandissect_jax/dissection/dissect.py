@@ -34,7 +34,7 @@ from .progress import COUNT_PASS_COST, RunProgress
 from .report import safe_dir_name, write_report
 from .results import LayerDissection
 from .resume import RunDirectory, digest, outdir_lock
-from .sources import ArraySource, GeneratorSource
+from .sources import ArraySource, GeneratorSource, ModelSource
 from .strips import write_strips
 
 LAYOUTS = ("nhwc", "nchw")
@@ -165,6 +165,7 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
         "threshold": threshold, "quantile": float(config.quantile) if threshold == "quantile" else None,
         "levels": None if levels is None else {k: digest(v) for k, v in sorted(levels.items())},
         "search_iqr": bool(search_iqr), "topk": config.resolved_topk(source.num_samples),
+        "label_rule": config.label_rule,
     }
     if not getattr(source, "batch_invariant", False):  # results depend on how samples are grouped
         fingerprint["batch"] = {"batch_size": int(config.batch_size), "devices": int(mesh.devices.size)}
@@ -240,7 +241,7 @@ def _measure(source, pending, labels, categories, label_category, threshold, sea
     return {layer: score_layer(layer, counts[layer], layer_levels[layer], label_state, topk[layer], label_names=labels,
                                categories=categories, label_category=label_category, threshold=threshold,
                                quantile=config.quantile, num_samples=source.num_samples, seg_size=source.seg_size,
-                               raw_quantile_q=passes.RAW_REPORT_Q)
+                               raw_quantile_q=passes.RAW_REPORT_Q, label_rule=config.label_rule)
             for layer in pending}
 
 
@@ -336,7 +337,10 @@ def dissect_generator(generator, segmenter, layers: Sequence[str], config: Disse
     """Dissect layers of a generator: for samples z_i (i < size) of RandomState(seed) normal noise,
     run h (to each layer), f (to the image) and the segmenter, and score every unit.
 
-    generator: the generator contract (``params``, ``layer_names``, ``z_dim``, ``split(layer)``);
+    generator: the Generator protocol (``params``, ``layer_names``, ``z_dim``, ``apply``,
+    ``split(layer)``); every layer's split is checked first (``f(h(z)) == G(z)`` on a probe
+    batch, :func:`~gandissect_jax.generator.verify_split`), so a split that ignores side inputs
+    is refused before any pass;
     segmenter: the Segmenter protocol (``labels``, ``categories``, ``segment``). The segmentation
     is taken at 1/seg_downsample of the image size (2, as the reference), and features are
     upsampled to it. size: samples, in [1, 2**31 - 1]; seed: in [0, 2**32 - 1]; seg_downsample:
@@ -361,4 +365,28 @@ def dissect_generator(generator, segmenter, layers: Sequence[str], config: Disse
                    levels=levels, devices=devices, outdir=outdir, restart=restart)
 
 
-__all__ = ["dissect", "dissect_features", "dissect_generator"]
+def dissect_model(model, data, layers: Sequence[str], labels, config: DissectConfig | None = None, *,
+                  categories: Sequence[str] | None = None, levels=None, devices=None, outdir: str | None = None,
+                  restart: bool = False, identity: dict | None = None, **overrides) -> dict[str, LayerDissection]:
+    """Dissect layers of a model of images (e.g. a classifier) against a labelled dataset's label maps.
+
+    model: a Generator-protocol object whose input is an image batch, such as
+    ``split_module(module, params, at=..., input_shape=(H, W, 3))``; data: a source of
+    ``{"image", "label"}`` by example number such as :class:`~.sources.TfdsSource`; labels /
+    categories: the names of the data's label numbers (label 0 = none), as
+    :func:`dissect_features`. config / overrides: :class:`DissectConfig` settings (``threshold``
+    defaults to 'quantile', the Network Dissection rule). The run's identity holds a sha256 of the
+    model's parameters, the data's identity and the batch size; restart: see :func:`dissect`.
+    Returns {layer: LayerDissection}.
+    """
+    config = _config(config, overrides)
+    source = ModelSource(model, data, layers, identity)
+    if levels is not None and not isinstance(levels, Mapping):
+        if len(source.layers) != 1:
+            raise ValueError("with several layers, levels must be a dict layer -> (U,) array")
+        levels = {source.layers[0]: levels}
+    return dissect(source, labels, categories, config, default_threshold="quantile", levels=levels, devices=devices,
+                   outdir=outdir, restart=restart)
+
+
+__all__ = ["dissect", "dissect_features", "dissect_generator", "dissect_model"]

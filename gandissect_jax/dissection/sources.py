@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gandissect_jax.generator import Split, verify_split
 from gandissect_jax.images import to_uint8
 
 from .labels import colorize_segmentation
@@ -198,6 +199,8 @@ class GeneratorSource:
         self.z_dim = int(generator.z_dim)
         self._identity = identity or {}
         parts = {layer: split_at(generator, layer) for layer in self.layers}
+        for layer, part in parts.items():  # refuse before the passes a split that breaks G (side inputs)
+            verify_split(generator, layer, probe=2, split=Split(*part))
         # The last of the layers in forward order produces the image through its tail.
         last = sorted(self.layers, key=lambda l: names.index(l) if l in names else 0)[-1]
 
@@ -278,6 +281,85 @@ class GeneratorSource:
                 **self._identity}
 
 
+# ============================================================================ a model over a dataset
+
+
+class ModelSource:
+    """A model's layers over a labelled image dataset: features come from the model, labels from the data.
+
+    model: any :class:`~gandissect_jax.generator.Generator`-protocol object whose input is an
+    image batch, e.g. a Flax classifier seen through ``split_module(module, params, at=...,
+    input_shape=(H, W, 3))``; only ``split(layer).h`` is run (the model's head up to each layer).
+    data: a source of ``{"image": float32 (n, H, W, 3) in [-1, 1], "label": int (n, H', W'[, D])}``
+    by example number, such as :class:`TfdsSource` (``num_samples``, ``fetch``, ``images``,
+    ``identity``). This is Network Dissection of a discriminative model (Bau et al., CVPR 2017):
+    units are scored against the dataset's own label maps.
+    """
+
+    def __init__(self, model, data, layers: Sequence[str], identity: dict | None = None):
+        names = tuple(getattr(model, "layer_names", ()))
+        unknown = [layer for layer in layers if names and layer not in names]
+        if unknown:
+            raise ValueError(f"unknown layer(s) {unknown}; the model has {list(names)}")
+        if not layers:
+            raise ValueError("no layers to dissect")
+        self.model, self.data = model, data
+        self.layers = tuple(layers)
+        self.num_samples = int(data.num_samples)
+        self._identity = identity or {}
+        heads = {layer: split_at(model, layer)[0] for layer in self.layers}
+
+        def features(params, images):
+            return {layer: head(params, images)[0] for layer, head in heads.items()}
+
+        self._features = jax.jit(features)
+        first = data.fetch(np.zeros(1, np.int64), None)
+        if "image" not in first or "label" not in first:
+            raise ValueError(f"the data source must give 'image' and 'label'; it gives {sorted(first)}")
+        labels = first["label"]
+        if labels.ndim not in (3, 4):
+            raise ValueError(f"the data's labels must be label maps (n, H, W[, D]), got shape {tuple(labels.shape)}")
+        self.seg_size = (int(labels.shape[1]), int(labels.shape[2]))
+        probe = jax.eval_shape(features, model.params, jax.ShapeDtypeStruct(first["image"].shape, jnp.float32))
+        for layer, shape in probe.items():
+            if len(shape.shape) != 4:
+                raise ValueError(f"layer {layer!r} gives shape {tuple(shape.shape[1:])} per sample; dissection "
+                                 "needs feature maps (h, w, units)")
+        self.feature_shapes = {layer: tuple(int(s) for s in probe[layer].shape[1:]) for layer in self.layers}
+        self._placed: tuple[Any, Any] | None = None
+
+    def _params(self, sharding) -> Any:
+        if sharding is None:
+            return self.model.params
+        if self._placed is None or self._placed[0] is not sharding.mesh:
+            self._placed = (sharding.mesh, jax.device_put(self.model.params, NamedSharding(sharding.mesh, P())))
+        return self._placed[1]
+
+    def fetch(self, indices: np.ndarray, sharding, labels: bool = True) -> dict[str, jax.Array]:
+        batch = self.data.fetch(indices, sharding)
+        feats = self._features(self._params(sharding), batch["image"])
+        out = {name: jax.device_put(value, sharding) for name, value in feats.items()}
+        if labels:
+            label = jnp.asarray(batch["label"], jnp.int32)
+            out["labels"] = jax.device_put(label if label.ndim == 4 else label[..., None], sharding)
+        return out
+
+    def features_only(self) -> FeaturesOnly:
+        return FeaturesOnly(self)
+
+    def visual_batch(self, indices: np.ndarray, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (n, H, W, 3) dataset images and float32 (n, h, w, U) features of ``layer``."""
+        batch = self.data.fetch(indices, None)
+        return self.data.images(indices), np.asarray(self._features(self.model.params, batch["image"])[layer], np.float32)
+
+    def identity(self) -> dict:
+        if getattr(self, "_params_digest", None) is None:
+            self._params_digest = pytree_digest(self.model.params)
+        return {"kind": "model", "data": self.data.identity(), "layers": list(self.layers),
+                "feature_shapes": {k: list(v) for k, v in self.feature_shapes.items()},
+                "params": self._params_digest, **self._identity}
+
+
 # ============================================================================ tensorflow-datasets
 
 
@@ -334,5 +416,5 @@ class TfdsSource:
         return {"kind": "tfds", "num_samples": self.num_samples, **self._identity}
 
 
-__all__ = ["ArraySource", "GeneratorSource", "TfdsSource", "FeaturesOnly", "split_at", "segment",
+__all__ = ["ArraySource", "GeneratorSource", "ModelSource", "TfdsSource", "FeaturesOnly", "split_at", "segment",
            "segmenter_params"]
