@@ -25,7 +25,7 @@ from .labels import label_category_indices, labels_and_categories
 from .report import safe_dir_name, write_report
 from .results import LayerDissection
 from .resume import RunDirectory, digest, outdir_lock
-from .sources import ArraySource, GeneratorSource
+from .sources import DEFAULT_MICRO_BATCH, ArraySource, GeneratorSource
 from .strips import write_strips
 
 
@@ -172,7 +172,8 @@ def dissect_features(features, segmentations, labels, config: DissectConfig | No
 
 def dissect_generator(generator, segmenter, layers: Sequence[str], config: DissectConfig | None = None, *,
                       size: int = 10000, seed: int = 1, seg_downsample: int = 2, levels=None, devices=None,
-                      outdir: str | None = None, identity: dict | None = None, **overrides) -> dict[str, LayerDissection]:
+                      outdir: str | None = None, identity: dict | None = None, micro_batch: int = DEFAULT_MICRO_BATCH,
+                      **overrides) -> dict[str, LayerDissection]:
     """Dissect layers of a generator: for samples z_i (i < size) of RandomState(seed) normal noise,
     run h (to each layer), f (to the image) and the segmenter, and score every unit.
 
@@ -181,11 +182,13 @@ def dissect_generator(generator, segmenter, layers: Sequence[str], config: Disse
     is taken at 1/seg_downsample of the image size (2, as the reference), and features are
     upsampled to it. config / overrides: :class:`DissectConfig` settings (``threshold`` defaults
     to 'iqr', the paper's GAN setting); levels: fixed thresholds dict layer -> (U,); identity:
-    extra JSON-able facts naming the models, recorded in the run's settings.
+    extra JSON-able facts naming the models, recorded in the run's settings; micro_batch: samples
+    per generator and segmenter call on each device (results are bit-identical for any batch
+    size and device count at a given micro_batch; :class:`~.sources.GeneratorSource`).
     Returns {layer: LayerDissection}.
     """
     config = _config(config, overrides)
-    source = GeneratorSource(generator, segmenter, layers, size, seed, seg_downsample, identity)
+    source = GeneratorSource(generator, segmenter, layers, size, seed, seg_downsample, identity, micro_batch)
     if levels is not None and not isinstance(levels, Mapping):
         if len(source.layers) != 1:
             raise ValueError("with several layers, levels must be a dict layer -> (U,) array")

@@ -95,6 +95,15 @@ def _per_device(state: Any) -> list[Any]:
             for d in range(len(shards[0]) if shards else 0)]
 
 
+def per_device_batch(batch_size: int, devices: int, micro_batch: int | None = None) -> int:
+    """Samples per device and step: ``batch_size`` split over ``devices``, rounded up to a multiple of
+    the source's ``micro_batch`` (if any), so every device's share is whole micro-batches and, as
+    batches start at multiples of the global batch, every micro-batch starts at a multiple of it."""
+    per_device = -(-int(batch_size) // int(devices))
+    step = int(micro_batch or 1)
+    return -(-per_device // step) * step
+
+
 def _drain(statistics: Mapping[str, StreamingStatistic], host: dict, states: dict) -> dict:
     for name, stat in statistics.items():
         for device_state in _per_device(states[name]):
@@ -141,7 +150,8 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
       seconds; a rerun with the same statistics and source size continues from there (a
       finished pass is not run again). ValueError when the checkpoint was written by a different
       tally. mesh: a 1-D mesh (:func:`make_mesh`; default: all local devices).
-    batch_size: samples per step over all devices (rounded up to a multiple of the device count).
+    batch_size: samples per step over all devices (rounded up to a multiple of the device count,
+      and of the device count times the source's ``micro_batch`` when it has one).
 
     Returns ``{name: statistics[name].finalize(state)}`` (or the single result). Results are
     identical for any device count and batch size: integer states merge exactly, top-k merges
@@ -161,7 +171,7 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
         raise ValueError("the source has no samples")
     mesh = mesh if mesh is not None else make_mesh()
     devices = mesh.devices.size
-    per_device = -(-int(batch_size) // devices)
+    per_device = per_device_batch(batch_size, devices, getattr(source, "micro_batch", None))
     global_batch = per_device * devices
     sharding = NamedSharding(mesh, P(AXIS))
     names, stats = tuple(statistics), tuple(statistics.values())
@@ -235,4 +245,4 @@ def _single(compute: Callable) -> Callable:
     return wrapped
 
 
-__all__ = ["tally", "make_mesh", "Source", "AXIS"]
+__all__ = ["tally", "make_mesh", "per_device_batch", "Source", "AXIS"]
