@@ -28,8 +28,11 @@ from gandissect_jax.dissection.sources import GeneratorSource, micro_batched
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dissect"
 
-# name: (path, devices, batch size); the generator path dissects 64 samples of the demo pair's layer4.
+# name: (devices, batch size). The generator path dissects 64 samples of the demo pair's layer4 at a
+# micro-batch of 8 (not the default 32, which these small batches would all round up to): one device
+# runs 4 micro-batches per step at batch 32, eight devices 1 each, and batch 4 is rounded up to 8.
 GENERATOR_RUNS = {"gen-1dev-b32": (1, 32), "gen-8dev-b32": (8, 32), "gen-1dev-b4": (1, 4)}
+MICRO_BATCH = 8
 FEATURE_RUNS = {"feat-1dev-b16": (1, 16), "feat-8dev-b16": (8, 16), "feat-1dev-b5": (1, 5), "feat-8dev-b48": (8, 48)}
 
 SCRIPT = textwrap.dedent("""
@@ -40,12 +43,13 @@ SCRIPT = textwrap.dedent("""
     from gandissect_jax.dissection import dissect_features, dissect_generator
 
     fixtures, out, generator_runs, feature_runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+    micro_batch = int(sys.argv[5])
     assert len(jax.devices()) == 8, jax.devices()
     G = gandissect_jax.load_generator("scenes64")
     S = gandissect_jax.load_segmenter("scenes64-segmenter")
     for name, (devices, batch) in generator_runs.items():
         dissect_generator(G, S, ["layer4"], size=64, batch_size=batch, devices=jax.devices()[:devices],
-                          outdir=out + "/" + name, progress=False, topk=4)
+                          outdir=out + "/" + name, progress=False, topk=4, micro_batch=micro_batch)
     data = np.load(fixtures + "/dissect_golden.npz")
     labels = json.load(open(fixtures + "/labels.json"))
     features = data["features"].transpose(0, 2, 3, 1)
@@ -64,7 +68,8 @@ def runs(tmp_path_factory):
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     env["JAX_PLATFORMS"] = "cpu"
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(FIXTURES), str(out), json.dumps(GENERATOR_RUNS),
-                           json.dumps(FEATURE_RUNS)], env=env, capture_output=True, text=True, timeout=900)
+                           json.dumps(FEATURE_RUNS), str(MICRO_BATCH)], env=env, capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return {name: out / name for name in {**GENERATOR_RUNS, **FEATURE_RUNS}}
 

@@ -62,11 +62,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=32, help="samples per step over all devices (default 32)")
     run.add_argument("--checkpoint-every", type=float, default=600.0,
                      help="seconds between checkpoints of long passes (default 600)")
+    run.add_argument("--max-memory", type=_memory_size, help="memory budget, e.g. 4G or 800M (default: half of the available RAM, 70%% "
+                     "of an accelerator's free memory); units are measured in groups that fit, with identical results")
     run.add_argument("--no-images", action="store_true", help="skip the top-k image strips")
     run.add_argument("--title", help="title of the HTML report")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_command)
     return parser
+
+
+def _memory_size(value: str) -> int:
+    from gandissect_jax.dissection.memory import parse_memory
+
+    try:
+        return parse_memory(value, "the memory budget")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _load_array(path: str, what: str):
@@ -117,7 +128,8 @@ def run_command(args) -> int:
             args.layers = args.layers or list(DEMO_LAYERS)
     config = DissectConfig(threshold=args.threshold, quantile=args.quantile, topk=args.topk, batch_size=args.batch_size,
                            iou_threshold=args.iou_threshold, checkpoint_every=args.checkpoint_every,
-                           progress=not args.quiet, make_images=not args.no_images, title=args.title)
+                           progress=not args.quiet, make_images=not args.no_images, title=args.title,
+                           max_memory=args.max_memory)
     if args.features:
         if not args.segmentations or not args.labels:
             raise ValueError("--features needs --segmentations and --labels")

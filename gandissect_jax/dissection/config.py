@@ -6,6 +6,8 @@ import dataclasses
 import math
 import numbers
 
+from .memory import parse_memory
+
 THRESHOLD_RULES = ("iqr", "quantile", "levels")
 # Earlier keyword names, still accepted by dissect_features / dissect_generator.
 ALIASES = {"k": "topk", "strip_length": "topk"}
@@ -27,6 +29,9 @@ class DissectConfig:
     iou_threshold: a unit is interpretable when its concept's IoU is >= this.
     checkpoint_every: seconds between checkpoints of a running pass (0: after every batch).
     unit_chunk: units per scatter step (default: 1 on CPU, 64 on accelerators).
+    max_memory: memory budget of the passes, bytes or a size such as "4G" (default: half of the
+      available host memory, 70% of an accelerator's free memory); units are measured in groups
+      that fit it (:mod:`.memory`), with identical results.
     make_images / make_report: write the top-k image strips / dissect.json and the HTML report.
     title: title of the HTML report. progress: show progress bars.
     ValueError naming the setting and its allowed values for anything out of range.
@@ -40,6 +45,7 @@ class DissectConfig:
     iou_threshold: float = 0.05
     checkpoint_every: float = 600.0
     unit_chunk: int | None = None
+    max_memory: int | float | str | None = None
     make_images: bool = True
     make_report: bool = True
     title: str | None = None
@@ -61,6 +67,8 @@ class DissectConfig:
                 fail(name, "an integer >= 1")
         if self.unit_chunk is not None and not positive_int(self.unit_chunk):
             fail("unit_chunk", "None or an integer >= 1")
+        if self.max_memory is not None:
+            parse_memory(self.max_memory)  # ValueError naming max_memory
         if not (isinstance(self.iou_threshold, numbers.Real) and 0.0 <= float(self.iou_threshold) <= 1.0):
             fail("iou_threshold", "a number in [0, 1]")
         if not (isinstance(self.checkpoint_every, numbers.Real) and float(self.checkpoint_every) >= 0

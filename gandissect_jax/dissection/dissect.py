@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ from .analysis import score_layer
 from .config import DissectConfig
 from .engine import make_mesh
 from .labels import label_category_indices, labels_and_categories
+from .memory import plan_dissection
 from .report import safe_dir_name, write_report
 from .results import LayerDissection
 from .resume import RunDirectory, digest, outdir_lock
@@ -101,7 +103,13 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
             key = hashlib.sha256("\n".join(pending).encode()).hexdigest()[:12]
             settings = passes.PassSettings(make_mesh(devices), config.batch_size, config.checkpoint_every,
                                            config.progress, run.subdirectory(f"passes-{key}"), config.unit_chunk)
-            results.update(_measure(source, pending, labels, categories, label_category, threshold, search_iqr,
+            plan = plan_dissection(source, pending, num_labels=len(labels), num_categories=len(categories),
+                                   threshold=threshold, search_iqr=search_iqr, topk=config.topk,
+                                   batch_size=config.batch_size, mesh=settings.mesh, unit_chunk=config.unit_chunk,
+                                   max_memory=config.max_memory)
+            if config.progress and len(plan.groups) > 1:
+                print(plan.describe(), file=sys.stderr)
+            results.update(_measure(source, plan.groups, labels, categories, label_category, threshold, search_iqr,
                                     levels, config, settings))
             for layer in pending:
                 if outdir:
@@ -124,21 +132,21 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
     return ordered
 
 
-def _measure(source, pending, labels, categories, label_category, threshold, search_iqr, levels, config,
+def _measure(source, groups, labels, categories, label_category, threshold, search_iqr, levels, config,
              settings: passes.PassSettings) -> dict[str, LayerDissection]:
-    """Quantile passes, count pass and scores for the pending layers."""
-    units = {layer: source.feature_shapes[layer][2] for layer in pending}
-    plans = passes.quantile_plans(units, threshold, config.quantile, search_iqr)
-    topk = passes.quantile_passes(source.features_only(), plans, source.seg_size, config.topk, settings)
-    layer_levels = {layer: passes.count_levels(plans[layer], threshold, None if levels is None else levels[layer],
-                                               search_iqr) for layer in pending}
-    label_state, counts = passes.count_pass(source, layer_levels, label_category, len(categories), source.seg_size,
-                                            settings)
-    return {layer: score_layer(layer, counts[layer], layer_levels[layer], label_state, topk[layer], label_names=labels,
-                               categories=categories, label_category=label_category, threshold=threshold,
-                               quantile=config.quantile, num_samples=source.num_samples, seg_size=source.seg_size,
-                               raw_quantile_q=passes.RAW_REPORT_Q)
-            for layer in pending}
+    """Quantile passes and count pass for each unit group of the pending layers, then scores per layer."""
+    label_state, measured = passes.measure_units(
+        source, groups, threshold=threshold, quantile=config.quantile, search_iqr=search_iqr, fixed_levels=levels,
+        topk=config.topk, label_category=label_category, num_categories=len(categories), settings=settings)
+    results = {}
+    for layer in list(measured):
+        m = measured.pop(layer)  # score one layer at a time, releasing its counts before the next
+        results[layer] = score_layer(layer, m.counts, m.levels, label_state, m.topk, label_names=labels,
+                                     categories=categories, label_category=label_category, threshold=threshold,
+                                     quantile=config.quantile, num_samples=source.num_samples,
+                                     seg_size=source.seg_size, raw_quantile_q=passes.RAW_REPORT_Q)
+        del m
+    return results
 
 
 def dissect_features(features, segmentations, labels, config: DissectConfig | None = None, *,

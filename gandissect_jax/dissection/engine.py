@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,12 @@ class Source(Protocol):
     placed with ``sharding`` (split over the mesh along that axis). Numbers past the end may be
     asked for (padding of the last batch); return any sample for them, they are masked out.
     ``identity()`` returns a JSON-able description of the data (for resume checks).
+
+    Optional: ``micro_batch`` (int): :func:`tally` makes every device's share of a batch a
+    multiple of it (:func:`per_device_batch`), for sources that compute samples in fixed-size
+    chunks; ``batch_invariant`` (bool): the source's arrays for a sample are the same bits
+    whatever batch and device it is fetched in, so that, with the exact merges of the
+    statistics, a tally's results do not depend on the batch size or the device count.
     """
 
     num_samples: int
@@ -86,13 +92,14 @@ def _init(names: tuple[str, ...], statistics: tuple[StreamingStatistic, ...], me
     return jax.jit(make, out_shardings=NamedSharding(mesh, P(AXIS)))
 
 
-def _per_device(state: Any) -> list[Any]:
-    """Host copies of each device's state, from a state with a leading (sharded) device axis."""
+def _per_device(state: Any) -> Iterator[Any]:
+    """Host copies of each device's state, one device at a time (so a drain holds one device's copy),
+    from a state with a leading (sharded) device axis."""
     leaves, treedef = jax.tree_util.tree_flatten(state)
     shards = [sorted(leaf.addressable_shards, key=lambda s: s.index[0].start or 0) for leaf in leaves]
     # explicit transfers (jax.device_get), so the pass also runs under jax.transfer_guard("disallow")
-    return [jax.tree_util.tree_unflatten(treedef, [jax.device_get(shards[i][d].data)[0] for i in range(len(leaves))])
-            for d in range(len(shards[0]) if shards else 0)]
+    for d in range(len(shards[0]) if shards else 0):
+        yield jax.tree_util.tree_unflatten(treedef, [jax.device_get(shards[i][d].data)[0] for i in range(len(leaves))])
 
 
 def per_device_batch(batch_size: int, devices: int, micro_batch: int | None = None) -> int:
@@ -108,6 +115,7 @@ def _drain(statistics: Mapping[str, StreamingStatistic], host: dict, states: dic
     for name, stat in statistics.items():
         for device_state in _per_device(states[name]):
             host[name] = stat.merge(host[name], device_state)
+            del device_state
     return host
 
 

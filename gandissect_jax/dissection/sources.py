@@ -12,9 +12,9 @@ of it. :class:`GeneratorSource` runs the generator and the segmenter at a fixed 
 (:func:`micro_batched`), so it is batch-invariant by design.
 
 The dissection sources (:class:`ArraySource`, :class:`GeneratorSource`) fetch
-``{layer: float32 (n, h, w, U), ..., "labels": int32 (n, H, W, D)}`` and also give
-``layers``, ``feature_shapes``, ``seg_size``, a features-only view (:meth:`features_only`, for
-the quantile passes, where a generator runs only ``h``) and ``visual_batch`` for image strips.
+``{layer: float32 (n, h, w, U), ..., "labels": int32 (n, H, W, D)}`` and also give ``layers``,
+``feature_shapes``, ``seg_size``, ``seg_channels``, a features-only view (:meth:`features_only`,
+for the quantile passes, where a generator runs only ``h``) and ``visual_batch`` for image strips.
 :class:`TfdsSource` reads images and label maps of a tensorflow-datasets split.
 """
 
@@ -58,10 +58,8 @@ def segment(segmenter, params, images: jax.Array, downsample: int) -> jax.Array:
 
 # ============================================================================ micro-batches
 
-# Samples per generator / segmenter call on each device. Smaller is slower on CPU (less work per
-# kernel call) and takes less memory; 8 costs about N% on the README's demo dissection
-# (benchmarks/README.md).
-DEFAULT_MICRO_BATCH = 8
+# Samples per generator / segmenter call on each device (benchmarks/README.md, "Micro-batch").
+DEFAULT_MICRO_BATCH = 32
 
 
 def check_micro_batch(micro_batch) -> int:
@@ -160,6 +158,7 @@ class ArraySource:
         if not np.issubdtype(segmentations.dtype, np.integer):
             raise ValueError(f"segmentations must hold integer labels, got dtype {segmentations.dtype}")
         self.segmentations = segmentations
+        self.seg_channels = int(segmentations.shape[3])
         counts = {name: a.shape[0] for name, a in self.arrays.items()}
         counts["segmentations"] = segmentations.shape[0]
         if images is not None:
@@ -264,6 +263,9 @@ class GeneratorSource:
         self.image_size = (int(probe[1].shape[1]), int(probe[1].shape[2]))
         self.seg_size = (self.image_size[0] // self.seg_downsample, self.image_size[1] // self.seg_downsample)
         self.feature_shapes = {layer: tuple(int(s) for s in probe[0][layer].shape[1:]) for layer in self.layers}
+        labels = jax.eval_shape(features_and_labels, generator.params, segmenter_params(segmenter),
+                                jax.ShapeDtypeStruct((1, self.z_dim), jnp.float32))[1]
+        self.seg_channels = int(labels.shape[3]) if labels.ndim == 4 else 1
 
     def _z(self, indices: np.ndarray) -> np.ndarray:
         """float32 z rows of the given sample numbers: rows of RandomState(seed).standard_normal(N * z_dim)
