@@ -146,9 +146,11 @@ def test_resume_refuses_changed_generator_params(tmp_path):
         dissect_generator(ShiftedGenerator(), TinySegmenter(), ["layer2"], **options)
     with pytest.raises(IdentityMismatch, match=r"source\.params\.segmenter was sha256"):
         dissect_generator(TinyGenerator(), OtherSegmenter(), ["layer2"], **options)
-    # a generator source is not batch-invariant (yet): its batch size is part of the identity
-    with pytest.raises(IdentityMismatch, match=r"batch\.batch_size was 16, now 8"):
-        dissect_generator(TinyGenerator(), TinySegmenter(), ["layer2"], **{**options, "batch_size": 8})
+    # a generator source is batch-invariant at a fixed micro-batch: the micro-batch is part of the
+    # identity, the batch size is not (another batch size resumes the finished run)
+    with pytest.raises(IdentityMismatch, match=r"source\.micro_batch was 32, now 8"):
+        dissect_generator(TinyGenerator(), TinySegmenter(), ["layer2"], **{**options, "micro_batch": 8})
+    dissect_generator(TinyGenerator(), TinySegmenter(), ["layer2"], **{**options, "batch_size": 8})
     # the same models and settings resume (here: everything is done)
     dissect_generator(TinyGenerator(), TinySegmenter(), ["layer2"], **options)
 
@@ -253,7 +255,7 @@ def test_generator_labels_out_of_range_are_reported_before_the_passes(monkeypatc
     monkeypatch.setattr(sources.GeneratorSource, "fetch",
                         lambda self, indices, sharding, labels=True: fetched.append(labels) or
                         original(self, indices, sharding, labels))
-    with pytest.raises(ValueError, match=r"segmentations of the first 16 samples hold label 9, outside \[0, 3\]"):
+    with pytest.raises(ValueError, match=r"segmentations of the first 32 samples hold label 9, outside \[0, 3\]"):
         dissect_generator(TinyGenerator(), BadSegmenter(), ["layer2"], size=40, topk=4, **QUICK)
     assert fetched == [True]  # one probe batch; no pass started
 

@@ -110,11 +110,33 @@ def seconds(low: float = 0.0, high: float = MAX_CHECKPOINT_SECONDS) -> Callable[
     return float_in_range(low, high, what="a number of seconds")
 
 
+MAX_MEMORY = 1 << 50  # bytes (1 PiB): larger budgets are typing errors
+
+
+def memory_size() -> Callable[[str], int]:
+    """A memory budget in bytes, written as 4G, 800M, 1.5GiB or 1073741824, in [1 MiB, 1 PiB]
+    (gandissect_jax.dissection.memory.parse_memory)."""
+
+    def parse(text: str) -> int:
+        from gandissect_jax.dissection.memory import parse_memory
+
+        try:
+            value = parse_memory(text, "the memory budget")
+        except ValueError:
+            value = None
+        if value is None or value > MAX_MEMORY:
+            raise argparse.ArgumentTypeError(
+                f"must be a size such as 4G, 800M, 1.5GiB or a number of bytes in [{1 << 20}, {MAX_MEMORY}], got {text!r}")
+        return value
+
+    return parse
+
+
 def is_range_checked(type_function) -> bool:
     """True when ``type_function`` was made by this module (``int`` or ``float`` are not)."""
     return getattr(type_function, "__module__", None) == __name__ and type_function.__qualname__.endswith("parse")
 
 
 __all__ = ["int_in_range", "float_in_range", "positive_int", "non_negative_int", "batch_size", "seed",
-           "open_unit_interval", "unit_interval", "positive_finite_float", "seconds", "is_range_checked",
-           "MAX_BATCH", "MAX_TOPK", "MAX_SAMPLES", "MAX_SEED", "MAX_CHECKPOINT_SECONDS"]
+           "open_unit_interval", "unit_interval", "positive_finite_float", "seconds", "memory_size", "is_range_checked",
+           "MAX_BATCH", "MAX_TOPK", "MAX_SAMPLES", "MAX_SEED", "MAX_CHECKPOINT_SECONDS", "MAX_MEMORY"]

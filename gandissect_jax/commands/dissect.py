@@ -92,6 +92,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      "Ctrl-C also saves the running pass)")
     run.add_argument("--keep-progress", action="store_true",
                      help="keep the pass checkpoints in OUTDIR/.progress after the run completes")
+    run.add_argument("--max-memory", type=arguments.memory_size(),
+                     help="memory budget of the passes, e.g. 4G or 800M, in [1M, 1P] (default: half of the "
+                     "available RAM, 70%% of an accelerator's free memory); units are measured in groups that fit, "
+                     "with identical results")
     run.add_argument("--no-images", action="store_true", help="skip the top-k image strips")
     run.add_argument("--title", help="title of the HTML report")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -154,7 +158,7 @@ def run_command(args) -> int:
                            iou_threshold=args.iou_threshold, label_rule=args.label_rule,
                            checkpoint_every=args.checkpoint_every,
                            progress=not args.quiet, make_images=not args.no_images, title=args.title,
-                           keep_progress=args.keep_progress)
+                           keep_progress=args.keep_progress, max_memory=args.max_memory)
     if args.features:
         if not args.segmentations or not args.labels:
             raise ValueError("--features needs --segmentations and --labels")

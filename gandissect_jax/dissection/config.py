@@ -6,6 +6,8 @@ import dataclasses
 import math
 import numbers
 
+from .memory import parse_memory
+
 THRESHOLD_RULES = ("iqr", "quantile", "levels")
 LABEL_RULES = ("significant", "reference")  # as analysis.LABEL_RULES
 # Ranges shared with the command line (gandissect_jax/commands/arguments.py; a test holds them equal).
@@ -41,6 +43,9 @@ class DissectConfig:
     checkpoint_every: seconds between checkpoints of a running pass, in [0, 86400] (0: after
       every batch; Ctrl-C also saves the running pass, whatever the interval).
     unit_chunk: units per scatter step (default: 1 on CPU, 64 on accelerators).
+    max_memory: memory budget of the passes, bytes or a size such as "4G" (default: half of the
+      available host memory, 70% of an accelerator's free memory); units are measured in groups
+      that fit it (:mod:`.memory`), with identical results.
     make_images / make_report: write the top-k image strips / dissect.json and the HTML report.
     title: title of the HTML report. progress: show progress bars.
     keep_progress: keep the pass checkpoints in ``<outdir>/.progress`` once the run is complete
@@ -58,6 +63,7 @@ class DissectConfig:
     label_rule: str = "significant"
     checkpoint_every: float = 60.0
     unit_chunk: int | None = None
+    max_memory: int | float | str | None = None
     make_images: bool = True
     make_report: bool = True
     title: str | None = None
@@ -87,6 +93,8 @@ class DissectConfig:
             fail("batch_size", f"an integer in [1, {MAX_BATCH}]")
         if self.unit_chunk is not None and not integer(self.unit_chunk, 1, MAX_BATCH):
             fail("unit_chunk", f"None or an integer in [1, {MAX_BATCH}]")
+        if self.max_memory is not None:
+            parse_memory(self.max_memory)  # ValueError naming max_memory
         if not real(self.iou_threshold, 0.0, 1.0):
             fail("iou_threshold", "a number in [0, 1]")
         if not real(self.checkpoint_every, 0.0, MAX_CHECKPOINT_SECONDS):

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import numbers
 import os
+import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -28,13 +29,14 @@ from jax.sharding import PartitionSpec as P
 from . import passes
 from .analysis import score_layer
 from .config import MAX_SAMPLES, MAX_SEED, DissectConfig
-from .engine import AXIS, Interrupted, make_mesh
+from .engine import AXIS, Interrupted, make_mesh, per_device_batch
 from .labels import label_category_indices, labels_and_categories
+from .memory import plan_dissection
 from .progress import COUNT_PASS_COST, RunProgress
 from .report import safe_dir_name, write_report
 from .results import LayerDissection
 from .resume import RunDirectory, digest, outdir_lock
-from .sources import ArraySource, GeneratorSource, ModelSource
+from .sources import DEFAULT_MICRO_BATCH, ArraySource, GeneratorSource, ModelSource
 from .strips import write_strips
 
 LAYOUTS = ("nhwc", "nchw")
@@ -101,8 +103,10 @@ def _check_label_values(source, num_labels: int, mesh, batch_size: int) -> None:
         where = "the segmentations"
     else:
         devices = mesh.devices.size
-        count = -(-min(batch_size, source.num_samples) // devices) * devices
-        labels = np.asarray(source.fetch(np.arange(count), NamedSharding(mesh, P(AXIS)))["labels"])
+        count = per_device_batch(min(batch_size, source.num_samples), devices,
+                                 getattr(source, "micro_batch", None)) * devices
+        indices = np.minimum(np.arange(count), source.num_samples - 1)  # whole micro-batches per device
+        labels = np.asarray(source.fetch(indices, NamedSharding(mesh, P(AXIS)))["labels"])
         low, high = int(labels.min()), int(labels.max())
         where = f"the segmentations of the first {min(count, source.num_samples)} samples"
     if low >= 0 and high < num_labels:
@@ -160,6 +164,8 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
     levels = _check_levels(levels, source)
     dirnames = _dir_names(source.layers) if outdir else {}
     mesh = make_mesh(devices)
+    # refuse what cannot fit before reading any data (the identity below streams it)
+    _plan(source, source.layers, labels, categories, threshold, search_iqr, config, mesh)
     fingerprint = {
         "source": source.identity(), "labels": [list(l) for l in labels], "categories": categories,
         "threshold": threshold, "quantile": float(config.quantile) if threshold == "quantile" else None,
@@ -185,8 +191,11 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
         if pending:
             settings = passes.PassSettings(mesh, config.batch_size, config.checkpoint_every, config.progress,
                                            run.subdirectory(f"passes-{key}"), config.unit_chunk)
+            plan = _plan(source, pending, labels, categories, threshold, search_iqr, config, mesh)
+            if config.progress and len(plan.groups) > 1:
+                print(plan.describe(), file=sys.stderr)
             try:
-                results.update(_measure(source, pending, labels, categories, label_category, threshold,
+                results.update(_measure(source, plan.groups, labels, categories, label_category, threshold,
                                         search_iqr, levels, config, settings))
             except ValueError:
                 run.discard()  # bad input found by the passes: nothing of this run is worth resuming
@@ -214,35 +223,50 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
     return ordered
 
 
-def _measure(source, pending, labels, categories, label_category, threshold, search_iqr, levels, config,
+def _plan(source, layers, labels, categories, threshold, search_iqr, config, mesh):
+    """The memory plan of measuring ``layers`` (:func:`~.memory.plan_dissection`); MemoryBudgetError
+    when one unit does not fit the budget."""
+    return plan_dissection(source, list(layers), num_labels=len(labels), num_categories=len(categories),
+                           threshold=threshold, search_iqr=search_iqr, topk=config.resolved_topk(source.num_samples),
+                           batch_size=config.batch_size, mesh=mesh, unit_chunk=config.unit_chunk,
+                           max_memory=config.max_memory)
+
+
+def _measure(source, groups, labels, categories, label_category, threshold, search_iqr, levels, config,
              settings: passes.PassSettings) -> dict[str, LayerDissection]:
-    """Quantile passes, count pass and scores for the pending layers."""
-    units = {layer: source.feature_shapes[layer][2] for layer in pending}
-    plans = passes.quantile_plans(units, threshold, config.quantile, search_iqr)
-    stages = max((len(planner.bits) for plan in plans.values() for _, planner in plan.planners()
-                  if planner is not None), default=1)
-    count_cost = COUNT_PASS_COST.get(source.identity().get("kind"), 4.0)  # a prior; measured as the pass runs
-    progress = RunProgress(source.num_samples, [f"quantiles-{i}" for i in range(stages)] + ["counts"],
-                           costs={"counts": count_cost}, enabled=bool(settings.progress))
-    settings = dataclasses.replace(settings, progress=progress)
+    """Quantile passes and count pass for each unit group of the pending layers, then scores per layer."""
+    progress = None
+    if len(groups) == 1:  # one overall bar over the passes (with several groups each pass shows its own bar)
+        units = {layer: stop - start for layer, start, stop in groups[0]}
+        plans = passes.quantile_plans(units, threshold, config.quantile, search_iqr)
+        stages = max((len(planner.bits) for plan in plans.values() for _, planner in plan.planners()
+                      if planner is not None), default=1)
+        count_cost = COUNT_PASS_COST.get(source.identity().get("kind"), 4.0)  # a prior; measured as the pass runs
+        progress = RunProgress(source.num_samples, [f"quantiles-{i}" for i in range(stages)] + ["counts"],
+                               costs={"counts": count_cost}, enabled=bool(settings.progress))
+        settings = dataclasses.replace(settings, progress=progress)
     try:
-        topk = passes.quantile_passes(source.features_only(), plans, source.seg_size,
-                                          config.resolved_topk(source.num_samples), settings)
-        layer_levels = {layer: passes.count_levels(plans[layer], threshold,
-                                                   None if levels is None else levels[layer], search_iqr)
-                        for layer in pending}
-        label_state, counts = passes.count_pass(source, layer_levels, label_category, len(categories),
-                                                source.seg_size, settings)
+        label_state, measured = passes.measure_units(
+            source, groups, threshold=threshold, quantile=config.quantile, search_iqr=search_iqr, fixed_levels=levels,
+            topk=config.resolved_topk(source.num_samples), label_category=label_category,
+            num_categories=len(categories), settings=settings)
     except Interrupted as stop:
-        stop.stage = progress.stage_name(stop.stage)
+        if progress is not None:
+            stop.stage = progress.stage_name(stop.stage)
         raise
     finally:
-        progress.close()
-    return {layer: score_layer(layer, counts[layer], layer_levels[layer], label_state, topk[layer], label_names=labels,
-                               categories=categories, label_category=label_category, threshold=threshold,
-                               quantile=config.quantile, num_samples=source.num_samples, seg_size=source.seg_size,
-                               raw_quantile_q=passes.RAW_REPORT_Q, label_rule=config.label_rule)
-            for layer in pending}
+        if progress is not None:
+            progress.close()
+    results = {}
+    for layer in list(measured):
+        m = measured.pop(layer)  # score one layer at a time, releasing its counts before the next
+        results[layer] = score_layer(layer, m.counts, m.levels, label_state, m.topk, label_names=labels,
+                                     categories=categories, label_category=label_category, threshold=threshold,
+                                     quantile=config.quantile, num_samples=source.num_samples,
+                                     seg_size=source.seg_size, raw_quantile_q=passes.RAW_REPORT_Q,
+                                     label_rule=config.label_rule)
+        del m
+    return results
 
 
 def _aspect_agrees(spatial: Sequence[int], seg_size: Sequence[int]) -> bool:
@@ -333,6 +357,7 @@ def _check_generator_arguments(layers, size, seed, seg_downsample) -> list[str]:
 def dissect_generator(generator, segmenter, layers: Sequence[str], config: DissectConfig | None = None, *,
                       size: int = 10000, seed: int = 1, seg_downsample: int = 2, levels=None, devices=None,
                       outdir: str | None = None, restart: bool = False, identity: dict | None = None,
+                      micro_batch: int = DEFAULT_MICRO_BATCH,
                       **overrides) -> dict[str, LayerDissection]:
     """Dissect layers of a generator: for samples z_i (i < size) of RandomState(seed) normal noise,
     run h (to each layer), f (to the image) and the segmenter, and score every unit.
@@ -348,12 +373,14 @@ def dissect_generator(generator, segmenter, layers: Sequence[str], config: Disse
     (``threshold`` defaults to 'iqr', the paper's GAN setting); levels: fixed thresholds dict
     layer -> (U,); identity: extra JSON-able facts naming the models, recorded in the run's
     settings (the run's identity already holds a sha256 of both models' parameters, its seed,
-    size, batch size and device count). restart: see :func:`dissect`.
+    size, batch size and device count). restart: see :func:`dissect`. micro_batch: samples per
+    generator and segmenter call on each device (results are bit-identical for any batch size and
+    device count at a given micro_batch; :class:`~.sources.GeneratorSource`).
     Returns {layer: LayerDissection}. ValueError naming the argument for anything out of range.
     """
     config = _config(config, overrides)
     layers = _check_generator_arguments(layers, size, seed, seg_downsample)
-    source = GeneratorSource(generator, segmenter, layers, size, seed, seg_downsample, identity)
+    source = GeneratorSource(generator, segmenter, layers, size, seed, seg_downsample, identity, micro_batch)
     if min(source.seg_size) < 1:
         raise ValueError(f"seg_downsample {seg_downsample} is larger than the generated images "
                          f"({source.image_size[0]}x{source.image_size[1]})")

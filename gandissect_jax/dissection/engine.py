@@ -50,6 +50,12 @@ class Source(Protocol):
     placed with ``sharding`` (split over the mesh along that axis). Numbers past the end may be
     asked for (padding of the last batch); return any sample for them, they are masked out.
     ``identity()`` returns a JSON-able description of the data (for resume checks).
+
+    Optional: ``micro_batch`` (int): :func:`tally` makes every device's share of a batch a
+    multiple of it (:func:`per_device_batch`), for sources that compute samples in fixed-size
+    chunks; ``batch_invariant`` (bool): the source's arrays for a sample are the same bits
+    whatever batch and device it is fetched in, so that, with the exact merges of the
+    statistics, a tally's results do not depend on the batch size or the device count.
     """
 
     num_samples: int
@@ -147,19 +153,30 @@ def _init(names: tuple[str, ...], statistics: tuple[StreamingStatistic, ...], me
     return jax.jit(make, out_shardings=NamedSharding(mesh, P(AXIS)))
 
 
-def _per_device(state: Any) -> list[Any]:
-    """Host copies of each device's state, from a state with a leading (sharded) device axis."""
+def _per_device(state: Any) -> Iterator[Any]:
+    """Host copies of each device's state, one device at a time (so a drain holds one device's copy),
+    from a state with a leading (sharded) device axis."""
     leaves, treedef = jax.tree_util.tree_flatten(state)
     shards = [sorted(leaf.addressable_shards, key=lambda s: s.index[0].start or 0) for leaf in leaves]
     # explicit transfers (jax.device_get), so the pass also runs under jax.transfer_guard("disallow")
-    return [jax.tree_util.tree_unflatten(treedef, [jax.device_get(shards[i][d].data)[0] for i in range(len(leaves))])
-            for d in range(len(shards[0]) if shards else 0)]
+    for d in range(len(shards[0]) if shards else 0):
+        yield jax.tree_util.tree_unflatten(treedef, [jax.device_get(shards[i][d].data)[0] for i in range(len(leaves))])
+
+
+def per_device_batch(batch_size: int, devices: int, micro_batch: int | None = None) -> int:
+    """Samples per device and step: ``batch_size`` split over ``devices``, rounded up to a multiple of
+    the source's ``micro_batch`` (if any), so every device's share is whole micro-batches and, as
+    batches start at multiples of the global batch, every micro-batch starts at a multiple of it."""
+    per_device = -(-int(batch_size) // int(devices))
+    step = int(micro_batch or 1)
+    return -(-per_device // step) * step
 
 
 def _drain(statistics: Mapping[str, StreamingStatistic], host: dict, states: dict) -> dict:
     for name, stat in statistics.items():
         for device_state in _per_device(states[name]):
             host[name] = stat.merge(host[name], device_state)
+            del device_state
     return host
 
 
@@ -202,7 +219,8 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
       seconds; a rerun with the same statistics and source size continues from there (a
       finished pass is not run again). ValueError when the checkpoint was written by a different
       tally. mesh: a 1-D mesh (:func:`make_mesh`; default: all local devices).
-    batch_size: samples per step over all devices (rounded up to a multiple of the device count).
+    batch_size: samples per step over all devices (rounded up to a multiple of the device count,
+      and of the device count times the source's ``micro_batch`` when it has one).
     progress: show a tqdm bar named ``desc`` (True), nothing (False), or a :class:`PassProgress`.
 
     Returns ``{name: statistics[name].finalize(state)}`` (or the single result). Results are
@@ -228,7 +246,7 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
         raise ValueError("the source has no samples")
     mesh = mesh if mesh is not None else make_mesh()
     devices = mesh.devices.size
-    per_device = -(-int(batch_size) // devices)
+    per_device = per_device_batch(batch_size, devices, getattr(source, "micro_batch", None))
     global_batch = per_device * devices
     sharding = NamedSharding(mesh, P(AXIS))
     names, stats = tuple(statistics), tuple(statistics.values())
@@ -318,4 +336,5 @@ def _single(compute: Callable) -> Callable:
     return wrapped
 
 
-__all__ = ["tally", "make_mesh", "Source", "PassProgress", "Interrupted", "deferred_interrupt", "AXIS"]
+__all__ = ["tally", "make_mesh", "per_device_batch", "Source", "PassProgress", "Interrupted", "deferred_interrupt",
+           "AXIS"]
