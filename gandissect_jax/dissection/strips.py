@@ -10,6 +10,9 @@ from .results import LayerDissection
 from .resume import atomic_file
 from .upsample import bilinear_matrix
 
+#: default bound on the strip cache's thumbnails (bytes): 512 MiB, about 7,000 thumbnails of 160x160
+DEFAULT_CACHE_BYTES = 512 << 20
+
 
 def _resize_nearest(images: np.ndarray, size: int) -> np.ndarray:
     rows = (np.arange(size) * images.shape[1] // size).astype(np.int64)
@@ -35,54 +38,96 @@ def outline_activation(image: np.ndarray, mask: np.ndarray, dim: float = 0.5) ->
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+def _thumbnails(background: np.ndarray, thumbnail: int | None) -> np.ndarray:
+    """The uint8 (n, T, T, 3) strip thumbnails of uint8 (n, H, W, 3) backgrounds: T = ``thumbnail``, or
+    H clamped to [96, 160]; area-resized down (PIL bilinear), nearest-neighbour up."""
+    size = thumbnail or int(min(max(background.shape[1], 96), 160))
+    if background.shape[1] > size:
+        return _resize_area(background, size)
+    if background.shape[1] < size:
+        return _resize_nearest(background, size)
+    return background
+
+
+def unit_groups(tops: np.ndarray, max_samples: int) -> list[range]:
+    """Consecutive units grouped so that each group's top-k samples hold at most ``max_samples``
+    distinct samples (at least one unit per group). tops: int (U, k) sample numbers."""
+    groups, start, seen = [], 0, set()
+    for unit in range(tops.shape[0]):
+        needed = set(tops[unit].tolist())
+        if unit > start and len(seen | needed) > max_samples:
+            groups.append(range(start, unit))
+            start, seen = unit, set()
+        seen |= needed
+    if tops.shape[0] > start:
+        groups.append(range(start, tops.shape[0]))
+    return groups
+
+
 def write_strips(layer_dir: str, result: LayerDissection, source, *, batch_size: int = 32,
-                 thumbnail: int | None = None, unit_chunk: int = 64, gap: int = 4, show_progress: bool = True) -> None:
+                 thumbnail: int | None = None, gap: int = 4, show_progress: bool = True,
+                 max_cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
     """Write ``<layer_dir>/image/<unit>-top.jpg``: the unit's top-k samples side by side, each with
-    the region where the upsampled activation exceeds the unit's level outlined.
+    the region where the upsampled activation exceeds the unit's level outlined (bilinear upsampling
+    in float64, as the reference's ``upsample_bilinear`` then ``> level``; dimmed outside it).
 
     source: anything with ``visual_batch(indices, layer) -> (uint8 (n, H, W, 3) backgrounds,
     float32 (n, h, w, U) features)`` (the dissection sources: images when there are any, else
-    the coloured segmentation). Files are written to a temporary name and renamed.
+    the coloured segmentation). Each distinct top-k sample of the layer is rendered once (in
+    batches of ``batch_size``, sorted by sample number); the cache holds its thumbnail and, per
+    (unit, rank) that shows it, that unit's (h, w) feature map. When the thumbnails of all the
+    layer's distinct top-k samples would exceed ``max_cache_bytes`` (bytes, at the largest
+    thumbnail size), the units are taken in consecutive groups that fit, and a sample shown by
+    two groups is rendered once per group. Files are written to a temporary name and renamed.
     """
     from PIL import Image
     from tqdm.auto import tqdm
 
     layer_dir = os.path.join(layer_dir, "image")
     os.makedirs(layer_dir, exist_ok=True)
-    tops = result.topk_indices
-    units = result.num_units
-    length = tops.shape[1]
-    if length == 0:
+    tops = np.asarray(result.topk_indices)
+    units, length = tops.shape[0], tops.shape[1]
+    if length == 0 or units == 0:
         return
-    for start in tqdm(range(0, units, unit_chunk), desc=f"strips {result.layer}", disable=not show_progress,
-                      leave=False):
-        chunk = range(start, min(start + unit_chunk, units))
-        needed = np.unique(tops[list(chunk)].reshape(-1))
-        thumbs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    side = thumbnail or 160
+    max_samples = max(int(batch_size), int(max_cache_bytes) // (side * side * 3))
+    bar = tqdm(total=units, desc=f"strips {result.layer}", disable=not show_progress, leave=False)
+    for group in unit_groups(tops, max_samples):
+        group_tops = tops[group.start:group.stop]
+        needed = np.unique(group_tops.reshape(-1))
+        # (unit, rank) entries of the group, sorted by the sample they show
+        order = np.argsort(group_tops.reshape(-1), kind="stable")
+        shown = group_tops.reshape(-1)[order]
+        thumbs: dict[int, np.ndarray] = {}
+        maps: np.ndarray | None = None  # float32 (units in group, k, h, w)
         for b in range(0, needed.size, batch_size):
             indices = needed[b:b + batch_size]
             padded = np.concatenate([indices, np.full(batch_size - indices.size, indices[-1])]).astype(np.int64)
             background, features = source.visual_batch(padded, result.layer)
-            size = thumbnail or int(min(max(background.shape[1], 96), 160))
-            if background.shape[1] > size:
-                background = _resize_area(background, size)
-            elif background.shape[1] < size:
-                background = _resize_nearest(background, size)
+            background = _thumbnails(background, thumbnail)
+            if maps is None:
+                maps = np.empty((len(group), length) + features.shape[1:3], np.float32)
             for i, index in enumerate(indices):
-                thumbs[int(index)] = (background[i], features[i])
-        size = next(iter(thumbs.values()))[0].shape[0]
-        any_features = next(iter(thumbs.values()))[1]
-        rows = bilinear_matrix(any_features.shape[0], size)
-        cols = bilinear_matrix(any_features.shape[1], size)
-        for unit in chunk:
+                thumbs[int(index)] = background[i]
+                lo, hi = np.searchsorted(shown, index, "left"), np.searchsorted(shown, index, "right")
+                for flat in order[lo:hi]:
+                    unit, rank = divmod(int(flat), length)
+                    maps[unit, rank] = features[i, :, :, group.start + unit]
+            del background, features
+        size = next(iter(thumbs.values())).shape[0]
+        rows = bilinear_matrix(maps.shape[2], size)
+        cols = bilinear_matrix(maps.shape[3], size)
+        for offset, unit in enumerate(group):
             strip = np.full((size, length * (size + gap) - gap, 3), 255, np.uint8)
             for rank, index in enumerate(tops[unit]):
-                image, features = thumbs[int(index)]
-                surface = rows @ features[:, :, unit].astype(np.float64) @ cols.T
+                surface = rows @ maps[offset, rank].astype(np.float64) @ cols.T
                 mask = surface > float(result.levels[unit])
-                strip[:, rank * (size + gap): rank * (size + gap) + size] = outline_activation(image, mask)
+                strip[:, rank * (size + gap): rank * (size + gap) + size] = outline_activation(thumbs[int(index)], mask)
             with atomic_file(os.path.join(layer_dir, f"{unit}-top.jpg")) as handle:
                 Image.fromarray(strip).save(handle, format="JPEG", quality=88)
+            bar.update(1)
+        del thumbs, maps
+    bar.close()
 
 
-__all__ = ["write_strips", "outline_activation"]
+__all__ = ["write_strips", "outline_activation", "unit_groups"]
