@@ -54,6 +54,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="z seed, in [0, 2**32 - 1] (default 1, as the reference)")
     source.add_argument("--seg-downsample", type=arguments.int_in_range(1, 4096), default=2,
                         help="segment at 1/N of the image size (default 2, as the reference)")
+    source.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype of the generator and the segmenter (default float32; bfloat16 is "
+                        "faster where the hardware has it, labels may differ slightly: benchmarks/README.md)")
     arrays = parser.add_argument_group("precomputed source")
     arrays.add_argument("--features", help="float .npy of activations, shape (N, h, w, U) (see --layout)")
     arrays.add_argument("--segmentations", help="int .npy of segmentations, shape (N, H, W, D) or (N, H, W); "
@@ -181,6 +184,6 @@ def run_command(args) -> int:
         segmenter = gandissect_jax.load_segmenter(args.segmenter)
         results = dissect_generator(generator, segmenter, args.layers, config, size=args.size, seed=args.seed,
                                     seg_downsample=args.seg_downsample, outdir=args.outdir, restart=args.restart,
-                                    identity={"model": args.model, "segmenter": args.segmenter})
+                                    compute_dtype=args.dtype, identity={"model": args.model, "segmenter": args.segmenter})
     _summary(results, args.outdir, args.iou_threshold)
     return 0

@@ -357,7 +357,7 @@ def _check_generator_arguments(layers, size, seed, seg_downsample) -> list[str]:
 def dissect_generator(generator, segmenter, layers: Sequence[str], config: DissectConfig | None = None, *,
                       size: int = 10000, seed: int = 1, seg_downsample: int = 2, levels=None, devices=None,
                       outdir: str | None = None, restart: bool = False, identity: dict | None = None,
-                      micro_batch: int = DEFAULT_MICRO_BATCH,
+                      micro_batch: int = DEFAULT_MICRO_BATCH, compute_dtype: str = "float32",
                       **overrides) -> dict[str, LayerDissection]:
     """Dissect layers of a generator: for samples z_i (i < size) of RandomState(seed) normal noise,
     run h (to each layer), f (to the image) and the segmenter, and score every unit.
@@ -375,12 +375,15 @@ def dissect_generator(generator, segmenter, layers: Sequence[str], config: Disse
     settings (the run's identity already holds a sha256 of both models' parameters, its seed,
     size, batch size and device count). restart: see :func:`dissect`. micro_batch: samples per
     generator and segmenter call on each device (results are bit-identical for any batch size and
-    device count at a given micro_batch; :class:`~.sources.GeneratorSource`).
+    device count at a given micro_batch; :class:`~.sources.GeneratorSource`). compute_dtype:
+    'float32' (default) or 'bfloat16', the dtype the generator and the segmenter compute in
+    (features are statistics in float32 either way; part of the run's identity).
     Returns {layer: LayerDissection}. ValueError naming the argument for anything out of range.
     """
     config = _config(config, overrides)
     layers = _check_generator_arguments(layers, size, seed, seg_downsample)
-    source = GeneratorSource(generator, segmenter, layers, size, seed, seg_downsample, identity, micro_batch)
+    source = GeneratorSource(generator, segmenter, layers, size, seed, seg_downsample, identity, micro_batch,
+                             compute_dtype)
     if min(source.seg_size) < 1:
         raise ValueError(f"seg_downsample {seg_downsample} is larger than the generated images "
                          f"({source.image_size[0]}x{source.image_size[1]})")

@@ -57,6 +57,38 @@ def segment(segmenter, params, images: jax.Array, downsample: int) -> jax.Array:
     return segmenter.segment(params, images, downsample)
 
 
+# ============================================================================ compute dtype
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def check_compute_dtype(compute_dtype) -> str:
+    """The compute dtype's name; ValueError unless it is one of COMPUTE_DTYPES."""
+    name = getattr(compute_dtype, "name", None) or getattr(compute_dtype, "__name__", None) or compute_dtype
+    if str(name) not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {list(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    return str(name)
+
+
+def cast_floats(tree: Any, dtype) -> Any:
+    """``tree`` with its floating-point leaves cast to ``dtype`` (integer leaves unchanged)."""
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _in_dtype(head: Callable, tail: Callable, dtype) -> tuple[Callable, Callable]:
+    """(head, tail) computing in ``dtype``: parameters and inputs cast to it, the layer's features
+    returned as float32 (the statistics stay float32), the image in ``dtype``."""
+
+    def low_head(params, z):
+        r, side = head(cast_floats(params, dtype), z.astype(dtype))
+        return r.astype(jnp.float32), side
+
+    def low_tail(params, r, side):
+        return tail(cast_floats(params, dtype), r.astype(dtype), side).astype(jnp.float32)
+
+    return low_head, low_tail
+
+
 # ============================================================================ micro-batches
 
 # Samples per generator / segmenter call on each device (benchmarks/README.md, "Micro-batch").
@@ -238,13 +270,17 @@ class GeneratorSource:
     the same compiled kernels, whatever the batch size or the device count: the fetched arrays
     are bit-identical (``batch_invariant``). ``micro_batch`` is part of :meth:`identity` (another
     micro-batch can round differently), with a sha256 of the generator's and
-    the segmenter's parameters. ValueError for an unknown layer or a bad micro_batch.
+    the segmenter's parameters. ``compute_dtype='bfloat16'`` runs the generator and the
+    segmenter in bfloat16 (parameters, z and images cast inside the jitted programs; the features
+    handed to the statistics are float32), recorded in :meth:`identity`; the default 'float32'
+    is unchanged. ValueError for an unknown layer, a bad micro_batch or compute_dtype.
     """
 
     batch_invariant = True
 
     def __init__(self, generator, segmenter, layers: Sequence[str], num_samples: int, seed: int = 1,
-                 seg_downsample: int = 2, identity: dict | None = None, micro_batch: int = DEFAULT_MICRO_BATCH):
+                 seg_downsample: int = 2, identity: dict | None = None, micro_batch: int = DEFAULT_MICRO_BATCH,
+                 compute_dtype: str = "float32"):
         names = tuple(getattr(generator, "layer_names", ()))
         unknown = [layer for layer in layers if names and layer not in names]
         if unknown:
@@ -258,10 +294,13 @@ class GeneratorSource:
         self.seg_downsample = int(seg_downsample)
         self.micro_batch = check_micro_batch(micro_batch)
         self.z_dim = int(generator.z_dim)
+        self.compute_dtype = check_compute_dtype(compute_dtype)
         self._identity = identity or {}
         parts = {layer: split_at(generator, layer) for layer in self.layers}
         for layer, part in parts.items():  # refuse before the passes a split that breaks G (side inputs)
             verify_split(generator, layer, probe=2, split=Split(*part))
+        if self.compute_dtype != "float32":
+            parts = {layer: _in_dtype(head, tail, jnp.dtype(self.compute_dtype)) for layer, (head, tail) in parts.items()}
         # The last of the layers in forward order produces the image through its tail.
         last = sorted(self.layers, key=lambda l: names.index(l) if l in names else 0)[-1]
 
@@ -275,7 +314,10 @@ class GeneratorSource:
 
         def features_and_labels(gparams, sparams, z):
             feats, images = features_and_images(gparams, z)
-            return feats, segment(segmenter, sparams, jnp.clip(images, -1.0, 1.0), self.seg_downsample)
+            images = jnp.clip(images, -1.0, 1.0)
+            if self.compute_dtype != "float32":
+                sparams, images = cast_floats(sparams, self.compute_dtype), images.astype(self.compute_dtype)
+            return feats, segment(segmenter, sparams, images, self.seg_downsample)
 
         # per-device programs (micro-batched), mapped over a mesh in _program
         self._per_device = {"features": micro_batched(features, self.micro_batch),
@@ -363,9 +405,10 @@ class GeneratorSource:
         if getattr(self, "_params_digest", None) is None:
             self._params_digest = {"generator": pytree_digest(self.generator.params),
                                    "segmenter": pytree_digest(segmenter_params(self.segmenter))}
+        dtype = {} if self.compute_dtype == "float32" else {"compute_dtype": self.compute_dtype}
         return {"kind": "generator", "num_samples": self.num_samples, "seed": self.seed,
                 "seg_downsample": self.seg_downsample, "z_dim": self.z_dim, "micro_batch": self.micro_batch,
-                "params": self._params_digest, **self._identity}
+                "params": self._params_digest, **dtype, **self._identity}
 
 
 # ============================================================================ a model over a dataset
