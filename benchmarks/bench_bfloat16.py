@@ -49,14 +49,14 @@ def compare(samples: int, rounds: int, batch_size: int = 64, micro_batch: int = 
     for layer in LAYERS:
         a, b = results["float32"][layer], results["bfloat16"][layer]
         same_label = a.unit_label == b.unit_label
-        interpretable = np.asarray(a.interpretable, bool)
+        interpretable, interpretable_low = a.interpretable(), b.interpretable()
         layers[layer] = {
             "units": int(a.num_units),
             "top_concept_changed": int((~same_label).sum()),
             "interpretable_float32": int(interpretable.sum()),
-            "interpretable_bfloat16": int(np.asarray(b.interpretable, bool).sum()),
+            "interpretable_bfloat16": int(interpretable_low.sum()),
             "interpretable_top_concept_changed": int((~same_label & interpretable).sum()),
-            "interpretable_status_changed": int((interpretable != np.asarray(b.interpretable, bool)).sum()),
+            "interpretable_status_changed": int((interpretable != interpretable_low).sum()),
             "unit_iou_max_abs_diff": float(np.abs(np.asarray(a.unit_iou) - np.asarray(b.unit_iou)).max()),
             "changed_units": [{"unit": int(u), "float32": a.label_names[a.unit_label[u]],
                                "bfloat16": b.label_names[b.unit_label[u]], "iou_float32": float(a.unit_iou[u]),
