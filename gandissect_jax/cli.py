@@ -18,6 +18,7 @@ _COMMANDS = (
     ("convert", "convert"),
     ("weights", "weights"),
     ("dissect", "dissect"),
+    ("paint", "paint"),
 )
 
 
