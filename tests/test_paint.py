@@ -29,7 +29,8 @@ from gandissect_jax.paint.invert import blend, psnr
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient` is deprecated")
 
-LAYER = "layer4"
+LAYER = "layer4"  # where the demo model draws trees (layer6 inserts orange blobs the segmenter calls tree)
+SHAPE = (8, 8, 128)
 TREE, BUILDING = 6, 7  # label numbers of the demo segmenter
 _CACHE: dict = {}
 
@@ -216,11 +217,11 @@ def test_pool_mask_is_adaptive_max_pooling(rows, cols, k, j, seed):
 
 def test_apply_strokes_is_the_sequential_intervention_edit(rankings):
     rng = np.random.default_rng(3)
-    r = jnp.asarray(rng.normal(size=(2, 8, 8, 128)).astype(np.float32))
+    r = jnp.asarray(rng.normal(size=(2, *SHAPE)).astype(np.float32))
     strokes = [Stroke(rng.random((64, 64)) > 0.7, "tree", "add", 0.8),
                Stroke(rng.random((16, 16)), "building", "remove", 1.0, top=7),
-               Stroke(np.ones((3, 3)), None, "add", 0.5, units=[1, 2, 99])]
-    arrays = encode_strokes(strokes, rankings, layer_shape=(8, 8, 128), max_strokes=8)
+               Stroke(np.ones((3, 3)), None, "add", 0.5, units=[1, 2, 63])]
+    arrays = encode_strokes(strokes, rankings, layer_shape=SHAPE, max_strokes=8)
     edited = apply_strokes(r, arrays, rankings.insertion_values)
     expected = r
     for stroke in strokes:  # independently: one intervention Edit per stroke
@@ -228,18 +229,18 @@ def test_apply_strokes_is_the_sequential_intervention_edit(rankings):
             units = np.asarray(stroke.units)
         else:
             units = rankings.top_units(stroke.concept, stroke.top or 20)
-        on = np.zeros(128, np.float32)
+        on = np.zeros(SHAPE[-1], np.float32)
         on[units] = 1
-        mask = pool_mask(np.asarray(stroke.mask, np.float32), (8, 8))
+        mask = pool_mask(np.asarray(stroke.mask, np.float32), SHAPE[:2])
         ablation = stroke.strength * mask[:, :, None] * on
         replacement = rankings.insertion_values * on if stroke.mode == "add" else None
         expected = gd.Edit(ablation, replacement).apply(expected)
     np.testing.assert_allclose(edited, expected, rtol=1e-6, atol=1e-6)
-    assert arrays.masks.shape == (8, 8, 8) and arrays.units[3:].sum() == 0
+    assert arrays.masks.shape == (8, *SHAPE[:2]) and arrays.units[3:].sum() == 0
     # no strokes, or strength 0: r bit for bit
-    empty = encode_strokes([], rankings, layer_shape=(8, 8, 128), max_strokes=8)
+    empty = encode_strokes([], rankings, layer_shape=SHAPE, max_strokes=8)
     assert np.array_equal(apply_strokes(r, empty, rankings.insertion_values), r)
-    zero = encode_strokes([strokes[0]._replace(strength=0.0)], rankings, layer_shape=(8, 8, 128), max_strokes=8)
+    zero = encode_strokes([strokes[0]._replace(strength=0.0)], rankings, layer_shape=SHAPE, max_strokes=8)
     assert np.array_equal(apply_strokes(r, zero, rankings.insertion_values), r)
 
 
@@ -247,7 +248,7 @@ def test_apply_strokes_is_the_sequential_intervention_edit(rankings):
     (Stroke(np.ones((4, 4)), "unicorn"), r"strokes\[0\]: unknown concept 'unicorn'"),
     (Stroke(np.ones((4, 4)), "tree", mode="paint"), r"strokes\[0\]\.mode must be one of"),
     (Stroke(np.ones((4, 4)), "tree", strength=1.5), r"strength must be in \[0, 1\]"),
-    (Stroke(np.ones((4, 4)), units=[128]), r"units \[128\] out of range"),
+    (Stroke(np.ones((4, 4)), units=[SHAPE[-1]]), r"units \[128\] out of range"),
     (Stroke(np.ones((4, 4)), units=[]), "units is empty"),
     (Stroke(np.ones((4, 8)), "tree"), "aspect ratio"),
     (Stroke(np.full((4, 4), 2.0), "tree"), r"in \[0, 1\]"),
@@ -258,7 +259,7 @@ def test_apply_strokes_is_the_sequential_intervention_edit(rankings):
 ])
 def test_malformed_strokes_name_the_stroke_and_field(rankings, stroke, message):
     with pytest.raises(ValueError, match=message):
-        encode_strokes([stroke], rankings, layer_shape=(8, 8, 128), image_shape=(64, 64))
+        encode_strokes([stroke], rankings, layer_shape=SHAPE, image_shape=(64, 64))
 
 
 def test_paint_adds_trees_inside_the_stroke_and_removes_buildings(G, S, rankings):
@@ -274,7 +275,7 @@ def test_paint_adds_trees_inside_the_stroke_and_removes_buildings(G, S, rankings
     tree_out = (s0[:, ~inside] == TREE).mean(), (s1[:, ~inside] == TREE).mean()
     assert tree_in[1] - tree_in[0] >= 0.3, tree_in  # measured: 0.16 -> 0.64
     assert abs(tree_out[1] - tree_out[0]) <= 0.05, tree_out
-    # remove: each image's own building pixels (with windows, doors, roofs), layer4 top 20 IoU units
+    # remove: each image's own building pixels (with windows, doors, roofs), top 20 IoU units
     owned = (s0 == BUILDING) | (s0 >= 8)
     i = int(np.argmax(owned.sum(axis=(1, 2))))  # the image with the most building
     removed = paint(G, z[i:i + 1], [Stroke(owned[i].astype(np.float32), "building", "remove")], rankings)
@@ -292,8 +293,8 @@ def test_every_edit_after_the_first_reuses_one_compiled_program(model):
     edits = [
         ([Stroke(rng.random((64, 64)) > 0.5, "tree", "add")], dict(z=model.z_for_seed(1))),
         ([Stroke(rng.random((256, 256)), "building", "remove", 0.5, top=3)] * 5, dict(z=model.z_for_seed(2))),
-        ([Stroke(np.ones((1, 1)), None, "add", 1.0, units=[0, 5, 127])], dict(z=z)),
-        ([Stroke(rng.random((17, 17)) > 0.2, c, "add", top=k) for c, k in [("sky", 1), ("grass", 128), ("road", 9)]],
+        ([Stroke(np.ones((1, 1)), None, "add", 1.0, units=[0, 5, 63])], dict(z=z)),
+        ([Stroke(rng.random((17, 17)) > 0.2, c, "add", top=k) for c, k in [("sky", 1), ("grass", 64), ("road", 9)]],
          dict(z=z)),
         ([], dict(z=z)),
         ([Stroke(np.ones((64, 64)), "tree")] * model.max_strokes, dict(z=z)),
@@ -313,7 +314,7 @@ def test_api_lists_models_layers_concepts_units(client, rankings):
     assert [m["name"] for m in models] == ["scenes64"]
     model = models[0]
     assert model["image_size"] == [64, 64] and model["default_layer"] == LAYER
-    assert model["layers"] == [{"layer": LAYER, "shape": [8, 8, 128], "num_units": 128,
+    assert model["layers"] == [{"layer": LAYER, "shape": list(SHAPE), "num_units": SHAPE[-1],
                                 "interpretable": int(rankings.interpretable.sum())}]
     assert [label["label"] for label in model["labels"]][:3] == ["-", "sky", "sun"]
     concepts = client.get(f"/api/models/scenes64/layers/{LAYER}/concepts?top=5").json()
@@ -321,7 +322,7 @@ def test_api_lists_models_layers_concepts_units(client, rankings):
     assert tree["metric"] == "iou" and tree["units"] == rankings.top_units("tree", 5).tolist()
     assert tree["iou"] == pytest.approx(rankings.iou[TREE, tree["units"]].tolist())
     units = client.get(f"/api/models/scenes64/layers/{LAYER}/units").json()
-    assert len(units) == 128 and units[3]["label"] == rankings.unit_label_name(3)
+    assert len(units) == SHAPE[-1] and units[3]["label"] == rankings.unit_label_name(3)
     schema = client.get("/openapi.json").json()
     assert {"/api/models", "/api/edit", "/api/generate", "/api/photos"} <= set(schema["paths"])
     assert "StrokeIn" in schema["components"]["schemas"]
@@ -397,7 +398,7 @@ def malformed_requests():
         ("huge mask (decompression bomb)", {**edit, "strokes": [{**stroke, "mask": bomb_url}]}, 413),
         ("huge body", b'{"model": "' + b"x" * (17 * 2**20) + b'"}', 413),
         ("too many strokes", {**edit, "strokes": [stroke] * 33}, 422),
-        ("units out of range", {**edit, "strokes": [{**stroke, "concept": None, "units": [128]}]}, 422),
+        ("units out of range", {**edit, "strokes": [{**stroke, "concept": None, "units": [SHAPE[-1]]}]}, 422),
         ("extra field", {**edit, "evil": 1}, 422),
     ]
 
@@ -445,7 +446,7 @@ def test_inversion_of_world_scenes_and_blending(G):
     h, f = G.split(LAYER)
     for photo in photos:  # one at a time, as the server inverts (one compiled program)
         inversion = invert(G, LAYER, photo[None], **kwargs)
-        assert inversion.z.shape == (1, G.z_dim) and inversion.delta.shape == (1, 8, 8, 128)
+        assert inversion.z.shape == (1, G.z_dim) and inversion.delta.shape == (1, *SHAPE)
         r = h(G.params, inversion.z)[0] + inversion.delta
         np.testing.assert_allclose(psnr(f(G.params, r, ()), photo[None]), inversion.psnr_r, atol=1e-3)
         np.testing.assert_allclose(psnr(G.apply(G.params, inversion.z), photo[None]), inversion.psnr_z, atol=1e-3)

@@ -239,11 +239,11 @@ def apply_strokes(r: jax.Array, strokes: StrokeArrays, values: jax.Array) -> jax
 
 
 def region_mask(strokes: Sequence[Stroke], size: tuple[int, int]) -> np.ndarray:
-    """bool (H, W): the union of the strokes' masks at an image size (see :func:`resize_mask`);
-    all False for no strokes."""
+    """bool (H, W): the union of the strokes' masks at an image size, each pixel in when the mask
+    covers at least half of it (see :func:`resize_mask`); all False for no strokes."""
     region = np.zeros(tuple(int(s) for s in size), bool)
     for index, stroke in enumerate(strokes):
-        region |= resize_mask(_as_mask(stroke.mask, f"strokes[{index}].mask") > 0, size)
+        region |= resize_mask(_as_mask(stroke.mask, f"strokes[{index}].mask"), size)
     return region
 
 

@@ -49,7 +49,7 @@ async function show(canvasId, segId, imageUrl, segUrl) {
 async function init() {
   setStatus('loading models…', true);
   state.models = await get('/api/models');
-  for (const m of state.models) $('model').add(new Option(m.title ? `${m.name} — ${m.title}` : m.name, m.name));
+  for (const m of state.models) $('model').add(new Option(m.name, m.name));
   const wanted = params.get('model');
   if (wanted && state.models.some((m) => m.name === wanted)) $('model').value = wanted;
   await selectModel($('model').value);

@@ -8,6 +8,7 @@ function newMask() {
   const canvas = document.createElement('canvas');
   canvas.width = MASK_SIZE;
   canvas.height = MASK_SIZE;
+  canvas.getContext('2d', { willReadFrequently: true }); // masks are read back (isEmpty)
   return canvas;
 }
 
