@@ -132,7 +132,7 @@ def test_iou_rankings_and_insertion_values_come_from_scores_npz(outdir, rankings
     scores = LayerDissection.load_npz(f"{outdir}/{LAYER}/scores.npz")
     for concept in ("tree", "building", "sky"):
         assert rankings.metric[concept] == "iou"
-        np.testing.assert_array_equal(rankings.top_units(concept, 20), scores.top_units(concept, 20, "iou"))
+        np.testing.assert_array_equal(rankings.top_units(concept, 20), scores.top_units(concept, 20, "max_iqr_iou"))
     q = list(np.round(scores.raw_quantile_q, 6)).index(0.99)
     np.testing.assert_array_equal(rankings.insertion_values, scores.raw_quantiles[:, q].astype(np.float32))
     document = json.loads(open(f"{outdir}/dissect.json").read())
@@ -160,17 +160,24 @@ def test_ace_rankings_in_dissect_json_take_precedence(outdir, tmp_path, rankings
         {"name": "door-ace", "units": [5, 3, 9]},  # an explicit order, concept and metric from the name
         {"name": "grass-iou", "concept": "grass", "metric": "iou", "score": [0.0] * num_units},
         {"name": "max iou", "metric": "iou", "score": [0.0] * num_units},  # not a concept ranking
+        # gandissect_jax.rankings' form: top units listed, score per unit, larger first
+        {"name": "road-ace", "label": "road", "labels": [5], "metric": "ace", "units": order[:3],
+         "score": alpha.tolist(), "objective": "specific_removal"},
     ]
     ace = load_rankings(_copy_with_rankings(outdir, tmp_path, records), LAYER)
     assert ace.metric["tree"] == "ace" and ace.top_units("tree", num_units).tolist() == order
     assert ace.metric["door"] == "ace" and ace.top_units("door", 4).tolist() == [5, 3, 9, 0]
-    assert ace.concepts[:2] == ("tree", "door")  # fitted concepts first in the palette
+    assert ace.metric["road"] == "ace" and ace.top_units("road", num_units).tolist() == order
+    assert ace.concepts[:3] == ("tree", "door", "road")  # fitted concepts first in the palette
     assert ace.metric["grass"] == "iou" and ace.top_units("grass", 3).tolist() == [0, 1, 2]  # all ties: by unit
     np.testing.assert_array_equal(ace.top_units("sky", 10), rankings.top_units("sky", 10))
 
 
 @pytest.mark.parametrize("record, message", [
     ({"name": "tree-ace", "score": [1.0, 2.0]}, "one number per unit"),
+    ({"name": "tree-ace", "score": ["a"] * 128}, "must hold numbers"),
+    ({"name": "tree-ace", "units": "1, 2"}, "list of unit numbers"),
+    ({"name": "tree-ace"}, "needs 'units'"),
     ({"name": "tree-ace", "units": [1, 1]}, "distinct unit numbers"),
     ({"name": "tree-ace", "units": [100000]}, "distinct unit numbers"),
     ("tree-ace", "is not an object"),
@@ -463,7 +470,7 @@ def test_inversion_of_world_scenes_and_blending(G):
     np.testing.assert_array_equal(np.asarray(blend(photo[None], inversion.images_r, inversion.images_r)), photo[None])
 
 
-def test_photo_upload_then_edit_blends_into_the_photo(client, model, monkeypatch):
+def test_photo_upload_then_edit_blends_into_the_photo(client, model, S, monkeypatch):
     from gandissect_jax.scenes.world import render_scenes
 
     monkeypatch.setattr(model, "_invert_settings", dict(candidates=8, z_steps=40, r_steps=40))
@@ -485,11 +492,17 @@ def test_photo_upload_then_edit_blends_into_the_photo(client, model, monkeypatch
     assert plain["image"] == uploaded["image"]  # no strokes: the photo itself
     mask = np.zeros((64, 64))
     mask[44:, :24] = 1
-    edit = client.post("/api/edit", json={"model": "scenes64", "photo": uploaded["photo"], "strokes": [
-        {"concept": "tree", "mask": mask.tolist()}]}).json()
+    with compilations() as compiled:  # a photo runs the same compiled edit as generated images
+        edit = client.post("/api/edit", json={"model": "scenes64", "photo": uploaded["photo"], "strokes": [
+            {"concept": "tree", "mask": mask.tolist()}]}).json()
+    assert compiled == []
     result = np.asarray(Image.open(io.BytesIO(base64.b64decode(edit["image"].split(",")[1]))))
     generated = np.asarray(Image.open(io.BytesIO(base64.b64decode(edit["generated"].split(",")[1]))))
-    original = np.asarray(Image.open(io.BytesIO(base64.b64decode(edit["original"].split(",")[1]))))
+    original = np.asarray(Image.open(io.BytesIO(base64.b64decode(plain["generated"].split(",")[1]))))  # G's reconstruction
+    assert edit["original"] == uploaded["image"] and edit["original_segmentation"] == plain["original_segmentation"]
+    # the segmentation and shares are of what the user sees: the photo with the edit blended in
+    seen_labels = segment(S, result[None].astype(np.float32) / 127.5 - 1)[0]
+    assert (decode_labels(edit["segmentation"]) == seen_labels).mean() > 0.99
     from scipy.ndimage import binary_erosion
 
     # pixels the edit left alone (with a margin for the smoothed seam) are the photo's, exactly
@@ -513,3 +526,33 @@ def test_paint_command_is_registered_and_checks_its_flags(capsys, tmp_path):
     assert "is not a directory" in capsys.readouterr().err
     assert main(["paint", "--outdir", str(tmp_path), "--no-warmup"]) == 1
     assert "dissect.json" in capsys.readouterr().err
+
+
+def test_readme_paint_python_runs_as_written(outdir):
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "README.md")).read()
+    section = text.split("## Paint: GANPaint in the browser", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    code = code.replace('"results/scenes64"', repr(outdir))  # the session's tiny dissection
+    code = code.replace('invert(G, "layer4", photos)', 'invert(G, "layer4", photos, candidates=8, z_steps=40, r_steps=40)')
+    namespace = {}
+    exec(compile(code, "README: Paint, Python", "exec"), namespace)
+    images, fewer, inversion = namespace["images"], namespace["fewer"], namespace["inversion"]
+    assert images.shape == fewer.shape == (4, 64, 64, 3)
+    assert not np.array_equal(np.asarray(images), np.asarray(fewer))
+    assert inversion.psnr_r[0] > inversion.psnr_z[0]
+
+
+def test_paint_command_serves_the_demo_dissection_when_there_is_one(outdir, monkeypatch):
+    import argparse
+
+    from gandissect_jax.commands import paint as command
+
+    monkeypatch.setattr(command, "DEMO_OUTDIR", outdir)
+    args = argparse.Namespace(outdir=None, model=None, segmenter=None, top=7, max_strokes=4, size=10)
+    models = command.build_models(args)
+    assert [m.name for m in models] == ["scenes64"] and models[0].default_top == 7 and models[0].max_strokes == 4
+    assert models[0].info["model"] == "scenes64" and models[0].info["segmenter"] == "scenes64-segmenter"

@@ -212,9 +212,28 @@ def test_browser_paints_trees_removes_a_building_and_undo_restores_the_original(
             page.wait_for_function("document.getElementById('status').textContent === 'original'", timeout=60000)
             np.testing.assert_array_equal(_page_pixels(page, "result"), original)
             np.testing.assert_array_equal(_page_pixels(page, "original"), original)
+            if shots:  # the docs' picture of a photo: a world scene, inverted, with trees painted in
+                _photo_screenshot(page, box, tmp_path, os.path.join(shots, "paint-photo.png"))
         finally:
             browser.close()
     assert problems == []
+
+
+def _photo_screenshot(page, box, tmp_path, path):
+    import gandissect_jax as gd
+    from gandissect_jax.scenes.world import render_scenes
+
+    photos, _ = render_scenes(123, np.arange(3))
+    photo = tmp_path / "photo.png"
+    Image.fromarray(gd.to_uint8(photos[2])).resize((256, 256), Image.Resampling.LANCZOS).save(photo)
+    page.click('#palette button[data-concept="tree"]')
+    page.keyboard.press("a")
+    page.set_input_files("#upload", str(photo))
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('photo')", timeout=600000)
+    with page.expect_response(lambda r: r.url.endswith("/api/edit")):
+        _drag(page, box, [(44, 6), (44, 22), (50, 22), (50, 6)])
+    page.wait_for_function("document.body.dataset.state === 'idle' && document.body.dataset.edits === '4'")
+    page.screenshot(path=path)
 
 
 def _edits(count: int = 10) -> list[dict]:
@@ -261,6 +280,8 @@ def test_load_sequential_and_concurrent_edits_match_one_at_a_time_and_bad_reques
         for i, essence in results:
             assert essence == alone[i % len(edits)]
         rss_concurrent = _rss_mb(server["pid"])
+        print(f"server RSS: {rss_before:.0f} MB before, {rss_sequential:.0f} MB after 200 sequential edits, "
+              f"{rss_concurrent:.0f} MB after 20 concurrent")
         # memory stays flat: 220 more edits add less than 40 MB (what JAX and the allocator settle on)
         assert rss_sequential - rss_before < 40, (rss_before, rss_sequential)
         assert rss_concurrent - rss_before < 60, (rss_before, rss_concurrent)

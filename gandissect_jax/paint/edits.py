@@ -22,8 +22,9 @@ every stroke list: the first call compiles and every later stroke reuses it.
 
 :func:`paint` is the Python API (images only). :func:`edit_program` is what the GANPaint server
 runs per request: one jitted function of ``(generator params, segmenter params, z, r offset,
-strokes, insertion values, region)`` returning the original and edited images, their
-segmentations and label counts inside and outside the painted region.
+strokes, insertion values, region, photo)`` returning the original and edited images (for a
+photo, also the edit blended into it), their segmentations and label counts inside and outside
+the painted region.
 """
 
 from __future__ import annotations
@@ -305,19 +306,24 @@ def paint(generator: Any, z: Any, strokes: Sequence[Stroke], rankings, *, layer:
 
 @functools.lru_cache(maxsize=64)
 def _edit_program(h: Callable, f: Callable, segment: Callable, num_labels: int) -> Callable:
-    def run(gparams, sparams, z, delta, strokes: StrokeArrays, values, region):
+    from .invert import blend
+
+    def run(gparams, sparams, z, delta, strokes: StrokeArrays, values, region, photo, use_photo):
         r, side = h(gparams, z)
         r = r + delta
         edited = apply_strokes(r, strokes, values)
-        images = jnp.concatenate([f(gparams, r, side), f(gparams, edited, side)])  # (2N, R, R, 3)
-        labels = segment(sparams, jnp.clip(images, -1.0, 1.0))  # (2N, Rs, Rs, D)
+        original, changed = f(gparams, r, side), f(gparams, edited, side)
+        # what the user sees: the generated images, or the photo with the edit blended in
+        shown = jnp.where(use_photo, jnp.concatenate([photo, blend(photo, original, changed)]),
+                          jnp.concatenate([original, changed]))  # (2N, R, R, 3)
+        labels = segment(sparams, jnp.clip(shown, -1.0, 1.0))  # (2N, Rs, Rs, D)
         n = z.shape[0]
         inside = jnp.broadcast_to(region[None, :, :, None], labels.shape).astype(jnp.int32)
         which = jnp.broadcast_to((jnp.arange(2 * n) // n)[:, None, None, None], labels.shape)
         index = (which * 2 + (1 - inside)) * num_labels + jnp.clip(labels, 0, num_labels - 1)
         counts = jax.ops.segment_sum(jnp.ones(labels.size, jnp.int32), index.reshape(-1),
                                      num_segments=4 * num_labels)
-        return images, labels, counts.reshape(2, 2, num_labels)
+        return jnp.concatenate([original, changed]), shown, labels, counts.reshape(2, 2, num_labels)
 
     return jax.jit(run)
 
@@ -325,18 +331,25 @@ def _edit_program(h: Callable, f: Callable, segment: Callable, num_labels: int) 
 def edit_program(generator: Any, segmenter: Any, layer: str) -> Callable:
     """The GANPaint server's per-request function, jitted once per (split, segmenter, label count).
 
-    ``run(gparams, sparams, z, delta, strokes, values, region) -> (images, labels, counts)``:
+    ``run(gparams, sparams, z, delta, strokes, values, region, photo, use_photo)
+    -> (images, shown, labels, counts)``:
 
     - z float32 (N, z_dim); delta float32 (N, H, W, U) added to ``h(z)`` (zeros for generated
       images; the r refinement of an inverted photo, :mod:`gandissect_jax.paint.invert`);
     - strokes :class:`StrokeArrays`; values float32 (U,) insertion values;
     - region bool (Rs, Rs): the painted pixels at the segmentation's size;
-    - images float32 (2N, R, R, 3): rows 0..N-1 unedited (``f(h(z) + delta)``), N..2N-1 edited;
-    - labels int32 (2N, Rs, Rs, D): their segmentations (images clipped to [-1, 1]);
-    - counts int32 (2, 2, L): label entries [unedited / edited, inside / outside region, label].
+    - photo float32 (N, R, R, 3) in [-1, 1] and use_photo bool (): edit a photo (zeros / False
+      for generated images);
+    - images float32 (2N, R, R, 3): the generator's images, rows 0..N-1 unedited
+      (``f(h(z) + delta)``), N..2N-1 edited;
+    - shown float32 (2N, R, R, 3): what the user sees: ``images``, or for a photo the photo and
+      the edit blended into it (:func:`gandissect_jax.paint.invert.blend`);
+    - labels int32 (2N, Rs, Rs, D): segmentations of ``shown`` (clipped to [-1, 1]);
+    - counts int32 (2, 2, L): label entries of ``labels`` [before / after, inside / outside the
+      region, label].
 
     All parameters are arguments: one compiled program serves any weights of an architecture, and
-    every stroke list of the same capacity.
+    every stroke list of the same capacity, generated image or photo.
     """
     h, f = generator.split(layer)
     return _edit_program(h, f, segmenter.segment, len(segmenter.labels))

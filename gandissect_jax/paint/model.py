@@ -25,7 +25,7 @@ from gandissect_jax.images import to_uint8
 from gandissect_jax.sampling import sample_z
 
 from .edits import DEFAULT_TOP, MAX_STROKES, Stroke, StrokeArrays, edit_program, encode_strokes, region_mask
-from .invert import Inversion, blend, invert
+from .invert import Inversion, invert
 from .rankings import LayerRankings, load_rankings, read_dissection
 
 __all__ = ["PaintModel", "EditResult", "PhotoInversion", "load_paint_model"]
@@ -37,22 +37,25 @@ class EditResult:
 
     Attributes:
       original, edited: uint8 (R, R, 3) the unedited and edited generator images (``to_uint8``).
-      image: uint8 (R, R, 3) what the user sees: ``edited``, or for a photo the edit blended
-        into the photo.
-      original_labels, edited_labels: int32 (Rs, Rs, D) segmentations of original and edited.
-      counts: int64 (2, 2, L) label entries [original / edited, inside / outside region, label].
+      before, image: uint8 (R, R, 3) what the user sees before and after the edit: ``original``
+        and ``edited``, or for a photo the photo and the edit blended into it.
+      original_labels, edited_labels: int32 (Rs, Rs, D) segmentations of ``before`` and ``image``.
+      counts: int64 (2, 2, L) their label entries [before / after, inside / outside region, label].
       region: bool (Rs, Rs) the painted pixels.
       units: per stroke, the unit numbers it edited.
+      photo: whether the edit is of an inverted photo.
     """
 
     original: np.ndarray
     edited: np.ndarray
     image: np.ndarray
+    before: np.ndarray
     original_labels: np.ndarray
     edited_labels: np.ndarray
     counts: np.ndarray
     region: np.ndarray
     units: list[list[int]]
+    photo: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,25 +182,23 @@ class PaintModel:
             if inversion.layer != layer:
                 raise ValueError(f"photo {photo} was inverted at {inversion.layer}, not {layer}")
             z_batch, delta = inversion.z, inversion.delta
+            photo_float = inversion.photo[None].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
         else:
             if z is None:
                 raise ValueError("give z or a photo")
             z_batch = np.asarray(z, np.float32).reshape(1, self.z_dim)
             delta = np.zeros((1, *self.layer_shapes[layer]), np.float32)
+            photo_float = np.zeros((1, *self.image_shape, 3), np.float32)
         region = region_mask(strokes, self.seg_shape)
         run = edit_program(self.generator, self.segmenter, layer)
-        images, labels, counts = jax.device_get(run(
+        images, shown, labels, counts = jax.device_get(run(
             self.generator.params, self.segmenter.params, z_batch, delta, arrays,
-            ranking.insertion_values, region))
-        original, edited = to_uint8(images[0]), to_uint8(images[1])
-        shown = edited
-        if inversion is not None:
-            photo_float = inversion.photo.astype(np.float32) / 127.5 - 1.0
-            shown = to_uint8(np.asarray(blend(photo_float[None], images[:1], images[1:]))[0])
+            ranking.insertion_values, region, photo_float, np.bool_(inversion is not None)))
         units = [np.flatnonzero(arrays.units[i]).tolist() for i in range(len(strokes))]
-        return EditResult(original=original, edited=edited, image=shown, original_labels=np.asarray(labels[0]),
+        return EditResult(original=to_uint8(images[0]), edited=to_uint8(images[1]), image=to_uint8(shown[1]),
+                          before=to_uint8(shown[0]), original_labels=np.asarray(labels[0]),
                           edited_labels=np.asarray(labels[1]), counts=np.asarray(counts, np.int64),
-                          region=region, units=units)
+                          region=region, units=units, photo=inversion is not None)
 
     # ------------------------------------------------------------------------------- photos
     def invert_photo(self, layer: str, photo: np.ndarray) -> PhotoInversion:

@@ -10,9 +10,17 @@ units of c's ranking inside the stroke. Two rankings exist:
   ``{"name": "tree-ace", "concept": "tree", "metric": "ace", "score": [U floats]}`` where a
   *lower* score ranks first (the reference stores ``-alpha``). An explicit order
   ``"units": [u0, u1, ...]`` (best first) is read too when present.
-- **IoU** (the dissection's own): units ordered by their IoU with c at their level, the
-  ``iou`` (L, U) array of ``<layer>/scores.npz`` (the reference's ``"<concept>-iou"`` ranking,
-  score ``-iou``). An IoU record in ``dissect.json``'s ``"rankings"`` is used if present.
+- **IoU** (the dissection's own): units ordered by their IoU with c -- the paper's IoU_{u,c} at
+  the IQR-optimal threshold (``max_iqr_iou`` of ``<layer>/scores.npz``) when the IQR search ran,
+  else the IoU at the unit's own level (``iou``); the reference's ``"<concept>-iou"`` ranking. An
+  IoU record in ``dissect.json``'s ``"rankings"`` is used if present.
+
+Ranking records are read in both forms in use: the reference's (``"score"``: lower ranks first,
+e.g. ``-alpha``) and gandissect-jax's (``gandissect_jax.rankings``: ``{"name": "tree-ace",
+"label": "tree", "labels": [6], "metric": "ace", "units": [best first, top 64], "score": [per
+unit, larger is better]}``). Listed ``"units"`` come first, in their order; the other units follow
+by ``"score"`` in the direction the listed units agree with (lower first without a listing).
+The concept is the record's ``"label"`` (or ``"concept"``, or the name before ``-<metric>``).
 
 ACE is taken when a fitted ranking exists for (layer, concept), IoU otherwise. Ties go to the
 lower unit number.
@@ -26,7 +34,6 @@ quantiles (``raw_quantile_q`` / ``raw_quantiles`` in ``scores.npz``).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -58,7 +65,9 @@ class LayerRankings:
       metric: ``{concept: "ace" | "iou"}`` the ranking each order comes from.
       insertion_values: float32 (U,) the value "add" gives each unit (its q=0.99 activation).
       unit_label: int64 (U,) each unit's concept (label number) from the dissection.
-      unit_iou: float64 (U,) the IoU of that concept; ``iou`` float64 (L, U) every label's IoU.
+      unit_iou: float64 (U,) the IoU of that concept at the unit's level.
+      iou: float64 (L, U) the IoU the IoU ranking orders by: ``max_iqr_iou`` (IoU_{u,c} at the
+        IQR-optimal threshold for c) when the IQR search ran, else ``iou``.
       interpretable: bool (U,).
       insertion_quantile: the quantile the insertion values were read at.
     """
@@ -108,32 +117,45 @@ def _order_by_score(score: np.ndarray) -> np.ndarray:
 
 
 def _ranking_order(record: Mapping[str, Any], num_units: int, where: str) -> np.ndarray:
-    """The unit order of one ``rankings`` record (``units`` best first, or ``score`` lower first)."""
-    if isinstance(record.get("units"), list):
-        units = np.asarray(record["units"], dtype=np.int64).reshape(-1)
-        if units.size and (units.min() < 0 or units.max() >= num_units or len(set(units.tolist())) != units.size):
-            raise ValueError(f"{where}: 'units' must be distinct unit numbers in 0..{num_units - 1}")
-        rest = np.setdiff1d(np.arange(num_units), units)  # unlisted units follow, in order
-        return np.concatenate([units, rest]).astype(np.int64)
+    """The unit order of one ``rankings`` record: listed ``units`` first, then by ``score``."""
     score = record.get("score")
-    if not isinstance(score, list) or len(score) != num_units:
-        raise ValueError(f"{where}: a ranking needs 'score' with one number per unit ({num_units})"
-                         " or 'units' (best first)")
-    values = np.asarray([np.nan if v is None else v for v in score], dtype=np.float64)
-    values = np.where(np.isfinite(values), values, np.inf)  # NaN / missing rank last
-    return _order_by_score(values)
+    values = None
+    if score is not None:
+        if not isinstance(score, list) or len(score) != num_units:
+            raise ValueError(f"{where}: 'score' must list one number per unit ({num_units})")
+        try:
+            values = np.asarray([np.nan if v is None else v for v in score], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: 'score' must hold numbers") from None
+    units = record.get("units")
+    if units is None:
+        if values is None:
+            raise ValueError(f"{where}: a ranking needs 'units' (best first) or 'score' (one per unit)")
+        return _order_by_score(np.where(np.isfinite(values), values, np.inf))  # lower first, NaN last
+    if not isinstance(units, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in units):
+        raise ValueError(f"{where}: 'units' must be a list of unit numbers")
+    listed = np.asarray(units, dtype=np.int64).reshape(-1)
+    if listed.size and (listed.min() < 0 or listed.max() >= num_units or len(set(units)) != listed.size):
+        raise ValueError(f"{where}: 'units' must be distinct unit numbers in 0..{num_units - 1}")
+    rest = np.setdiff1d(np.arange(num_units), listed)
+    if values is not None and rest.size:
+        larger_first = listed.size < 2 or not values[listed[0]] < values[listed[-1]]
+        key = -values if larger_first else values
+        key = np.where(np.isfinite(key), key, np.inf)[rest]
+        rest = rest[np.lexsort((rest, key))]
+    return np.concatenate([listed, rest]).astype(np.int64)
 
 
 def _ranking_concept(record: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    """(concept, metric) of a ``rankings`` record: its ``concept`` and ``metric``, or parsed from a
-    ``"<concept>-<metric>"`` name as the reference writes it."""
+    """(concept, metric) of a ``rankings`` record: its ``label`` (or ``concept``) and ``metric``,
+    or parsed from a ``"<concept>-<metric>"`` name as the reference writes it."""
     metric = record.get("metric")
-    concept = record.get("concept")
+    concept = record.get("label", record.get("concept"))
     name = record.get("name")
     if isinstance(name, str) and "-" in name:
         head, _, tail = name.rpartition("-")
-        concept = concept or head
-        metric = metric or tail
+        concept = concept if isinstance(concept, str) else head
+        metric = metric if isinstance(metric, str) else tail
     return (concept if isinstance(concept, str) else None, metric if isinstance(metric, str) else None)
 
 
@@ -149,7 +171,8 @@ def layer_rankings(scores, layer_record: Mapping[str, Any] | None = None, *, whe
     """
     label_names = tuple(str(n) for n in scores.label_names)
     num_units = int(scores.levels.shape[0])
-    iou = np.asarray(scores.iou, np.float64)
+    matrix = scores.max_iqr_iou if scores.max_iqr_iou is not None else scores.iou
+    iou = np.nan_to_num(np.asarray(matrix, np.float64), nan=0.0)
     order: dict[str, np.ndarray] = {}
     metric: dict[str, str] = {}
     for number, name in enumerate(label_names):
@@ -252,6 +275,3 @@ def load_rankings(outdir: str | os.PathLike, layer: str | None = None,
         result[name] = layer_rankings(scores, record, where=path, insertion_quantile=insertion_quantile)
     return result[layer] if layer is not None else result
 
-
-def _finite_or_none(x: float) -> float | None:
-    return float(x) if math.isfinite(float(x)) else None

@@ -145,9 +145,9 @@ class EditOut(BaseModel):
     layer: str
     image: str = Field(description="PNG data URL of the result (for a photo: the edit blended into it)")
     generated: str | None = Field(description="for a photo: PNG data URL of the edited generator image")
-    original: str = Field(description="PNG data URL of the unedited generator image")
-    segmentation: str = Field(description="PNG data URL: label number R + 256 G of the edited image")
-    original_segmentation: str
+    original: str = Field(description="PNG data URL of the image before the edit (generated, or the photo)")
+    segmentation: str = Field(description="PNG data URL: label number R + 256 G of `image`")
+    original_segmentation: str = Field(description="the same of `original`")
     shares: list[Share] = Field(description="label shares (entries of every channel) before and after, "
                                             "in the whole image and inside / outside the painted region")
     region_fraction: float
@@ -530,8 +530,8 @@ def _edit_out(m: PaintModel, layer: str, result: EditResult, start: float) -> Ed
     ranking = m.layers[layer]
     return EditOut(
         model=m.name, layer=layer, image=png_data_url(result.image),
-        generated=png_data_url(result.edited) if result.image is not result.edited else None,
-        original=png_data_url(result.original), segmentation=label_png(result.edited_labels),
+        generated=png_data_url(result.edited) if result.photo else None,
+        original=png_data_url(result.before), segmentation=label_png(result.edited_labels),
         original_segmentation=label_png(result.original_labels), shares=shares_of(result.counts, m.label_names),
         region_fraction=float(result.region.mean()),
         strokes=[StrokeUnits(stroke=i, units=[_unit(ranking, u) for u in units]) for i, units in enumerate(result.units)],

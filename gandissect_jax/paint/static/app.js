@@ -197,10 +197,11 @@ async function selectSource(source) {
   state.seq += 1;
   painter.clear();
   setStatus('loading image…', true);
+  $('original-title').textContent = source.photo ? 'Photo — paint here' : 'Original — paint here';
   try {
     const result = await post('/api/edit', { model: state.model.name, layer: state.layer, ...source, strokes: [] });
-    state.original = { image: result.image, segmentation: result.original_segmentation };
-    await show('original', 'original-seg', source.photo ? result.image : result.original, result.original_segmentation);
+    state.original = { image: result.original, segmentation: result.original_segmentation };
+    await show('original', 'original-seg', result.original, result.original_segmentation);
     await showOriginalAsResult();
     $('shares').replaceChildren();
     setStatus(source.photo ? `photo ${source.photo.slice(0, 8)}` : `seed ${source.seed}`);
