@@ -133,7 +133,7 @@ def round_trips(model, rounds: int = ROUNDS, warmup: int = 3) -> dict:
         times = [stroke(warmup + i) for i in range(rounds)]
     client_ms = [t for t, _ in times]
     server_ms = [s for _, s in times]
-    return {"first_ms": first, "median_ms": statistics.median(client_ms),
+    return {"first_ms": first, "median_ms": statistics.median(client_ms), "min_ms": min(client_ms),
             "p90_ms": float(np.percentile(client_ms, 90)), "server_median_ms": statistics.median(server_ms),
             "rounds": rounds}
 
@@ -155,7 +155,7 @@ def paint_only(model, rounds: int = ROUNDS) -> dict:
         start = time.perf_counter()
         jax.block_until_ready(paint(model.generator, z, strokes, rankings))
         times.append(1000 * (time.perf_counter() - start))
-    return {"median_ms": statistics.median(times), "p90_ms": float(np.percentile(times, 90))}
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "p90_ms": float(np.percentile(times, 90))}
 
 
 def inversion_quality(count: int = 8, layer: str = "layer4", **settings) -> dict:

@@ -186,14 +186,20 @@ def test_browser_paints_trees_removes_a_building_and_undo_restores_the_original(
                 page.screenshot(path=os.path.join(shots, "paint-tree.png"))
             page.keyboard.press("s")
 
-            # then remove on the building, upper left
+            # then remove on the building, upper left, with the building's last top unit unticked
             page.click('#palette button[data-concept="building"]')
             page.keyboard.press("r")
+            boxes = page.locator("#units input[type=checkbox]")
+            assert boxes.count() == 20
+            left_out = int(boxes.nth(19).get_attribute("data-unit"))
+            boxes.nth(19).uncheck()
             with page.expect_response(lambda r: r.url.endswith("/api/edit")) as second:
                 _drag(page, box, [(20, 16), (20, 24), (26, 24), (26, 16), (32, 16), (32, 24)])
             removal = second.value.json()
             request = json.loads(second.value.request.post_data)
             assert [(s["concept"], s["mode"]) for s in request["strokes"]] == [("tree", "add"), ("building", "remove")]
+            assert len(request["strokes"][1]["units"]) == 19 and left_out not in request["strokes"][1]["units"]
+            assert left_out not in [u["unit"] for u in removal["strokes"][1]["units"]]
             _wait_idle(page, edits=2)
             region = _region(request["strokes"][1]["mask"])
             s2 = decode_labels(removal["segmentation"])
@@ -205,10 +211,23 @@ def test_browser_paints_trees_removes_a_building_and_undo_restores_the_original(
             if shots:
                 page.screenshot(path=os.path.join(shots, "paint-remove.png"))
 
-            # undo both strokes (button, then keyboard): the original pixels, exactly
-            page.click("#undo")
+            # erase the right half of the tree stroke
+            tree_mask = _alpha(json.loads(first.value.request.post_data)["strokes"][0]["mask"])
+            page.keyboard.press("e")
+            with page.expect_response(lambda r: r.url.endswith("/api/edit")) as third:
+                _drag(page, box, [(42, 54), (60, 54), (60, 62), (42, 62)])
+            request = json.loads(third.value.request.post_data)
+            assert [s["concept"] for s in request["strokes"]] == ["tree", "building"]
+            erased = _alpha(request["strokes"][0]["mask"])
+            assert 0 < erased.sum() < 0.8 * tree_mask.sum() and np.all(erased <= tree_mask + 1e-6)
             _wait_idle(page, edits=3)
+
+            # undo all three (button, Ctrl+Z, U): the original pixels, exactly
+            page.click("#undo")
+            _wait_idle(page, edits=4)
             page.keyboard.press("Control+z")
+            _wait_idle(page, edits=5)
+            page.keyboard.press("u")
             page.wait_for_function("document.getElementById('status').textContent === 'original'", timeout=60000)
             np.testing.assert_array_equal(_page_pixels(page, "result"), original)
             np.testing.assert_array_equal(_page_pixels(page, "original"), original)
@@ -232,7 +251,7 @@ def _photo_screenshot(page, box, tmp_path, path):
     page.wait_for_function("document.getElementById('status').textContent.startsWith('photo')", timeout=600000)
     with page.expect_response(lambda r: r.url.endswith("/api/edit")):
         _drag(page, box, [(44, 6), (44, 22), (50, 22), (50, 6)])
-    page.wait_for_function("document.body.dataset.state === 'idle' && document.body.dataset.edits === '4'")
+    page.wait_for_function("document.body.dataset.state === 'idle' && document.body.dataset.edits === '6'")
     page.screenshot(path=path)
 
 

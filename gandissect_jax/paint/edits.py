@@ -314,8 +314,8 @@ def _edit_program(h: Callable, f: Callable, segment: Callable, num_labels: int) 
         edited = apply_strokes(r, strokes, values)
         original, changed = f(gparams, r, side), f(gparams, edited, side)
         # what the user sees: the generated images, or the photo with the edit blended in
-        shown = jnp.where(use_photo, jnp.concatenate([photo, blend(photo, original, changed)]),
-                          jnp.concatenate([original, changed]))  # (2N, R, R, 3)
+        shown = jax.lax.cond(use_photo, lambda: jnp.concatenate([photo, blend(photo, original, changed)]),
+                             lambda: jnp.concatenate([original, changed]))  # (2N, R, R, 3)
         labels = segment(sparams, jnp.clip(shown, -1.0, 1.0))  # (2N, Rs, Rs, D)
         n = z.shape[0]
         inside = jnp.broadcast_to(region[None, :, :, None], labels.shape).astype(jnp.int32)
