@@ -173,6 +173,84 @@ def test_ace_rankings_in_dissect_json_take_precedence(outdir, tmp_path, rankings
     np.testing.assert_array_equal(ace.top_units("sky", 10), rankings.top_units("sky", 10))
 
 
+def _sparse_alpha(num_units: int, seed: int = 0) -> np.ndarray:
+    """ACE weights as a fit with a unit budget leaves them: most exactly 0, several exactly 1."""
+    rng = np.random.default_rng(seed)
+    alpha = np.zeros(num_units)
+    alpha[rng.choice(num_units, 30, replace=False)] = np.round(rng.random(30), 3)
+    alpha[rng.choice(num_units, 5, replace=False)] = 1.0
+    return alpha
+
+
+def _written_record(label: str, number: int, alpha: np.ndarray, order: np.ndarray) -> dict:
+    """A ranking record exactly as gandissect_jax.rankings.ranking_record writes it (intervention
+    branch): the top 64 units listed, the score per unit rounded to 6 digits, larger first."""
+    return {"name": f"{label}-ace", "label": label, "labels": [number], "metric": "ace",
+            "units": [int(u) for u in order[:64]], "score": [round(float(v), 6) for v in alpha],
+            "objective": "ace", "experiment": f"intervention/ace/{LAYER}/{label}-ace"}
+
+
+def test_written_ace_ranking_is_read_in_the_writers_full_order(outdir, tmp_path, rankings):
+    """Beyond the 64 listed units, equal weights (the many exact zeros) go by IoU, then unit number:
+    gandissect_jax.ace.ace_ranking's order, which the ace command writes."""
+    from gandissect_jax.ace import ace_ranking
+
+    alpha = _sparse_alpha(rankings.num_units)
+    expected = ace_ranking(alpha, rankings.iou[TREE])
+    copy = _copy_with_rankings(outdir, tmp_path, [_written_record("tree", TREE, alpha, expected)])
+    got = load_rankings(copy, LAYER)
+    assert got.metric["tree"] == "ace" and got.concepts[0] == "tree"
+    np.testing.assert_array_equal(got.top_units("tree", rankings.num_units), expected)
+    assert not np.array_equal(expected[64:], rankings.top_units("tree", rankings.num_units)[64:])  # IoU alone differs
+
+
+def test_ace_rankings_json_is_read_when_gandissect_jax_rankings_is_installed(outdir, tmp_path, rankings):
+    """The intervention module's own writer: an ACE fit recorded in intervention/rankings.json (dissect.json
+    not refreshed) and the rankings augment_document puts into dissect.json are both paint's rankings."""
+    written = pytest.importorskip("gandissect_jax.rankings")
+    from gandissect_jax.ace import ace_ranking
+    from gandissect_jax.dissection import LayerDissection
+
+    copy = tmp_path / "copy"
+    shutil.copytree(outdir, copy)
+    alpha = _sparse_alpha(rankings.num_units, seed=1)
+    order = ace_ranking(alpha, written.iou_scores(LayerDissection.load_npz(f"{copy}/{LAYER}/scores.npz"), [TREE]))
+    written.add_ranking(str(copy), LAYER, written.ranking_record("tree-ace", "tree", [TREE], "ace", order, alpha,
+                                                                 objective="ace", experiment="x"))
+    got = load_rankings(copy, LAYER)
+    assert got.metric["tree"] == "ace"
+    np.testing.assert_array_equal(got.top_units("tree", rankings.num_units), order)
+    for concept in ("building", "sky"):  # the others by IoU, as before
+        assert got.metric[concept] == "iou"
+        np.testing.assert_array_equal(got.top_units(concept, 20), rankings.top_units(concept, 20))
+    document = written.augment_document(json.loads((copy / "dissect.json").read_text()), str(copy))
+    (copy / "intervention" / "rankings.json").unlink()
+    (copy / "dissect.json").write_text(json.dumps(document))
+    again = load_rankings(copy, LAYER)
+    assert again.metric["tree"] == "ace" and again.metric["sky"] == "iou"
+    np.testing.assert_array_equal(again.top_units("tree", rankings.num_units), order)
+    np.testing.assert_array_equal(again.top_units("sky", 64), rankings.top_units("sky", 64))
+
+
+def test_without_the_intervention_module_paint_ranks_by_iou(outdir, tmp_path, rankings, monkeypatch):
+    """Main before intervention is merged: no gandissect_jax.rankings; a rankings.json left there
+    is not read, and every concept is ranked by IoU from the dissection."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gandissect_jax.rankings", None)  # import raises ImportError
+    copy = tmp_path / "copy"
+    shutil.copytree(outdir, copy)
+    alpha = _sparse_alpha(rankings.num_units)
+    (copy / "intervention").mkdir()
+    (copy / "intervention" / "rankings.json").write_text(json.dumps(
+        {"layers": {LAYER: [_written_record("tree", TREE, alpha, np.argsort(-alpha, kind="stable"))]}}))
+    got = load_rankings(copy, LAYER)
+    assert set(got.metric.values()) == {"iou"} and got.concepts == rankings.concepts
+    for concept in ("tree", "building", "sky"):
+        np.testing.assert_array_equal(got.top_units(concept, rankings.num_units),
+                                      rankings.top_units(concept, rankings.num_units))
+
+
 @pytest.mark.parametrize("record, message", [
     ({"name": "tree-ace", "score": [1.0, 2.0]}, "one number per unit"),
     ({"name": "tree-ace", "score": ["a"] * 128}, "must hold numbers"),
@@ -520,8 +598,12 @@ def test_paint_command_is_registered_and_checks_its_flags(capsys, tmp_path):
     from gandissect_jax.cli import build_parser, main
 
     assert "paint" in build_parser().format_help()
-    assert main(["paint", "--port", "0", "--outdir", str(tmp_path)]) == 1
-    assert "--port must be in 1..65535" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # refused when parsed, before any model is loaded
+        main(["paint", "--port", "0", "--outdir", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "argument --port: must be an integer in [1, 65535], got '0'" in capsys.readouterr().err
+    assert main(["paint", "--outdir", str(tmp_path / "a"), str(tmp_path / "b" / "a")]) == 1
+    assert "distinct names" in capsys.readouterr().err
     assert main(["paint", "--outdir", str(tmp_path / "missing")]) == 1
     assert "is not a directory" in capsys.readouterr().err
     assert main(["paint", "--outdir", str(tmp_path), "--no-warmup"]) == 1

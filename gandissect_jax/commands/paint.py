@@ -1,14 +1,15 @@
-"""``gandissect-jax paint``: the GANPaint web app over dissection output directories.
+"""gandissect-jax paint: the GANPaint web app over dissection output directories.
 
     gandissect-jax paint                                   # the shipped demo model (dissected first if needed)
     gandissect-jax paint --outdir results/church results/bedroom --port 8000
 
-Each ``--outdir`` is a directory written by ``gandissect-jax dissect``; its ``dissect.json``
-names the generator and segmenter (override with ``--model`` / ``--segmenter`` when there is one
-directory). Without ``--outdir``, the demo model is served from ``results/scenes64``, dissected
-there first (layers layer4 and layer6, as ``gandissect-jax dissect`` with no source) when that
-directory holds no dissection yet. Open http://HOST:PORT/ in a browser; the JSON API is
-described at /openapi.json. Needs the ``paint`` extra (``pip install "gandissect-jax[paint]"``).
+Each --outdir is a directory written by "gandissect-jax dissect"; its dissect.json names the
+generator and segmenter (override with --model / --segmenter when there is one directory).
+Concepts are ranked by ACE where a ranking was fitted (gandissect-jax ace), by IoU otherwise. Without
+--outdir, the demo model is served from results/scenes64, dissected there first (layers layer4
+and layer6, as "gandissect-jax dissect" with no source) when that directory holds no dissection
+yet. Open http://HOST:PORT/ in a browser; the JSON API is described at /openapi.json. Needs the
+paint extra (pip install "gandissect-jax[paint]").
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 
+from . import arguments
 from .dissect import DEMO_LAYERS, DEMO_MODEL, DEMO_SEGMENTER
 
 DEMO_OUTDIR = os.path.join("results", "scenes64")
+MAX_PORT = 65535
+MAX_TOP = 65536  # units per concept stroke (more than any layer has)
+MAX_STROKES = 1024  # strokes per edit (the edit program's fixed stroke count)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,10 +36,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--model", help="generator source (default: the one recorded in dissect.json)")
     parser.add_argument("--segmenter", help="segmenter source (default: the one recorded in dissect.json)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--top", type=int, default=20, help="units per concept stroke (default 20)")
-    parser.add_argument("--max-strokes", type=int, default=32, help="strokes per edit (default 32)")
-    parser.add_argument("--size", type=int, default=10000,
+    parser.add_argument("--port", type=arguments.int_in_range(1, MAX_PORT), default=8000,
+                        help=f"port, 1 to {MAX_PORT} (default 8000)")
+    parser.add_argument("--top", type=arguments.int_in_range(1, MAX_TOP), default=20,
+                        help=f"units per concept stroke, 1 to {MAX_TOP} (default 20)")
+    parser.add_argument("--max-strokes", type=arguments.int_in_range(1, MAX_STROKES), default=32,
+                        help=f"strokes per edit, 1 to {MAX_STROKES} (default 32)")
+    parser.add_argument("--size", type=arguments.positive_int(), default=10000,
                         help="samples when dissecting the demo model first (default 10000)")
     parser.add_argument("--no-warmup", action="store_true", help="do not compile the edit functions at start")
     parser.set_defaults(func=run_command)
@@ -42,14 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _check(args) -> None:
-    if not 1 <= args.port <= 65535:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    if not 1 <= args.top <= 65536:
-        raise ValueError(f"--top must be in 1..65536, got {args.top}")
-    if not 1 <= args.max_strokes <= 1024:
-        raise ValueError(f"--max-strokes must be in 1..1024, got {args.max_strokes}")
-    if args.size < 1:
-        raise ValueError(f"--size must be positive, got {args.size}")
+    """What argparse cannot check alone (the numbers are range-checked when parsed)."""
     if args.outdir and len(args.outdir) > 1 and (args.model or args.segmenter):
         raise ValueError("--model / --segmenter apply to one --outdir only")
     names = [os.path.basename(os.path.normpath(os.path.abspath(d))) for d in args.outdir or []]

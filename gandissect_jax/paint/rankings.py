@@ -18,12 +18,22 @@ units of c's ranking inside the stroke. Two rankings exist:
 Ranking records are read in both forms in use: the reference's (``"score"``: lower ranks first,
 e.g. ``-alpha``) and gandissect-jax's (``gandissect_jax.rankings``: ``{"name": "tree-ace",
 "label": "tree", "labels": [6], "metric": "ace", "units": [best first, top 64], "score": [per
-unit, larger is better]}``). Listed ``"units"`` come first, in their order; the other units follow
-by ``"score"`` in the direction the listed units agree with (lower first without a listing).
-The concept is the record's ``"label"`` (or ``"concept"``, or the name before ``-<metric>``).
+unit, larger is better, null where not finite]}``). Listed ``"units"`` come first, in their
+order; the other units follow by ``"score"`` in the direction the listed units agree with (lower
+first without a listing), ACE ties by the concept's IoU (as ``gandissect_jax.ace.ace_ranking``).
+The concept is the record's ``"label"`` (or ``"concept"``, or the name before ``-<metric>``);
+rankings of a union of labels (``"tree+grass"``) are not offered as paint concepts.
 
-ACE is taken when a fitted ranking exists for (layer, concept), IoU otherwise. Ties go to the
-lower unit number.
+Where records are read: the layer's ``"rankings"`` in ``dissect.json`` (the reference's place, and
+where ``gandissect_jax.rankings.augment_document`` puts them), then -- when the
+``gandissect_jax.rankings`` module is installed -- ``<outdir>/intervention/rankings.json``, which
+``gandissect-jax ace`` writes and which is newer when ``dissect.json`` could not be refreshed.
+Without that module (or without fitted rankings) every concept is ranked by IoU from
+``<layer>/scores.npz``, the same ranking that module writes as ``"<label>-iou"``.
+
+ACE is taken when a fitted ranking exists for (layer, concept), IoU otherwise; of several fitted
+rankings of one concept (objectives, budgets), the last read (the latest fit) is used. Ties go to
+the lower unit number.
 
 The **insertion value** of a unit (what "add" sets it to) is a high quantile of the unit's raw
 activations: the reference's GANPaint client asks the server for the levels at q = 0.99
@@ -42,6 +52,7 @@ import numpy as np
 __all__ = [
     "LayerRankings",
     "INSERTION_QUANTILE",
+    "intervention_rankings",
     "layer_rankings",
     "load_rankings",
     "read_dissection",
@@ -116,8 +127,10 @@ def _order_by_score(score: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(score.shape[0]), score)).astype(np.int64)
 
 
-def _ranking_order(record: Mapping[str, Any], num_units: int, where: str) -> np.ndarray:
-    """The unit order of one ``rankings`` record: listed ``units`` first, then by ``score``."""
+def _ranking_order(record: Mapping[str, Any], num_units: int, where: str,
+                   tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """The unit order of one ``rankings`` record: listed ``units`` first, then by ``score``, equal
+    scores by ``tiebreak`` (larger first; float (U,)) when given, then by unit number."""
     score = record.get("score")
     values = None
     if score is not None:
@@ -131,7 +144,10 @@ def _ranking_order(record: Mapping[str, Any], num_units: int, where: str) -> np.
     if units is None:
         if values is None:
             raise ValueError(f"{where}: a ranking needs 'units' (best first) or 'score' (one per unit)")
-        return _order_by_score(np.where(np.isfinite(values), values, np.inf))  # lower first, NaN last
+        key = np.where(np.isfinite(values), values, np.inf)  # lower first, NaN last
+        if tiebreak is None:
+            return _order_by_score(key)
+        return np.lexsort((np.arange(num_units), -tiebreak, key)).astype(np.int64)
     if not isinstance(units, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in units):
         raise ValueError(f"{where}: 'units' must be a list of unit numbers")
     listed = np.asarray(units, dtype=np.int64).reshape(-1)
@@ -142,7 +158,7 @@ def _ranking_order(record: Mapping[str, Any], num_units: int, where: str) -> np.
         larger_first = listed.size < 2 or not values[listed[0]] < values[listed[-1]]
         key = -values if larger_first else values
         key = np.where(np.isfinite(key), key, np.inf)[rest]
-        rest = rest[np.lexsort((rest, key))]
+        rest = rest[np.lexsort((rest, key) if tiebreak is None else (rest, -tiebreak[rest], key))]
     return np.concatenate([listed, rest]).astype(np.int64)
 
 
@@ -161,13 +177,18 @@ def _ranking_concept(record: Mapping[str, Any]) -> tuple[str | None, str | None]
 
 def layer_rankings(scores, layer_record: Mapping[str, Any] | None = None, *, where: str = "dissection",
                    insertion_quantile: float = INSERTION_QUANTILE,
-                   shape: Sequence[int] | None = None) -> LayerRankings:
+                   shape: Sequence[int] | None = None,
+                   more_rankings: Sequence[tuple[Sequence[Any], str]] = ()) -> LayerRankings:
     """Rankings of one layer from its :class:`~gandissect_jax.dissection.LayerDissection` (``scores``)
     and, optionally, its ``dissect.json`` layer record (for ACE rankings and the concept list).
 
+    more_rankings: further ``(records, where)`` read after the layer record's ``"rankings"``
+    (``<outdir>/intervention/rankings.json``'s records of this layer; later records win).
+
     Raises:
-      ValueError naming ``where`` when the raw quantiles needed for insertion values are missing,
-      a ranking record is malformed, or the quantile was not measured.
+      ValueError naming ``where`` (or the further records' ``where``) when the raw quantiles
+      needed for insertion values are missing, a ranking record is malformed, or the quantile was
+      not measured.
     """
     label_names = tuple(str(n) for n in scores.label_names)
     num_units = int(scores.levels.shape[0])
@@ -181,22 +202,25 @@ def layer_rankings(scores, layer_record: Mapping[str, Any] | None = None, *, whe
         order[name] = _order_by_score(-iou[number])
         metric[name] = "iou"
     ace_concepts: list[str] = []
-    records = (layer_record or {}).get("rankings") or []
-    if not isinstance(records, list):
-        raise ValueError(f"{where}: 'rankings' must be a list")
+    sources = [((layer_record or {}).get("rankings") or [], where), *more_rankings]
     preference = {"iou": 1, "ace": 2}
-    for index, record in enumerate(records):
-        if not isinstance(record, Mapping):
-            raise ValueError(f"{where}: rankings[{index}] is not an object")
-        concept, kind = _ranking_concept(record)
-        if concept not in order or kind not in preference:
-            continue  # other rankings (per-unit, "max iou", other metrics) are not paint rankings
-        if preference[kind] < preference[metric[concept]]:
-            continue
-        order[concept] = _ranking_order(record, num_units, f"{where}: rankings[{index}] ({concept}-{kind})")
-        metric[concept] = kind
-        if kind == "ace" and concept not in ace_concepts:
-            ace_concepts.append(concept)
+    for records, source in sources:
+        if not isinstance(records, list):
+            raise ValueError(f"{source}: 'rankings' must be a list")
+        for index, record in enumerate(records):
+            if not isinstance(record, Mapping):
+                raise ValueError(f"{source}: rankings[{index}] is not an object")
+            concept, kind = _ranking_concept(record)
+            if concept not in order or kind not in preference:
+                continue  # other rankings (per-unit, "max iou", unions, other metrics) are not paint rankings
+            if preference[kind] < preference[metric[concept]]:
+                continue
+            tiebreak = iou[label_names.index(concept)] if kind == "ace" else None
+            order[concept] = _ranking_order(record, num_units, f"{source}: rankings[{index}] ({concept}-{kind})",
+                                            tiebreak)
+            metric[concept] = kind
+            if kind == "ace" and concept not in ace_concepts:
+                ace_concepts.append(concept)
     listed = [c.get("label") for c in (layer_record or {}).get("concepts") or [] if isinstance(c, Mapping)]
     if not listed:  # no dissect.json record: concepts with interpretable units, by their count
         interpretable_labels = scores.unit_label[scores.interpretable()]
@@ -221,6 +245,31 @@ def layer_rankings(scores, layer_record: Mapping[str, Any] | None = None, *, whe
         shape=None if shape is None else tuple(int(s) for s in shape))
 
 
+def intervention_rankings(outdir: str | os.PathLike) -> tuple[dict[str, list], str]:
+    """``({layer: [ranking record...]}, path)`` of ``<outdir>/intervention/rankings.json`` as
+    ``gandissect_jax.rankings.read_rankings`` reads it (the ACE fits of ``gandissect-jax ace``);
+    ``({}, path)`` when there is no such file or that module is not installed (then paint ranks
+    by IoU, from the dissection alone).
+
+    Raises:
+      ValueError naming the file when it is not a rankings document.
+    """
+    import importlib
+
+    try:
+        written = importlib.import_module("gandissect_jax.rankings")
+    except ModuleNotFoundError as err:
+        if err.name != "gandissect_jax.rankings":
+            raise  # the module is there but something it needs is not: say so, not rank silently by IoU
+        return {}, os.path.join(os.fspath(outdir), "intervention", "rankings.json")
+    path = os.path.join(os.fspath(outdir), written.RANKINGS_FILE)
+    layers = written.read_rankings(os.fspath(outdir))["layers"]
+    for layer, records in layers.items():
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: layer {layer!r} must hold a list of rankings")
+    return layers, path
+
+
 def read_dissection(outdir: str | os.PathLike) -> dict:
     """The ``dissect.json`` of a dissection output directory, as schema 2.
 
@@ -242,7 +291,8 @@ def load_rankings(outdir: str | os.PathLike, layer: str | None = None,
 
     Args:
       outdir: a directory written by ``gandissect-jax dissect`` (``dissect.json`` and
-        ``<layer>/scores.npz``; the layer directory is the record's ``dirname``).
+        ``<layer>/scores.npz``; the layer directory is the record's ``dirname``), and, when
+        ``gandissect_jax.rankings`` is installed, its ``intervention/rankings.json`` (ACE fits).
       layer: one layer's name, or None for every dissected layer.
       insertion_quantile: the raw-activation quantile inserted by "add" (0.99, the reference's).
 
@@ -263,6 +313,7 @@ def load_rankings(outdir: str | os.PathLike, layer: str | None = None,
         records[record["layer"]] = record
     if layer is not None and layer not in records:
         raise ValueError(f"layer {layer!r} is not in the dissection {outdir}{_hint(layer, records)}")
+    written, written_path = intervention_rankings(outdir)
     result = {}
     for name, record in records.items():
         if layer is not None and name != layer:
@@ -272,6 +323,8 @@ def load_rankings(outdir: str | os.PathLike, layer: str | None = None,
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist (layer {name!r} of {outdir})")
         scores = LayerDissection.load_npz(path)
-        result[name] = layer_rankings(scores, record, where=path, insertion_quantile=insertion_quantile)
+        more = [(written[name], written_path)] if name in written else []
+        result[name] = layer_rankings(scores, record, where=path, insertion_quantile=insertion_quantile,
+                                      more_rankings=more)
     return result[layer] if layer is not None else result
 
