@@ -19,6 +19,7 @@ _COMMANDS = (
     ("weights", "weights"),
     ("layers", "layers"),
     ("dissect", "dissect"),
+    ("paint", "paint"),
 )
 # Exit status after Ctrl-C, as shells report a process ended by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
