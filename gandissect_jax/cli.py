@@ -18,6 +18,11 @@ _COMMANDS = (
     ("convert", "convert"),
     ("weights", "weights"),
     ("dissect", "dissect"),
+    ("ace", "ace"),
+    ("ablate", "ablate"),
+    ("insert", "insert"),
+    ("artifacts", "artifacts"),
+    ("segment-units", "segment_units"),
 )
 
 
