@@ -241,6 +241,10 @@ def write_report(outdir: str, results: Mapping[str, LayerDissection], *, iou_thr
         "settings": settings or {},
         "layers": [r for r, _ in records],
     }
+    # hook: per-label unit rankings and links to the intervention pages (gandissect_jax.rankings)
+    from gandissect_jax.rankings import augment_document
+
+    document = augment_document(document, outdir, results, iou_threshold)
     _atomic_bytes(os.path.join(outdir, "dissect.json"), json.dumps(document, indent=1).encode())
     page = render_html(document, {r["layer"]: svg for r, svg in records}, comparison)
     _atomic_bytes(os.path.join(outdir, "dissect.html"), page.encode())
@@ -359,6 +363,8 @@ def _comparison_table(document: dict) -> str:
 def render_html(document: dict, bargraphs: Mapping[str, str], comparison_svg: str) -> str:
     """A self-contained report page: layer tabs, sort by IoU / label / unit, bar graphs and the
     cross-layer comparison. The data is embedded, so the page works from file:// without a server."""
+    from gandissect_jax.rankings import intervention_html  # hook: links to the intervention pages
+
     payload = json.dumps(document).replace("</", "<\\/")
     graphs = "".join(f'<div class="bargraph">{svg}</div>' for svg in bargraphs.values())
     title = html.escape(document.get("title") or "Dissection")
@@ -372,6 +378,7 @@ def render_html(document: dict, bargraphs: Mapping[str, str], comparison_svg: st
 </head>
 <body>
 <h1>{title}</h1>
+{intervention_html(document)}
 <h2>Comparison across layers</h2>
 <div id="comparison">{comparison_svg}</div>
 {_comparison_table(document)}
