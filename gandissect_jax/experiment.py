@@ -341,7 +341,8 @@ def write_index(outdir: str, index: Mapping[str, Any]) -> None:
         f"<tr><td>{html.escape(e['kind'])}</td><td>{html.escape(e['layer'])}</td>"
         f"<td><a href=\"{html.escape(e['page'][len(INTERVENTION) + 1:], quote=True)}\">{html.escape(e['title'])}</a></td></tr>"
         for e in index["experiments"])
-    body = (f"<p><a href=\"../dissect.html\">dissection report</a></p>"
-            f"<table><tr><th>experiment</th><th>layer</th><th>page</th></tr>{rows}</table>")
+    report = ('<p><a href="../dissect.html">dissection report</a></p>'
+              if os.path.exists(os.path.join(outdir, "dissect.html")) else "")
+    body = f"{report}<table><tr><th>experiment</th><th>layer</th><th>page</th></tr>{rows}</table>"
     with atomic_file(os.path.join(outdir, INTERVENTION, "index.html"), "w") as handle:
         handle.write(page("Intervention experiments", body))

@@ -87,19 +87,23 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 def image_grid(rows: Sequence[tuple[str, np.ndarray]], size: int | None = None, margin: int = 180) -> bytes:
     """PNG bytes of a grid: one row per ``(caption, uint8 (N, H, W, 3))``, captions on the left;
     images resized (nearest) to ``size`` px (default: the largest given, at least 96)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     size = size or max(96, max(int(images.shape[1]) for _, images in rows))
     columns = max(len(images) for _, images in rows)
     canvas = Image.new("RGB", (margin + columns * (size + 2), len(rows) * (size + 2)), "white")
     draw = ImageDraw.Draw(canvas)
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
     for i, (caption, images) in enumerate(rows):
         images = _resize(np.asarray(images, np.uint8), size)
         y = i * (size + 2)
         for j, image in enumerate(images):
             canvas.paste(Image.fromarray(image), (margin + j * (size + 2), y))
         for k, line in enumerate(str(caption).split("\n")):
-            draw.text((4, y + size // 2 - 8 + 12 * k), line, fill="black")
+            draw.text((4, y + size // 2 - 10 + 16 * k), line, fill="black", font=font)
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()

@@ -60,6 +60,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def default_name(args) -> str:
+    """``<concept>-<objective>[-budgetK][-l2_X][-binB]`` (the reference's variant naming)."""
     name = f"{args.concept.replace(',', '+')}-{args.objective}"
     if args.budget is not None:
         name += f"-budget{args.budget:g}"
@@ -142,9 +143,10 @@ def run_command(args) -> int:
             return out
 
         curves = experiment.step("curves", curves_step)
-        record = rankings.ranking_record(f"{concept_name}-ace" if args.objective == "ace" else f"{concept_name}-{name}",
-                                         concept_name, labels, "ace", ace_order, alpha, objective=args.objective,
-                                         experiment=experiment.relative)
+        prefix = args.concept.replace(",", "+") + "-"
+        variant = default_name(args)[len(prefix):] if args.name is None else f"ace-{args.name}"
+        record = rankings.ranking_record(f"{concept_name}-{variant}", concept_name, labels, "ace", ace_order, alpha,
+                                         objective=args.objective, experiment=experiment.relative)
         with intervention_lock(args.outdir):
             rankings.add_ranking(args.outdir, args.layer, record)
 

@@ -96,19 +96,18 @@ def run_command(args) -> int:
     with Experiment(args.outdir, "insert", args.layer, name, settings) as experiment:
         z = sample_z(args.samples, G.z_dim, args.seed)
 
-        def measure():
-            before, after = [], []
-            for _, batch, count in batches(z, args.batch_size, args.quiet, "insert"):
-                b, a = effects.paired_label_shares(G, S, G.params, S.params, batch, args.layer, units, value=value,
-                                                   where=where, downsample=ds)
-                before.append(np.asarray(b)[:count])
-                after.append(np.asarray(a)[:count])
-            return {"before": np.concatenate(before), "after": np.concatenate(after)}
+        # the concept's share without (count 0) and with the units (count K) inserted at --at
+        order = np.concatenate([units, np.setdiff1d(np.arange(channels), units)])
 
-        shares = experiment.step("shares", measure)
-        label_list = np.asarray(labels)
-        concept_before = shares["before"][:, label_list].sum(1)  # labels of one pixel may repeat in
-        concept_after = shares["after"][:, label_list].sum(1)    # channels only for unions: bounded by 1 below
+        def measure():
+            shares = []
+            for _, batch, count in batches(z, args.batch_size, args.quiet, "insert"):
+                got = effects.ace_curve(G, S, G.params, S.params, batch, args.layer, order, (0, len(units)), labels,
+                                        mode="insert", value=value, where=where, downsample=ds)
+                shares.append(np.asarray(got)[:, :count])
+            return {"concept_share": np.concatenate(shares, 1)}
+
+        concept_before, concept_after = experiment.step("shares", measure)["concept_share"]
         inserted = effects.bootstrap_mean(concept_after - concept_before, resamples=args.resamples)
         zc = sample_z(args.context_samples, G.z_dim, args.seed + 1)
 
