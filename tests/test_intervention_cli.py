@@ -149,7 +149,7 @@ def test_artifacts_and_unit_segmentation(outdir, models):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["ablate", "--layer", "layer9", "--units", "1"], "unknown layer 'layer9'"),
+    (["ablate", "--layer", "layer12", "--units", "1"], "unknown layer 'layer12'"),
     (["ablate", "--layer", "layer4", "--units", "1,128"], "units [128] out of range"),
     (["ablate", "--layer", "layer4", "--concept", "trees"], "unknown concept 'trees'"),
     (["ablate", "--layer", "layer4", "--concept", "tree", "--top", "200"], "--top 200 exceeds"),
