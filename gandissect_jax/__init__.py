@@ -2,7 +2,8 @@
 
 Data flows ``z -> h -> r -> (edit) -> f -> x -> segment -> tally -> report``:
 
-- :mod:`gandissect_jax.generator`     the Generator protocol (split into h and f) and split_module
+- :mod:`gandissect_jax.generator`     the Generator protocol (split into h and f) and verify_split
+- :mod:`gandissect_jax.flax_split`    split_module: any Flax (linen or nnx) model as a Generator
 - :mod:`gandissect_jax.proggan`       the Progressive GAN generator, which implements it
 - :mod:`gandissect_jax.sampling`      z sampling identical to the reference
 - :mod:`gandissect_jax.intervention`  pure edits of a layer's representation (ablate / insert)
@@ -32,7 +33,7 @@ _EXPORTS = {
     "Generator": "gandissect_jax.generator",
     "Split": "gandissect_jax.generator",
     "SplitError": "gandissect_jax.generator",
-    "split_module": "gandissect_jax.generator",
+    "split_module": "gandissect_jax.flax_split",
     "verify_split": "gandissect_jax.generator",
     "load_generator": "gandissect_jax.proggan",
     "ProgressiveGenerator": "gandissect_jax.proggan",
@@ -61,6 +62,7 @@ _EXPORTS = {
     "Segmenter": "gandissect_jax.segmenter",
     "dissect_generator": "gandissect_jax.dissection",
     "dissect_features": "gandissect_jax.dissection",
+    "dissect_model": "gandissect_jax.dissection",
     "DissectConfig": "gandissect_jax.dissection",
     "LayerDissection": "gandissect_jax.dissection",
     "tally": "gandissect_jax.dissection",

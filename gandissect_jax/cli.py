@@ -1,6 +1,6 @@
 """The ``gandissect-jax`` command line.
 
-Each sub-command lives in its own module under :mod:`gandissect_jax.commands` and exposes
+Each sub-command lives in its own module under ``gandissect_jax.commands`` and exposes
 ``add_parser(subparsers)``, which registers an ``argparse`` parser whose ``func`` default is
 called with the parsed arguments. Sub-command modules are imported lazily so that
 ``gandissect-jax --help`` stays fast and a broken optional feature cannot break the others.
@@ -17,6 +17,7 @@ _COMMANDS = (
     ("generate", "generate"),
     ("convert", "convert"),
     ("weights", "weights"),
+    ("layers", "layers"),
     ("dissect", "dissect"),
     ("ace", "ace"),
     ("ablate", "ablate"),
@@ -24,13 +25,15 @@ _COMMANDS = (
     ("artifacts", "artifacts"),
     ("segment-units", "segment_units"),
 )
+# Exit status after Ctrl-C, as shells report a process ended by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every available sub-command registered."""
     parser = argparse.ArgumentParser(
         prog="gandissect-jax",
-        description="GAN Dissection in JAX: generate, convert weights, dissect.",
+        description="GAN Dissection in JAX: generate, convert weights, list layers, dissect.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for _, module_name in _COMMANDS:
@@ -53,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, no traceback (a dissection says where it resumes)
+        message = str(err) if str(err).startswith("interrupted") else "interrupted" + (
+            "; rerun the same command to resume from the last saved progress" if args.command == "dissect" else "")
+        start = "\r" if sys.stderr.isatty() else ""  # over the terminal's "^C"
+        print(f"{start}gandissect-jax {args.command}: {message}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ValueError, FileNotFoundError, KeyError, OSError) as err:
         print(f"gandissect-jax {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -75,20 +75,42 @@ class CorruptFileError(ChecksumError):
     """A downloaded or cached file does not parse as its type (truncated or corrupt)."""
 
 
-def shipped_weights_dir() -> Path:
-    """The repository's ``weights/`` directory (registry and shipped checkpoints).
+SHIPPED_WEIGHTS_PACKAGE = "gandissect_jax.shipped_weights"
 
-    ``$GANDISSECT_JAX_WEIGHTS`` overrides it (useful when the package is installed without the
-    checkout).
+
+def _shipped_weights_candidates() -> tuple[Path, Path]:
+    """Where the shipped weights live: installed package data first, then a source checkout.
+
+    A wheel installs the top-level ``weights/`` directory as the data-only package
+    :data:`SHIPPED_WEIGHTS_PACKAGE` (``pyproject.toml``, ``[tool.setuptools.package-dir]``), i.e.
+    ``<site-packages>/gandissect_jax/shipped_weights``. An editable install or a checkout on
+    ``sys.path`` has no such directory; there the checkout's ``weights/`` beside the package is used.
+    """
+    package = Path(__file__).resolve().parent
+    return package / SHIPPED_WEIGHTS_PACKAGE.rpartition(".")[2], package.parent / "weights"
+
+
+def shipped_weights_dir() -> Path:
+    """The directory holding ``registry.json`` and the shipped checkpoints (demo ``scenes64``).
+
+    ``$GANDISSECT_JAX_WEIGHTS`` overrides it. Otherwise it is the installed package data
+    (``gandissect_jax/shipped_weights`` in a wheel install) or, in an editable install or a source
+    checkout, the repository's top-level ``weights/``; the first that holds a ``registry.json``
+    wins. When neither does, the installed location is returned, so that errors name where the
+    registry was expected.
     """
     override = os.environ.get("GANDISSECT_JAX_WEIGHTS")
     if override:
         return Path(override).expanduser().resolve()
-    return Path(__file__).resolve().parent.parent / "weights"
+    candidates = _shipped_weights_candidates()
+    for candidate in candidates:
+        if (candidate / "registry.json").is_file():
+            return candidate
+    return candidates[0]
 
 
 def registry_path() -> Path:
-    """Path of the shipped ``registry.json``."""
+    """Path of the shipped ``registry.json`` (in :func:`shipped_weights_dir`)."""
     return shipped_weights_dir() / "registry.json"
 
 
@@ -133,12 +155,23 @@ def load_registry(path: str | os.PathLike | Mapping | None = None) -> dict[str, 
     return {str(k): _validate_entry(str(k), v, source) for k, v in data.items() if not k.startswith("_")}
 
 
+CACHE_APP_NAME = "gandissect-jax"
+
+
 def cache_dir() -> Path:
-    """Directory for downloads and converted weights (see module docstring)."""
-    if os.environ.get("GANDISSECT_JAX_CACHE"):
-        return Path(os.environ["GANDISSECT_JAX_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gandissect-jax"
+    """Directory for downloads and converted weights.
+
+    ``$GANDISSECT_JAX_CACHE`` when set, else the user cache directory of ``gandissect-jax`` from
+    ``platformdirs.user_cache_dir`` (Linux: ``$XDG_CACHE_HOME/gandissect-jax``, by default
+    ``~/.cache/gandissect-jax``; macOS: ``~/Library/Caches/gandissect-jax``; Windows:
+    ``%LOCALAPPDATA%\\gandissect-jax\\Cache``). The directory is not created here.
+    """
+    override = os.environ.get("GANDISSECT_JAX_CACHE")
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir(CACHE_APP_NAME, appauthor=False))
 
 
 def fetched_path(name: str) -> Path:

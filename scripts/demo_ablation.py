@@ -1,7 +1,7 @@
 """Ablate the demo generator's top units for a concept and measure what disappears.
 
     python scripts/demo_ablation.py [--generator scenes64] [--layers layer4 layer5 ...]
-                                    [--concepts tree building] [--units 20]
+                                    [--concepts tree building] [--units 20] [--out DIR]
 
 For each layer: dissect it with the engine (``--dissect-samples`` z of seed 1, the paper's IQR
 threshold), take the ``--units`` units of highest IoU for each concept (or, with ``--rank ace``,
@@ -15,7 +15,9 @@ its own parts against every other label (a building's windows go with it; sun an
 
 Writes ``<out>/ablation.json`` (all figures, per layer and concept) and ``<out>/ablation.png``
 (rows: generated images, their segmentation, then for each concept the ablated images and their
-segmentation, at the concept's best layer, recorded as ``best_layer``).
+segmentation, at the concept's best layer, recorded as ``best_layer``). ``<out>`` is
+results/demo_ablation unless --out is given; --update-shipped writes the shipped figures in
+weights/scenes64 instead (the tests check the shipped generator against them).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _outputs import add_output_arguments, output_dir
 
 READINGS = ("labels", "objects", "object_vs_labels")
 
@@ -148,9 +151,10 @@ def main(argv=None):
     parser.add_argument("--eval-seed", type=int, default=7)
     parser.add_argument("--picture-layer", default=None, help="layer shown in ablation.png for every concept (default: each concept's best)")
     parser.add_argument("--step", type=int, default=None, help="training step recorded in the JSON")
-    parser.add_argument("--out", default="weights/scenes64")
+    add_output_arguments(parser, default="results/demo_ablation", shipped="scenes64")
     parser.add_argument("--progress", action="store_true", help="show the dissection's progress bars")
     args = parser.parse_args(argv)
+    out = output_dir(parser, args)
 
     from gandissect_jax.ace import ace_ranking, build_ace_corpus, optimize_ace
     from gandissect_jax.dissection import dissect_generator
@@ -238,7 +242,6 @@ def main(argv=None):
     shown = {concept: args.picture_layer or min(args.layers, key=lambda layer: badness(concept, layer))
              for concept in args.concepts}
     result["best_layer"] = shown
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".ablation.json.tmp"
     tmp.write_text(json.dumps(result, indent=1) + "\n")

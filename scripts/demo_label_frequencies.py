@@ -2,9 +2,10 @@
 
     python scripts/demo_label_frequencies.py [--generator scenes64] [--segmenter scenes64-segmenter]
 
-Writes ``weights/scenes64/label_frequencies.json`` (the figures the tests check the shipped
-checkpoints against) and ``weights/scenes64/samples/shipped.png`` (32 samples for z seed 0 above
-32 real scenes). ``scripts/train_demo_gan.py`` does the same at every export.
+Writes ``<out>/label_frequencies.json`` and ``<out>/samples/shipped.png`` (32 samples for z seed 0
+above 32 real scenes); ``<out>`` is results/demo_label_frequencies unless --out is given.
+--update-shipped writes them into weights/scenes64 instead, where the tests check the shipped
+checkpoints against them. ``scripts/train_demo_gan.py`` does the same at every export.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from _outputs import SHIPPED, add_output_arguments, output_dir
 from gandissect_jax.proggan import load_generator
 from gandissect_jax.scenes.demo_segmenter import load_demo_segmenter
 
@@ -46,11 +48,11 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=512, help="generated images (z seed --seed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--real", type=int, default=2000, help="real scenes (world seed 0)")
-    parser.add_argument("--out", default="weights/scenes64")
+    add_output_arguments(parser, default="results/demo_label_frequencies", shipped="scenes64")
     args = parser.parse_args(argv)
 
-    out = Path(args.out)
-    train_state = out.parent / "scenes64_train_state" / "config.json"
+    out = output_dir(parser, args)
+    train_state = SHIPPED / "scenes64_train_state" / "config.json"
     step = json.loads(train_state.read_text()).get("step") if train_state.is_file() else None
     result = write_report(load_generator(args.generator), load_demo_segmenter(args.segmenter), out, step,
                           args.n, args.seed, args.real)

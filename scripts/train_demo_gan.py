@@ -2,7 +2,8 @@
 
     python scripts/train_demo_gan.py                      # start, or resume from runs/scenes64_gan
     python scripts/train_demo_gan.py --steps 40000        # train further
-    python scripts/train_demo_gan.py --export-only        # export the latest state to weights/
+    python scripts/train_demo_gan.py --export-only        # export the latest state to results/demo_gan/weights
+    python scripts/train_demo_gan.py --export-only --update-shipped   # ... to the shipped weights/ instead
 
 Architecture: generator sizes (z=128; 128, 128, 64, 32, 16) at 64x64 trained directly at full
 resolution (no progressive growing); a small equalized-learning-rate discriminator with a
@@ -16,11 +17,13 @@ so an interrupted run that resumes continues exactly the same sequence.
 State:
   runs/scenes64_gan/checkpoints/   orbax CheckpointManager: full state (params, EMA, Adam states)
   runs/scenes64_gan/samples/       sample grids (PNG) at every --sample-every steps
-  weights/scenes64/generator/      exported EMA generator (orbax, load_generator-compatible)
-  weights/scenes64_train_state/    exported raw G and D params + step (to resume in a fresh
+  WEIGHTS/scenes64/generator/      exported EMA generator (orbax, load_generator-compatible)
+  WEIGHTS/scenes64_train_state/    exported raw G and D params + step (to resume in a fresh
                                    checkout: the Adam states are not shipped; with beta1 = 0 they
                                    re-warm within a few hundred steps)
-  weights/scenes64/gan_training_log.jsonl  losses and timing every --log-every steps
+  WEIGHTS/scenes64/gan_training_log.jsonl  losses and timing every --log-every steps
+  WEIGHTS is --weights (default results/demo_gan/weights); --update-shipped exports into the
+  shipped, version-controlled weights/ instead.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ import numpy as np
 import optax
 from PIL import Image
 from tqdm import tqdm
+
+from _outputs import SHIPPED, add_output_arguments, output_dir
 
 from gandissect_jax.checkpoints import load_checkpoint, save_checkpoint
 from gandissect_jax.proggan import GeneratorConfig, ProgressiveGenerator, init_params, save_generator
@@ -231,7 +236,7 @@ def export(state, g_config: GeneratorConfig, weights_dir: Path, meta: dict):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/scenes64_gan")
-    parser.add_argument("--weights", default="weights", help="repository weights/ directory to export into")
+    add_output_arguments(parser, default="results/demo_gan/weights", shipped="", flag="--weights")
     parser.add_argument("--steps", type=int, default=40000, help="total steps to reach")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -247,14 +252,15 @@ def main(argv=None):
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--init-from", default=None,
                         help="weights dir holding scenes64_train_state + scenes64/generator to start "
-                             "from when the workdir has no checkpoint (default: --weights if present)")
+                             "from when the workdir has no checkpoint (default: the export directory if it "
+                             "holds them, else the shipped weights/; read only)")
     parser.add_argument("--export-only", action="store_true")
     args = parser.parse_args(argv)
 
     import orbax.checkpoint as ocp
 
     workdir = Path(args.workdir).resolve()
-    weights_dir = Path(args.weights).resolve()
+    weights_dir = output_dir(parser, args).resolve()
     g_config = GeneratorConfig.from_channels(Z_DIM, CHANNELS)
     G, steps, init_state, g_opt, d_opt = make_training(args, g_config)
     hparams = {k: getattr(args, k) for k in ("batch", "lr", "r1_gamma", "r1_interval", "ema_kimg", "ema_rampup",
@@ -271,7 +277,8 @@ def main(argv=None):
         state = manager.restore(latest, args=ocp.args.StandardRestore(state))
         source = f"{workdir / 'checkpoints'} step {latest}"
     else:
-        init_dir = Path(args.init_from).resolve() if args.init_from else weights_dir
+        init_dir = (Path(args.init_from).resolve() if args.init_from else
+                    weights_dir if (weights_dir / "scenes64_train_state").is_dir() else SHIPPED)
         train_state_dir = init_dir / "scenes64_train_state"
         if train_state_dir.is_dir():
             params, meta = load_checkpoint(train_state_dir)

@@ -1,6 +1,7 @@
 """Train the demo segmenter (a small U-Net) on the scene world and evaluate it on held-out scenes.
 
-    python scripts/train_demo_segmenter.py --out weights/scenes64/segmenter
+    python scripts/train_demo_segmenter.py                    # into results/demo_segmenter/segmenter
+    python scripts/train_demo_segmenter.py --update-shipped   # replace the shipped weights/scenes64/segmenter
 
 Training scenes are world seed ``--seed`` scenes 0, 1, 2, ...; evaluation uses world seed
 ``--eval-seed`` (different scenes). Images are augmented with random blur and noise so the
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from _outputs import add_output_arguments, output_dir
 from gandissect_jax.scenes import world
 from gandissect_jax.scenes.demo_segmenter import (
     DEFAULT_WIDTHS, DemoSegmenter, UNet, init_segmenter_params, save_demo_segmenter,
@@ -63,7 +64,7 @@ def scores(confusion: np.ndarray) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="weights/scenes64/segmenter")
+    add_output_arguments(parser, default="results/demo_segmenter/segmenter", shipped="scenes64/segmenter")
     parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -72,7 +73,7 @@ def main(argv=None):
     parser.add_argument("--eval-count", type=int, default=2000)
     args = parser.parse_args(argv)
 
-    out = Path(args.out)
+    out = output_dir(parser, args)
     log_path = out.parent / "segmenter_training.log"
     log = open(log_path, "w")
 

@@ -34,8 +34,9 @@ def data():
 
 
 def run(data, **kwargs):
+    """The reference's labelling (label_rule='reference'): parity with its labels and interpretable units."""
     return dissect_features(data["features"], data["segs"], data["labels"], batch_size=16, progress=False,
-                            **kwargs)["features"]
+                            label_rule="reference", **kwargs)["features"]
 
 
 @pytest.fixture(scope="module")

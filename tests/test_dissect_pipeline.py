@@ -163,7 +163,7 @@ def test_unknown_layer_is_refused():
 
 
 class CountingArray:
-    """Array stand-in that counts batch reads and can fail after a number of them."""
+    """Array stand-in that counts reads of slices (batches, and the content hash) and can fail after a number of them."""
 
     def __init__(self, array, fail_after=None):
         self.array = array
@@ -172,7 +172,7 @@ class CountingArray:
         self.fail_after = fail_after
 
     def __getitem__(self, key):
-        if not isinstance(key, (int, np.integer)):  # batch reads (single-sample reads fingerprint the data)
+        if not isinstance(key, (int, np.integer)):  # slices: batches and the content hash
             self.reads += 1
             if self.fail_after is not None and self.reads > self.fail_after:
                 raise RuntimeError("simulated crash")
@@ -183,8 +183,9 @@ def test_interrupted_run_resumes_to_identical_results(golden, tmp_path):
     features, segs, labels, _ = golden
     options = dict(threshold="iqr", batch_size=16, progress=False, make_images=False, checkpoint_every=0.0)
     full = dissect_features(features, segs, labels, outdir=str(tmp_path / "full"), **options)["features"]
-    # 4 batches per pass: 3 quantile passes, then the count pass; crash in the middle of the count pass
-    crashing = CountingArray(features, fail_after=14)
+    # one read hashes the features (the run's identity); then 4 batches per pass: 3 quantile passes,
+    # then the count pass; crash in the middle of the count pass
+    crashing = CountingArray(features, fail_after=1 + 14)
     with pytest.raises(RuntimeError, match="simulated crash"):
         dissect_features(crashing, segs, labels, outdir=str(tmp_path / "run"), **options)
     progress = tmp_path / "run" / ".progress"
@@ -192,12 +193,12 @@ def test_interrupted_run_resumes_to_identical_results(golden, tmp_path):
     assert (passes / "counts" / "tally.npz").exists() and (passes / "plan.npz").exists()
     resumed_reads = CountingArray(features)
     resumed = dissect_features(resumed_reads, segs, labels, outdir=str(tmp_path / "run"), **options)["features"]
-    assert resumed_reads.reads == 2  # only the last two batches of the count pass were read again
+    assert resumed_reads.reads == 1 + 2  # the hash, then only the last two batches of the count pass
     assert_same(full, resumed)
     # a finished layer is not recomputed
     again = CountingArray(features)
     rerun = dissect_features(again, segs, labels, outdir=str(tmp_path / "run"), **options)["features"]
-    assert again.reads == 0
+    assert again.reads == 1  # the hash only
     assert_same(full, rerun)
     assert not passes.exists()
 
@@ -206,7 +207,7 @@ def test_outdir_with_other_settings_is_refused(golden, tmp_path):
     features, segs, labels, data = golden
     dissect_features(features[:8], segs[:8], labels, levels=data["levels"], progress=False, make_images=False,
                      outdir=str(tmp_path))
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match="other inputs or settings"):
         dissect_features(features[:8], segs[:8], labels, threshold="quantile", progress=False, make_images=False,
                          outdir=str(tmp_path))
 

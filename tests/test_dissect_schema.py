@@ -20,13 +20,14 @@ V1 = FIXTURES / "schema1"
 
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
-    """The fixture's dissection, rerun now: units 0-5 of the golden data, IQR rule, batch 16."""
+    """The fixture's dissection, rerun now: units 0-5 of the golden data, IQR rule, batch 16, labelled by
+    the reference's rule as the fixture was."""
     data = np.load(FIXTURES / "dissect_golden.npz")
     labels = json.loads((FIXTURES / "labels.json").read_text())
     outdir = tmp_path_factory.mktemp("schema2")
     result = dissect_features(data["features"].transpose(0, 2, 3, 1)[:, :, :, :6], data["segs"].transpose(0, 2, 3, 1),
                               labels, threshold="iqr", batch_size=16, progress=False, make_images=False,
-                              title="v1 fixture", outdir=str(outdir))
+                              title="v1 fixture", outdir=str(outdir), label_rule="reference")
     return result["features"], outdir
 
 
@@ -35,7 +36,9 @@ def test_schema_1_scores_load_and_equal_todays_numbers(fresh):
     old = LayerDissection.load_npz(str(V1 / "scores.npz"))
     with np.load(V1 / "scores.npz") as v1, np.load(outdir / "features" / "scores.npz") as v2:
         assert "schema" not in v1.files and int(v2["schema"]) == SCHEMA
-        assert set(v2.files) - set(v1.files) == {"schema"}
+        # added since: the schema number, and the label rule with the chance IoU and significance arrays
+        assert set(v2.files) - set(v1.files) == {"schema", "label_rule", "fdr", "category_images", "chance_iou",
+                                                 "p_value", "q_value", "significant"}
         for name in v1.files:
             assert v1[name].dtype == v2[name].dtype and np.array_equal(v1[name], v2[name]), name
     for field in ("levels", "iou", "iqr", "unit_label", "max_iqr", "topk_indices", "candidate_levels"):
@@ -50,8 +53,20 @@ def test_schema_1_dissect_json_reads_as_schema_2(fresh):
     upgraded = read_dissect_json(str(V1 / "dissect.json"))
     current = json.loads((outdir / "dissect.json").read_text())
     assert upgraded["schema"] == current["schema"] == 2
-    # the same document, field for field, except the settings' version (the run format changed with it)
-    assert upgraded["settings"].pop("version") == 1 and current["settings"].pop("version") == 2
+    # the same document, field for field, except the run format's version, the source's identity
+    # (version 3 records a sha256 of all the data and the layout instead of a digest of two samples)
+    # and the statistics added with label rules, which a schema-1 document reads as null
+    assert upgraded["settings"].pop("version") == 1 and current["settings"].pop("version") == 3
+    old_source, new_source = upgraded["settings"].pop("source"), current["settings"].pop("source")
+    assert old_source.pop("digest") and set(new_source.pop("content")) == {"features", "segmentations"}
+    assert new_source.pop("layout") == "nhwc" and old_source == new_source
+    layer = current["layers"][0]
+    assert upgraded["layers"][0]["label_rule"] == layer["label_rule"] == "reference"
+    assert upgraded["layers"][0]["fdr"] is None and layer["fdr"] == 0.05
+    layer["fdr"] = None
+    for unit in layer["units"]:
+        assert 0 <= unit["chance_iou"] <= 1 and 0 <= unit["q_value"] <= 1 and isinstance(unit["significant"], bool)
+        unit.update(chance_iou=None, p_value=None, q_value=None, significant=None, second=None)
     assert upgraded == current
     unit = upgraded["layers"][0]["units"][3]
     assert unit["level"] == raw["layers"][0]["units"][3]["threshold"]

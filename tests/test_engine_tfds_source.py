@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("tensorflow_datasets")
 
+from gandissect_jax.images import to_uint8
 from gandissect_jax.dissection import StreamingStatistic, TfdsSource, count_labels, running_moments, tally  # noqa: E402
 from gandissect_jax.scenes import world  # noqa: E402
 from gandissect_jax.scenes.tfds_builder import build_scenes64  # noqa: E402
@@ -38,7 +39,7 @@ def test_tfds_split_streams_through_tally(tmp_path):
                     batch_size=8, progress=False)
     images, labels = world.render_scenes(3, np.arange(21))
     np.testing.assert_array_equal(results["labels"], np.bincount(labels.reshape(-1), minlength=world.NUM_LABELS))
-    stored = np.round((images + 1) * 127.5).astype(np.uint8)  # how the builder quantized them
+    stored = to_uint8(images)  # how the builder quantized them
     pixels = (stored.astype(np.float32) / np.float32(127.5) - np.float32(1)).astype(np.float64).reshape(-1, 3)
     np.testing.assert_allclose(results["rgb"].mean, pixels.mean(0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(results["rgb"].variance, pixels.var(0, ddof=1), rtol=1e-5)

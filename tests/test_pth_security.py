@@ -30,7 +30,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from gandissect_jax import cli, pth
+from gandissect_jax import cli
+from gandissect_jax.pth import _pickle_check as pickle_check
 from gandissect_jax.pth import PthError, read_pth, read_state_dict, write_legacy_pth
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "pth")
@@ -557,11 +558,11 @@ def test_shared_and_cyclic_references_load_in_linear_time(worker, sandbox):
 
 def test_too_many_opcodes_are_refused(tmp_path, monkeypatch):
     """The opcode limit (2**21) caps the objects a pickle creates; checked here with 1000."""
-    monkeypatch.setattr(pth, "_MAX_PICKLE_OPS", 1000)
+    monkeypatch.setattr(pickle_check, "MAX_PICKLE_OPS", 1000)
     ops = pickle.PROTO + b"\x04" + pickle.EMPTY_LIST + pickle.MARK + pickle.NONE * 1000
     path = write(tmp_path, "ops.pth", legacy_bytes(ops + pickle.APPENDS + pickle.STOP, [], []))
     assert_refused(path, "more than 1000 opcodes")
-    monkeypatch.setattr(pth, "_MAX_PICKLE_OPS", 1010)
+    monkeypatch.setattr(pickle_check, "MAX_PICKLE_OPS", 1010)
     assert read_pth(path) == [None] * 1000  # a pickle within the limit loads
 
 

@@ -7,6 +7,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
+from gandissect_jax.images import to_uint8
 from gandissect_jax.scenes import world  # noqa: E402
 from gandissect_jax.scenes.tfds_builder import build_scenes64  # noqa: E402
 
@@ -21,7 +22,7 @@ def test_builds_a_small_split_and_reads_it_back(tmp_path):
         example = train[i]
         assert int(example["index"]) == i
         assert example["image"].dtype == np.uint8 and example["image"].shape == (64, 64, 3)
-        np.testing.assert_array_equal(example["image"], np.round((images[i] + 1) * 127.5).astype(np.uint8))
+        np.testing.assert_array_equal(example["image"], to_uint8(images[i]))
         np.testing.assert_array_equal(example["label"], labels[i])
     config = builder.builder_config
     test_images, test_labels = world.render_scenes(5, config.test_offset + np.arange(6))

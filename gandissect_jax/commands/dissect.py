@@ -1,17 +1,4 @@
-"""``gandissect-jax dissect``: measure which concepts the units of a layer detect.
-
-Two sources, same outputs (dissect.json, <layer>/scores.npz, image strips, dissect.html):
-
-    gandissect-jax dissect --model SRC --segmenter SEG --layers layer4 layer7 --size 10000 --outdir D
-    gandissect-jax dissect --features F.npy --segmentations S.npy --labels labels.json [--levels L.npy] --outdir D
-
-Thresholds: ``--threshold iqr`` (the paper's information-quality-ratio search; default with
-``--model``) or ``--threshold quantile`` with ``--quantile 0.005`` (the top 0.5% of each unit's
-activations; the reference's default for precomputed data, default with ``--features``).
-``--levels`` fixes the per-unit thresholds (levels) instead. A rerun with the same arguments resumes;
-a second run into the same ``--outdir`` while one is running is refused. Outputs follow schema 2
-(gandissect_jax/dissection/README.md).
-"""
+"""``gandissect-jax dissect``: measure which concepts the units of a layer detect (the CLI of :mod:`gandissect_jax.dissection`)."""
 
 from __future__ import annotations
 
@@ -19,49 +6,96 @@ import argparse
 import json
 import os
 
+from . import arguments
 
 # With no source given, dissect the shipped demo pair (weights/scenes64): works offline, on CPU.
 DEMO_MODEL = "scenes64"
 DEMO_SEGMENTER = "scenes64-segmenter"
 DEMO_LAYERS = ("layer4", "layer6")
 
+DESCRIPTION = f"""\
+Score every unit of a layer against segmentation concepts (IoU / IQR). Two sources, same outputs
+(dissect.json, <layer>/scores.npz, image strips, dissect.html):
+
+  gandissect-jax dissect --model SRC --segmenter SEG --layers layer4 layer7 --size 10000 --outdir D
+  gandissect-jax dissect --features F.npy --segmentations S.npy --labels labels.json --outdir D
+
+With neither, the shipped demo generator {DEMO_MODEL!r} is dissected with {DEMO_SEGMENTER!r} at
+layers {' '.join(DEMO_LAYERS)}. To list a model's layers and their shapes:
+
+  gandissect-jax layers MODEL
+
+Thresholds: --threshold iqr (the paper's information-quality-ratio search; default with --model)
+or --threshold quantile with --quantile 0.005 (the top 0.5% of each unit's activations; the
+reference's default for precomputed data and the default with --features). --levels fixes the
+per-unit thresholds instead.
+
+Runs: a rerun with the same inputs and settings resumes where the last one stopped (Ctrl-C stops
+cleanly and says where). A rerun with other inputs or settings into the same --outdir is refused
+before any work; --restart removes the earlier run's progress and outputs (nothing else) and
+starts afresh. Outputs follow schema 2 (gandissect_jax/dissection/README.md)."""
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``dissect`` sub-command."""
     parser = subparsers.add_parser(
         "dissect", help="score every unit of a layer against segmentation concepts (IoU / IQR)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_argument_group("generator source")
     source.add_argument("--model", help="generator: registry name, .pth file or checkpoint directory "
                         f"(default: the shipped demo {DEMO_MODEL!r} with {DEMO_SEGMENTER!r}, layers "
                         f"{' '.join(DEMO_LAYERS)})")
     source.add_argument("--segmenter", help="segmenter: registry name or checkpoint directory")
-    source.add_argument("--layers", nargs="+", help="layers to dissect, e.g. layer4 layer7")
-    source.add_argument("--size", type=int, default=10000, help="number of samples (default 10000)")
-    source.add_argument("--seed", type=int, default=1, help="z seed (default 1, as the reference)")
-    source.add_argument("--seg-downsample", type=int, default=2,
+    source.add_argument("--layers", nargs="+",
+                        help="layers to dissect, e.g. layer4 layer7 (list them with: gandissect-jax layers MODEL)")
+    source.add_argument("--size", type=arguments.positive_int(), default=10000,
+                        help="number of samples (default 10000)")
+    source.add_argument("--seed", type=arguments.seed(), default=1,
+                        help="z seed, in [0, 2**32 - 1] (default 1, as the reference)")
+    source.add_argument("--seg-downsample", type=arguments.int_in_range(1, 4096), default=2,
                         help="segment at 1/N of the image size (default 2, as the reference)")
     arrays = parser.add_argument_group("precomputed source")
-    arrays.add_argument("--features", help="float .npy of activations, shape (N, h, w, U)")
-    arrays.add_argument("--segmentations", help="int .npy of segmentations, shape (N, H, W, D) or (N, H, W)")
+    arrays.add_argument("--features", help="float .npy of activations, shape (N, h, w, U) (see --layout)")
+    arrays.add_argument("--segmentations", help="int .npy of segmentations, shape (N, H, W, D) or (N, H, W); "
+                        "every entry a label number of --labels (0 = no label)")
     arrays.add_argument("--labels", help='labels.json: {"labels": [[name, category], ...], "categories": [...]}')
     arrays.add_argument("--images", help="optional .npy of images (N, H, W, 3) for the image strips")
     arrays.add_argument("--layer-name", default="features", help="name of the layer in the outputs")
+    arrays.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc",
+                        help="axis order of --features: nhwc (N, h, w, U; default) or nchw (N, U, h, w, "
+                        "channels first as PyTorch and Caffe save features)")
     scoring = parser.add_argument_group("thresholds and labels")
     scoring.add_argument("--threshold", choices=("iqr", "quantile"),
                          help="per-unit threshold rule (default: iqr with --model, quantile with --features)")
-    scoring.add_argument("--quantile", type=float, default=0.005,
-                         help="top fraction of activations that is active with --threshold quantile (default 0.005)")
+    scoring.add_argument("--quantile", type=arguments.open_unit_interval(), default=0.005,
+                         help="top fraction of activations that is active with --threshold quantile, "
+                         "in (0, 1) (default 0.005)")
     scoring.add_argument("--levels", help="float .npy (U,) of fixed per-unit thresholds (--features only)")
-    scoring.add_argument("--iou-threshold", type=float, default=0.05,
-                         help="a unit is interpretable when its concept's IoU is >= this (default 0.05)")
+    scoring.add_argument("--iou-threshold", type=arguments.unit_interval(), default=0.05,
+                         help="a unit is interpretable when its concept's IoU is >= this, in [0, 1] (default 0.05)")
+    scoring.add_argument("--label-rule", choices=("significant", "reference"), default="significant",
+                         help="how units get their concept: significant (default: the concept's IoU must beat "
+                              "chance at false-discovery rate 0.05; large concepts are never hidden) or reference "
+                              "(the reference's rule, to reproduce the paper's numbers)")
     run = parser.add_argument_group("run")
     run.add_argument("--outdir", required=True, help="output directory (reruns resume here)")
-    run.add_argument("--topk", type=int, default=10,
-                     help="top samples kept per unit and shown in its image strip (default 10)")
-    run.add_argument("--batch-size", type=int, default=32, help="samples per step over all devices (default 32)")
-    run.add_argument("--checkpoint-every", type=float, default=600.0,
-                     help="seconds between checkpoints of long passes (default 600)")
+    run.add_argument("--restart", action="store_true",
+                     help="remove what an earlier run wrote into --outdir (its progress and outputs, "
+                     "nothing else) and start afresh")
+    run.add_argument("--topk", type=arguments.int_in_range(1, arguments.MAX_TOPK), default=None,
+                     help="top samples kept per unit and shown in its image strip, at most the number "
+                     "of samples (default 10)")
+    run.add_argument("--batch-size", type=arguments.batch_size(), default=32,
+                     help=f"samples per step over all devices, in [1, {arguments.MAX_BATCH}] (default 32)")
+    run.add_argument("--checkpoint-every", type=arguments.seconds(), default=60.0, metavar="SECONDS",
+                     help="seconds between checkpoints of a running pass, in [0, 86400] (default 60; "
+                     "Ctrl-C also saves the running pass)")
+    run.add_argument("--keep-progress", action="store_true",
+                     help="keep the pass checkpoints in OUTDIR/.progress after the run completes")
+    run.add_argument("--max-memory", type=arguments.memory_size(),
+                     help="memory budget of the passes, e.g. 4G or 800M, in [1M, 1P] (default: half of the "
+                     "available RAM, 70%% of an accelerator's free memory); units are measured in groups that fit, "
+                     "with identical results")
     run.add_argument("--no-images", action="store_true", help="skip the top-k image strips")
     run.add_argument("--title", help="title of the HTML report")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -75,9 +109,13 @@ def _load_array(path: str, what: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as err:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
         raise ValueError(f"cannot read {what} {path}: {err}") from err
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        array.close()
+        raise ValueError(f"{what} {path} must be a .npy file holding one array, not an .npz archive")
+    return array
 
 
 def _load_labels(path: str) -> dict:
@@ -99,7 +137,8 @@ def _load_labels(path: str) -> dict:
 def _summary(results, outdir: str, iou_threshold: float) -> None:
     for layer, result in results.items():
         count = int(result.interpretable(iou_threshold).sum())
-        print(f"{layer}: {count} of {result.num_units} units interpretable (IoU >= {iou_threshold})")
+        chance = f", beating chance at FDR {result.fdr:g}" if result.label_rule == "significant" else ""
+        print(f"{layer}: {count} of {result.num_units} units interpretable (IoU >= {iou_threshold}{chance})")
     print(f"report: {os.path.join(outdir, 'dissect.html')}")
 
 
@@ -116,8 +155,10 @@ def run_command(args) -> int:
             args.segmenter = args.segmenter or DEMO_SEGMENTER
             args.layers = args.layers or list(DEMO_LAYERS)
     config = DissectConfig(threshold=args.threshold, quantile=args.quantile, topk=args.topk, batch_size=args.batch_size,
-                           iou_threshold=args.iou_threshold, checkpoint_every=args.checkpoint_every,
-                           progress=not args.quiet, make_images=not args.no_images, title=args.title)
+                           iou_threshold=args.iou_threshold, label_rule=args.label_rule,
+                           checkpoint_every=args.checkpoint_every,
+                           progress=not args.quiet, make_images=not args.no_images, title=args.title,
+                           keep_progress=args.keep_progress, max_memory=args.max_memory)
     if args.features:
         if not args.segmentations or not args.labels:
             raise ValueError("--features needs --segmentations and --labels")
@@ -127,7 +168,8 @@ def run_command(args) -> int:
         images = _load_array(args.images, "images") if args.images else None
         levels = _load_array(args.levels, "levels") if args.levels else None
         results = dissect_features(features, segmentations, labels, config, levels=levels, images=images,
-                                   layer=args.layer_name, outdir=args.outdir)
+                                   layer=args.layer_name, layout=args.layout, outdir=args.outdir,
+                                   restart=args.restart)
     else:
         if not args.segmenter or not args.layers:
             raise ValueError("--model needs --segmenter and --layers")
@@ -138,7 +180,7 @@ def run_command(args) -> int:
         generator = gandissect_jax.load_generator(args.model)
         segmenter = gandissect_jax.load_segmenter(args.segmenter)
         results = dissect_generator(generator, segmenter, args.layers, config, size=args.size, seed=args.seed,
-                                    seg_downsample=args.seg_downsample, outdir=args.outdir,
+                                    seg_downsample=args.seg_downsample, outdir=args.outdir, restart=args.restart,
                                     identity={"model": args.model, "segmenter": args.segmenter})
     _summary(results, args.outdir, args.iou_threshold)
     return 0

@@ -19,6 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import arguments
+
+
+DEFAULT_MODEL = "scenes64"
+
 
 def add_parser(subparsers) -> None:
     """Register the ``generate`` sub-command."""
@@ -26,14 +31,21 @@ def add_parser(subparsers) -> None:
         "generate",
         help="generate images (and layer features) from a Progressive GAN",
         description="Generate PNG images, and optionally per-layer features as .npz, from a "
-        "generator given as a .pth file, a converted checkpoint directory or a registry name.",
+        "generator given as a registry name, a .pth file or a converted checkpoint directory "
+        f"(default: the shipped demo generator {DEFAULT_MODEL!r}). Writes OUT/images/000000.png ..., "
+        "OUT/z.npy (the latents) and OUT/features/LAYER.npz (array 'features', (N, H, W, C) float32) "
+        "for each of --layers; list the layers with: gandissect-jax layers MODEL.",
     )
-    parser.add_argument("--model", required=True, help=".pth file, checkpoint directory or registry name")
-    parser.add_argument("--n", type=int, required=True, help="number of images")
-    parser.add_argument("--seed", type=int, default=1, help="z seed (reference standard_z_sample)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"registry name, .pth file or checkpoint directory (default {DEFAULT_MODEL!r})")
+    parser.add_argument("--n", type=arguments.positive_int(arguments.MAX_SAMPLES), required=True,
+                        help="number of images")
+    parser.add_argument("--seed", type=arguments.seed(), default=1,
+                        help="z seed, in [0, 2**32 - 1] (default 1; the reference's standard_z_sample)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--layers", nargs="*", default=[], help="layers whose features to save")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    parser.add_argument("--batch-size", type=arguments.batch_size(), default=16,
+                        help=f"images per forward pass, in [1, {arguments.MAX_BATCH}] (default 16)")
     parser.set_defaults(func=run)
 
 
@@ -67,8 +79,6 @@ def run(args: argparse.Namespace) -> int:
     from gandissect_jax.proggan import load_generator
     from gandissect_jax.sampling import sample_z
 
-    if args.n <= 0 or args.batch_size <= 0:
-        raise ValueError("--n and --batch-size must be positive")
     G = load_generator(args.model)
     layers = list(dict.fromkeys(args.layers))
     for layer in layers:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import arguments
+
 
 def add_parser(subparsers) -> None:
     """Register the ``weights`` sub-command with ``list``, ``fetch`` and ``pin``."""
@@ -19,23 +21,24 @@ def add_parser(subparsers) -> None:
     fetch_parser = actions.add_parser("fetch", help="download, verify and convert an entry")
     pin_parser = actions.add_parser(
         "pin", help="write size + sha256 of an entry's verified downloads into a registry file",
-        description="After a first `weights fetch NAME` (which verified every file by reading it "
-        "completely), write the size and sha256 of each cached file into the registry file given "
-        "by --into (created if missing; never the shipped registry). Later fetches with "
-        "`--registry FILE` then verify the downloads against these sums.")
+        description="After a first 'gandissect-jax weights fetch NAME' (which verified every file by "
+        "reading it completely), write the size and sha256 of each cached file into the registry "
+        "file given by --into (created if missing; never the shipped registry). Later fetches with "
+        "--registry FILE then verify the downloads against these sums.")
     for sub in (list_parser, fetch_parser, pin_parser):
         sub.add_argument("--registry", default=None,
                          help="registry JSON to read (default: the shipped registry)")
-    fetch_parser.add_argument("name", help="registry name (see `weights list`)")
+    fetch_parser.add_argument("name", help="registry name (see: gandissect-jax weights list)")
     fetch_parser.add_argument("--dest", default=None,
                               help="converted directory (default: the cache); must not exist, "
                                    "or be empty")
     fetch_parser.add_argument("--force", action="store_true",
                               help="download every file again, and replace --dest if it is a "
                                    "checkpoint written by gandissect-jax (nothing else is replaced)")
-    fetch_parser.add_argument("--timeout", type=float, default=60.0, help="network timeout, seconds")
+    fetch_parser.add_argument("--timeout", type=arguments.positive_finite_float(3600.0, "a number of seconds"),
+                              default=60.0, help="network timeout in seconds, in (0, 3600] (default 60)")
     fetch_parser.set_defaults(func=run_fetch)
-    pin_parser.add_argument("name", help="registry name (see `weights list`)")
+    pin_parser.add_argument("name", help="registry name (see: gandissect-jax weights list)")
     pin_parser.add_argument("--into", required=True, metavar="FILE",
                             help="registry file of your own to write the pinned entry into")
     pin_parser.add_argument("--force", action="store_true",

@@ -6,7 +6,17 @@ import dataclasses
 import math
 import numbers
 
+from .memory import parse_memory
+
 THRESHOLD_RULES = ("iqr", "quantile", "levels")
+LABEL_RULES = ("significant", "reference")  # as analysis.LABEL_RULES
+# Ranges shared with the command line (gandissect_jax/commands/arguments.py; a test holds them equal).
+MAX_BATCH = 65536  # samples per step
+MAX_TOPK = 10000  # top samples per unit
+DEFAULT_TOPK = 10
+MAX_CHECKPOINT_SECONDS = 86400.0  # a day
+MAX_SAMPLES = 2**31 - 1  # sample numbers are int32 on device
+MAX_SEED = 2**32 - 1  # numpy RandomState seeds
 # Earlier keyword names, still accepted by dissect_features / dissect_generator.
 ALIASES = {"k": "topk", "strip_length": "topk"}
 
@@ -22,50 +32,78 @@ class DissectConfig:
     quantile: the top fraction of activations that is active under the 'quantile' rule, in (0, 1).
     search_iqr: run the IQR threshold search (default: when the rule is 'iqr'; it can also run
       beside another rule, for its ``max_iqr*`` arrays).
-    topk: top samples kept per unit (by the maximum of the unit's map) and shown in its image strip.
+    topk: top samples kept per unit (by the maximum of the unit's map) and shown in its image
+      strip, in [1, 10000] and at most the number of samples (None: 10, or every sample when
+      there are fewer; :meth:`resolved_topk`).
     batch_size: samples per step over all devices.
     iou_threshold: a unit is interpretable when its concept's IoU is >= this.
-    checkpoint_every: seconds between checkpoints of a running pass (0: after every batch).
+    label_rule: how a unit gets its concept (analysis.label_units): 'significant' (default; the
+      concept must beat the chance IoU at false-discovery rate 0.05, large concepts are never
+      hidden) or 'reference' (the reference's rule, to reproduce the paper's numbers).
+    checkpoint_every: seconds between checkpoints of a running pass, in [0, 86400] (0: after
+      every batch; Ctrl-C also saves the running pass, whatever the interval).
     unit_chunk: units per scatter step (default: 1 on CPU, 64 on accelerators).
+    max_memory: memory budget of the passes, bytes or a size such as "4G" (default: half of the
+      available host memory, 70% of an accelerator's free memory); units are measured in groups
+      that fit it (:mod:`.memory`), with identical results.
     make_images / make_report: write the top-k image strips / dissect.json and the HTML report.
     title: title of the HTML report. progress: show progress bars.
-    ValueError naming the setting and its allowed values for anything out of range.
+    keep_progress: keep the pass checkpoints in ``<outdir>/.progress`` once the run is complete
+      (by default they are removed; the run's identity and manifest stay).
+    ValueError naming the setting and its allowed values for anything out of range (the same
+    ranges as the command line's flags).
     """
 
     threshold: str | None = None
     quantile: float = 0.005
     search_iqr: bool | None = None
-    topk: int = 10
+    topk: int | None = None
     batch_size: int = 32
     iou_threshold: float = 0.05
-    checkpoint_every: float = 600.0
+    label_rule: str = "significant"
+    checkpoint_every: float = 60.0
     unit_chunk: int | None = None
+    max_memory: int | float | str | None = None
     make_images: bool = True
     make_report: bool = True
     title: str | None = None
     progress: bool = True
+    keep_progress: bool = False
 
     def __post_init__(self):
         def fail(name, allowed):
             raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
 
+        def integer(value, low, high):
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool) and low <= value <= high
+
+        def real(value, low, high, low_open=False, high_open=False):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(float(value)):
+                return False
+            value = float(value)
+            return (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+
         if self.threshold is not None and self.threshold not in THRESHOLD_RULES:
             fail("threshold", "'iqr', 'quantile' or 'levels'")
-        if not (isinstance(self.quantile, numbers.Real) and 0.0 < float(self.quantile) < 1.0):
+        if not real(self.quantile, 0.0, 1.0, low_open=True, high_open=True):
             fail("quantile", "a number in (0, 1)")
-        def positive_int(value):
-            return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
-
-        for name in ("topk", "batch_size"):
-            if not positive_int(getattr(self, name)):
-                fail(name, "an integer >= 1")
-        if self.unit_chunk is not None and not positive_int(self.unit_chunk):
-            fail("unit_chunk", "None or an integer >= 1")
-        if not (isinstance(self.iou_threshold, numbers.Real) and 0.0 <= float(self.iou_threshold) <= 1.0):
+        if self.topk is not None and not integer(self.topk, 1, MAX_TOPK):
+            fail("topk", f"None or an integer in [1, {MAX_TOPK}]")
+        if not integer(self.batch_size, 1, MAX_BATCH):
+            fail("batch_size", f"an integer in [1, {MAX_BATCH}]")
+        if self.unit_chunk is not None and not integer(self.unit_chunk, 1, MAX_BATCH):
+            fail("unit_chunk", f"None or an integer in [1, {MAX_BATCH}]")
+        if self.max_memory is not None:
+            parse_memory(self.max_memory)  # ValueError naming max_memory
+        if not real(self.iou_threshold, 0.0, 1.0):
             fail("iou_threshold", "a number in [0, 1]")
-        if not (isinstance(self.checkpoint_every, numbers.Real) and float(self.checkpoint_every) >= 0
-                and not math.isnan(float(self.checkpoint_every))):
-            fail("checkpoint_every", "a number of seconds >= 0")
+        if not real(self.checkpoint_every, 0.0, MAX_CHECKPOINT_SECONDS):
+            fail("checkpoint_every", f"a number of seconds in [0, {MAX_CHECKPOINT_SECONDS:g}]")
+        for name in ("make_images", "make_report", "progress", "keep_progress"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "True or False")
+        if self.label_rule not in LABEL_RULES:
+            fail("label_rule", "'significant' or 'reference'")
         if self.search_iqr is not None and not isinstance(self.search_iqr, bool):
             fail("search_iqr", "None, True or False")
 
@@ -85,6 +123,15 @@ class DissectConfig:
             changes[target] = value
         return dataclasses.replace(self, **changes)
 
+    def resolved_topk(self, num_samples: int) -> int:
+        """The number of top samples per unit for ``num_samples`` samples: ``topk``, or by default
+        10 (fewer when there are fewer samples). ValueError when ``topk`` exceeds the samples."""
+        if self.topk is None:
+            return min(DEFAULT_TOPK, int(num_samples))
+        if self.topk > num_samples:
+            raise ValueError(f"topk ({self.topk}) must be at most the number of samples ({num_samples})")
+        return int(self.topk)
+
     def resolved_threshold(self, default: str, has_levels: bool) -> tuple[str, bool]:
         """(threshold rule, whether the IQR search runs), given the entry point's default rule and
         whether fixed levels were given (they make the rule 'levels'). ValueError for contradictions."""
@@ -97,4 +144,5 @@ class DissectConfig:
         return threshold, search_iqr
 
 
-__all__ = ["DissectConfig", "THRESHOLD_RULES"]
+__all__ = ["DissectConfig", "THRESHOLD_RULES", "LABEL_RULES", "MAX_BATCH", "MAX_TOPK", "MAX_CHECKPOINT_SECONDS",
+           "MAX_SAMPLES", "MAX_SEED"]

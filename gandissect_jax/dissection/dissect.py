@@ -4,29 +4,44 @@
 :func:`dissect_features` and :func:`dissect_generator` build the source from arrays or from a
 generator and a segmenter. Data flows source -> :mod:`.passes` (``tally`` over the data: exact
 quantiles, then counts) -> :func:`~.analysis.score_layer` -> ``scores.npz``, :mod:`.strips`,
-:mod:`.report`. With ``outdir``, one run at a time may write there (a lock), every file is
-written atomically, and a rerun with the same settings resumes where the last one stopped.
+:mod:`.report`. Every input is checked before the passes (labels, shapes, layout, every label
+value of precomputed data). With ``outdir``, one run at a time may write there (a lock), every
+file is written atomically, a rerun with the same identity (data content, model parameters,
+settings that change numbers; :mod:`.resume`) resumes where the last one stopped, one with
+another identity is refused before any work, and ``restart=True`` removes what an earlier run
+wrote (and nothing else) first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import numbers
 import os
+import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from . import passes
 from .analysis import score_layer
-from .config import DissectConfig
-from .engine import make_mesh
+from .config import MAX_SAMPLES, MAX_SEED, DissectConfig
+from .engine import AXIS, Interrupted, make_mesh, per_device_batch
 from .labels import label_category_indices, labels_and_categories
+from .memory import plan_dissection
+from .progress import COUNT_PASS_COST, RunProgress
 from .report import safe_dir_name, write_report
 from .results import LayerDissection
 from .resume import RunDirectory, digest, outdir_lock
-from .sources import ArraySource, GeneratorSource
+from .sources import DEFAULT_MICRO_BATCH, ArraySource, GeneratorSource, ModelSource
 from .strips import write_strips
+
+LAYOUTS = ("nhwc", "nchw")
+# Label values that public datasets use for "ignore" (ADE20K, Cityscapes, VOC: 255; others: -1).
+IGNORE_VALUES = (255, -1, 65535)
 
 
 def _config(config: DissectConfig | None, overrides: Mapping[str, Any]) -> DissectConfig:
@@ -48,6 +63,61 @@ def _dir_names(layers: Sequence[str]) -> dict[str, str]:
     return names
 
 
+def _check_labels(labels, categories) -> tuple[list[tuple[str, str]], list[str]]:
+    """Labels and categories, normalized; ValueError for a label listed twice, a category listed
+    twice, or a label whose category is not among the categories."""
+    labels, categories = labels_and_categories(labels, categories)
+    if len(set(categories)) != len(categories):
+        twice = sorted({c for c in categories if categories.count(c) > 1})
+        raise ValueError(f"categories {twice} are listed more than once in {categories}")
+    seen: dict[tuple[str, str], int] = {}
+    for number, (name, category) in enumerate(labels):
+        if category not in categories:
+            raise ValueError(f"label {number} {name!r} has category {category!r}, which is not one of the "
+                             f"categories {categories}")
+        if (name, category) in seen:
+            raise ValueError(f"label {name!r} ({category}) is listed twice, as label {seen[(name, category)]} "
+                             f"and label {number}; every label must be listed once")
+        seen[(name, category)] = number
+    return labels, categories
+
+
+def _check_source(source, config: DissectConfig) -> None:
+    """Sample count, top-k length and sizes, before anything is read."""
+    if source.num_samples < 1:
+        raise ValueError("there are no samples to dissect (N = 0)")
+    config.resolved_topk(source.num_samples)
+    if min(source.seg_size) < 1:
+        raise ValueError(f"the segmentation size {tuple(source.seg_size)} is empty")
+    for layer, shape in source.feature_shapes.items():
+        if min(shape) < 1:
+            raise ValueError(f"features of layer {layer!r} have an empty shape {tuple(shape)} (h, w, U)")
+
+
+def _check_label_values(source, num_labels: int, mesh, batch_size: int) -> None:
+    """Every segmentation entry of precomputed data (an exact scan, done with the content hash), or
+    those of the first batch of a generator source, must lie in [0, num_labels); ValueError
+    before the passes otherwise. (The count pass checks every entry of every source again.)"""
+    if hasattr(source, "label_range"):
+        low, high = source.label_range()
+        where = "the segmentations"
+    else:
+        devices = mesh.devices.size
+        count = per_device_batch(min(batch_size, source.num_samples), devices,
+                                 getattr(source, "micro_batch", None)) * devices
+        indices = np.minimum(np.arange(count), source.num_samples - 1)  # whole micro-batches per device
+        labels = np.asarray(source.fetch(indices, NamedSharding(mesh, P(AXIS)))["labels"])
+        low, high = int(labels.min()), int(labels.max())
+        where = f"the segmentations of the first {min(count, source.num_samples)} samples"
+    if low >= 0 and high < num_labels:
+        return
+    bad = high if high >= num_labels else low
+    hint = ("; map 'ignore' values such as 255 or -1 to 0 (no label) first" if bad in IGNORE_VALUES
+            else "; the labels file must list every label number the segmentations use")
+    raise ValueError(f"{where} hold label {bad}, outside [0, {num_labels - 1}]: the labels list "
+                     f"{num_labels} labels (0 = no label){hint}")
+
+
 def _check_levels(levels: Mapping[str, Any] | None, source) -> dict[str, np.ndarray] | None:
     if levels is None:
         return None
@@ -66,7 +136,7 @@ def _check_levels(levels: Mapping[str, Any] | None, source) -> dict[str, np.ndar
 
 
 def dissect(source, labels, categories: Sequence[str] | None, config: DissectConfig, *, default_threshold: str,
-            levels: Mapping[str, Any] | None = None, devices=None, outdir: str | None = None
+            levels: Mapping[str, Any] | None = None, devices=None, outdir: str | None = None, restart: bool = False
             ) -> dict[str, LayerDissection]:
     """Dissect every layer of ``source`` against its segmentations; returns {layer: LayerDissection}.
 
@@ -74,21 +144,41 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
     or one like them); labels, categories: as :func:`~.labels.labels_and_categories`;
     default_threshold: the rule when ``config.threshold`` is None; levels: fixed thresholds
     {layer: (U,)} (rule 'levels'); devices: local devices to shard over (default: all).
+    outdir: where outputs and the resumable progress go; a rerun with the same identity (the
+    data's content, the models' parameters and every setting that changes numbers) resumes,
+    one with another identity raises :class:`~.resume.IdentityMismatch` before any work.
+    restart: first remove what an earlier run wrote into outdir (its progress and the outputs
+    in its manifest; nothing else), then start afresh.
+
+    Everything about the input is checked before the passes start (labels, categories, sample
+    count, topk, level shapes, every segmentation entry of precomputed data and the first
+    batch's of a generator): ValueError naming what is wrong. A run stopped by a ValueError
+    during the passes (NaN activations, labels out of range) leaves no progress behind, so the
+    rerun after a fix starts afresh. Ctrl-C raises :class:`~.engine.Interrupted` (a
+    KeyboardInterrupt) once the running pass is saved; a rerun resumes there.
     """
-    labels, categories = labels_and_categories(labels, categories)
+    labels, categories = _check_labels(labels, categories)
     label_category = label_category_indices(labels, categories)
     threshold, search_iqr = config.resolved_threshold(default_threshold, levels is not None)
+    _check_source(source, config)
     levels = _check_levels(levels, source)
     dirnames = _dir_names(source.layers) if outdir else {}
+    mesh = make_mesh(devices)
+    # refuse what cannot fit before reading any data (the identity below streams it)
+    _plan(source, source.layers, labels, categories, threshold, search_iqr, config, mesh)
     fingerprint = {
         "source": source.identity(), "labels": [list(l) for l in labels], "categories": categories,
         "threshold": threshold, "quantile": float(config.quantile) if threshold == "quantile" else None,
         "levels": None if levels is None else {k: digest(v) for k, v in sorted(levels.items())},
-        "search_iqr": bool(search_iqr), "topk": int(config.topk),
+        "search_iqr": bool(search_iqr), "topk": config.resolved_topk(source.num_samples),
+        "label_rule": config.label_rule,
     }
+    if not getattr(source, "batch_invariant", False):  # results depend on how samples are grouped
+        fingerprint["batch"] = {"batch_size": int(config.batch_size), "devices": int(mesh.devices.size)}
+    _check_label_values(source, len(labels), mesh, config.batch_size)
     lock = outdir_lock(outdir) if outdir else contextlib.nullcontext()
     with lock:
-        run = RunDirectory(outdir, fingerprint)
+        run = RunDirectory(outdir, fingerprint, restart=restart)
         results: dict[str, LayerDissection] = {}
         pending = []
         for layer in source.layers:
@@ -97,57 +187,133 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
                 results[layer] = LayerDissection.load_npz(done)
             else:
                 pending.append(layer)
+        key = hashlib.sha256("\n".join(pending).encode()).hexdigest()[:12]
         if pending:
-            key = hashlib.sha256("\n".join(pending).encode()).hexdigest()[:12]
-            settings = passes.PassSettings(make_mesh(devices), config.batch_size, config.checkpoint_every,
-                                           config.progress, run.subdirectory(f"passes-{key}"), config.unit_chunk)
-            results.update(_measure(source, pending, labels, categories, label_category, threshold, search_iqr,
-                                    levels, config, settings))
+            settings = passes.PassSettings(mesh, config.batch_size, config.checkpoint_every, config.progress,
+                                           run.subdirectory(f"passes-{key}"), config.unit_chunk)
+            plan = _plan(source, pending, labels, categories, threshold, search_iqr, config, mesh)
+            if config.progress and len(plan.groups) > 1:
+                print(plan.describe(), file=sys.stderr)
+            try:
+                results.update(_measure(source, plan.groups, labels, categories, label_category, threshold,
+                                        search_iqr, levels, config, settings))
+            except ValueError:
+                run.discard()  # bad input found by the passes: nothing of this run is worth resuming
+                raise
+        with run.recording(list(dirnames.values())):
             for layer in pending:
                 if outdir:
                     layer_dir = os.path.join(outdir, dirnames[layer])
                     os.makedirs(layer_dir, exist_ok=True)
                     results[layer].save_npz(os.path.join(layer_dir, "scores.npz"))
                     run.mark(f"layer-{dirnames[layer]}", {"layer": layer})
-            run.remove(f"passes-{key}")
-        ordered = {layer: results[layer] for layer in source.layers}
-        if outdir:
-            for layer, result in ordered.items():
-                if config.make_images and not run.is_marked(f"images-{dirnames[layer]}"):
-                    write_strips(os.path.join(outdir, dirnames[layer]), result, source, batch_size=config.batch_size,
-                                 show_progress=config.progress)
-                    run.mark(f"images-{dirnames[layer]}", {"layer": layer})
-            if config.make_report:
-                write_report(outdir, ordered, iou_threshold=config.iou_threshold, title=config.title,
-                             settings={k: v for k, v in run.fingerprint.items() if k != "labels"},
-                             has_images=config.make_images)
+            if pending and not config.keep_progress:
+                run.remove(f"passes-{key}")
+            ordered = {layer: results[layer] for layer in source.layers}
+            if outdir:
+                for layer, result in ordered.items():
+                    if config.make_images and not run.is_marked(f"images-{dirnames[layer]}"):
+                        write_strips(os.path.join(outdir, dirnames[layer]), result, source,
+                                     batch_size=config.batch_size, show_progress=config.progress)
+                        run.mark(f"images-{dirnames[layer]}", {"layer": layer})
+                if config.make_report:
+                    write_report(outdir, ordered, iou_threshold=config.iou_threshold, title=config.title,
+                                 settings={k: v for k, v in run.fingerprint.items() if k != "labels"},
+                                 has_images=config.make_images)
     return ordered
 
 
-def _measure(source, pending, labels, categories, label_category, threshold, search_iqr, levels, config,
+def _plan(source, layers, labels, categories, threshold, search_iqr, config, mesh):
+    """The memory plan of measuring ``layers`` (:func:`~.memory.plan_dissection`); MemoryBudgetError
+    when one unit does not fit the budget."""
+    return plan_dissection(source, list(layers), num_labels=len(labels), num_categories=len(categories),
+                           threshold=threshold, search_iqr=search_iqr, topk=config.resolved_topk(source.num_samples),
+                           batch_size=config.batch_size, mesh=mesh, unit_chunk=config.unit_chunk,
+                           max_memory=config.max_memory)
+
+
+def _measure(source, groups, labels, categories, label_category, threshold, search_iqr, levels, config,
              settings: passes.PassSettings) -> dict[str, LayerDissection]:
-    """Quantile passes, count pass and scores for the pending layers."""
-    units = {layer: source.feature_shapes[layer][2] for layer in pending}
-    plans = passes.quantile_plans(units, threshold, config.quantile, search_iqr)
-    topk = passes.quantile_passes(source.features_only(), plans, source.seg_size, config.topk, settings)
-    layer_levels = {layer: passes.count_levels(plans[layer], threshold, None if levels is None else levels[layer],
-                                               search_iqr) for layer in pending}
-    label_state, counts = passes.count_pass(source, layer_levels, label_category, len(categories), source.seg_size,
-                                            settings)
-    return {layer: score_layer(layer, counts[layer], layer_levels[layer], label_state, topk[layer], label_names=labels,
-                               categories=categories, label_category=label_category, threshold=threshold,
-                               quantile=config.quantile, num_samples=source.num_samples, seg_size=source.seg_size,
-                               raw_quantile_q=passes.RAW_REPORT_Q)
-            for layer in pending}
+    """Quantile passes and count pass for each unit group of the pending layers, then scores per layer."""
+    progress = None
+    if len(groups) == 1:  # one overall bar over the passes (with several groups each pass shows its own bar)
+        units = {layer: stop - start for layer, start, stop in groups[0]}
+        plans = passes.quantile_plans(units, threshold, config.quantile, search_iqr)
+        stages = max((len(planner.bits) for plan in plans.values() for _, planner in plan.planners()
+                      if planner is not None), default=1)
+        count_cost = COUNT_PASS_COST.get(source.identity().get("kind"), 4.0)  # a prior; measured as the pass runs
+        progress = RunProgress(source.num_samples, [f"quantiles-{i}" for i in range(stages)] + ["counts"],
+                               costs={"counts": count_cost}, enabled=bool(settings.progress))
+        settings = dataclasses.replace(settings, progress=progress)
+    try:
+        label_state, measured = passes.measure_units(
+            source, groups, threshold=threshold, quantile=config.quantile, search_iqr=search_iqr, fixed_levels=levels,
+            topk=config.resolved_topk(source.num_samples), label_category=label_category,
+            num_categories=len(categories), settings=settings)
+    except Interrupted as stop:
+        if progress is not None:
+            stop.stage = progress.stage_name(stop.stage)
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+    results = {}
+    for layer in list(measured):
+        m = measured.pop(layer)  # score one layer at a time, releasing its counts before the next
+        results[layer] = score_layer(layer, m.counts, m.levels, label_state, m.topk, label_names=labels,
+                                     categories=categories, label_category=label_category, threshold=threshold,
+                                     quantile=config.quantile, num_samples=source.num_samples,
+                                     seg_size=source.seg_size, raw_quantile_q=passes.RAW_REPORT_Q,
+                                     label_rule=config.label_rule)
+        del m
+    return results
+
+
+def _aspect_agrees(spatial: Sequence[int], seg_size: Sequence[int]) -> bool:
+    """True when a feature map of size ``spatial`` (h, w) covers ``seg_size`` (H, W) with the same
+    aspect ratio, to within one feature pixel (convolutions round odd sizes)."""
+    (h, w), (H, W) = spatial, seg_size
+    return abs(h * W / H - w) <= 1 or abs(w * H / W - h) <= 1
+
+
+def _arrange_features(features: Mapping[str, Any], segmentations, layout: str) -> dict[str, Any]:
+    """NHWC views of the features given in ``layout``; ValueError when a layer's spatial aspect
+    ratio disagrees with the segmentations' (suggesting the other layout when that one fits)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'nhwc' or 'nchw', got {layout!r}")
+    seg_size = tuple(int(s) for s in segmentations.shape[1:3]) if getattr(segmentations, "ndim", 0) >= 3 else None
+    arranged = {}
+    for name, array in features.items():
+        if getattr(array, "ndim", None) != 4:
+            axes = "(N, h, w, U)" if layout == "nhwc" else "(N, U, h, w)"
+            raise ValueError(f"features {name!r} must have 4 axes {axes} (layout {layout!r}), got shape "
+                             f"{tuple(getattr(array, 'shape', ()))}" +
+                             ("; for a single unit add a last axis of length 1" if getattr(array, "ndim", 0) == 3
+                              else ""))
+        view = array if layout == "nhwc" else array.transpose(0, 2, 3, 1)
+        if seg_size is not None and not _aspect_agrees(view.shape[1:3], seg_size):
+            other = "nchw" if layout == "nhwc" else "nhwc"
+            swapped = array.shape[2:4] if other == "nchw" else array.shape[1:3]
+            hint = (f"; if the array is {'channels-first (N, U, h, w), as PyTorch and Caffe save features' if other == 'nchw' else 'channels-last (N, h, w, U)'}, "
+                    f"pass --layout {other} (API: layout='{other}')" if _aspect_agrees(swapped, seg_size) else "")
+            raise ValueError(f"features {name!r} of shape {tuple(array.shape)} have a {view.shape[1]}x{view.shape[2]} "
+                             f"feature map in layout {layout!r}, whose aspect ratio differs from the "
+                             f"segmentations' {seg_size[0]}x{seg_size[1]}{hint}")
+        arranged[name] = view
+    return arranged
 
 
 def dissect_features(features, segmentations, labels, config: DissectConfig | None = None, *,
                      categories: Sequence[str] | None = None, levels=None, images=None, layer: str = "features",
-                     devices=None, outdir: str | None = None, **overrides) -> dict[str, LayerDissection]:
+                     layout: str = "nhwc", devices=None, outdir: str | None = None, restart: bool = False,
+                     **overrides) -> dict[str, LayerDissection]:
     """Dissect precomputed activations against precomputed segmentations.
 
     features: float (N, h, w, U) NHWC array (numpy, memmap or jax), or a dict layer -> such array;
-    segmentations: int (N, H, W, D) multilabel segmentations (0 = no label) or (N, H, W);
+    with ``layout='nchw'`` they are (N, U, h, w), channels first as PyTorch saves them. A layer
+    whose feature map's aspect ratio differs from the segmentations' is refused (a sign of the
+    wrong layout). segmentations: int (N, H, W, D) multilabel segmentations (0 = no label) or
+    (N, H, W), every entry in [0, L) (checked before the passes);
     labels: list of (name, category) per label number (label 0 = none), or a dict
     ``{"labels": [...], "categories": [...]}`` as in labels.json; categories: category names
     (default: from labels.json, else in order of first appearance).
@@ -156,7 +322,9 @@ def dissect_features(features, segmentations, labels, config: DissectConfig | No
     'iqr' is the paper's information-quality-ratio search); levels: fixed thresholds (U,) (or dict
     layer -> (U,)), which override both. images: optional (N, H', W', 3) uint8 or [-1, 1] float
     images for the top-k strips. Returns {layer: LayerDissection}; with outdir, also writes
-    scores.npz, strips and the report there (atomically; a rerun resumes).
+    scores.npz, strips and the report there (atomically; a rerun with the same data -- compared
+    by a sha256 of every byte -- and settings resumes; ``restart=True`` starts afresh).
+    ValueError naming the argument for anything out of range (see :func:`dissect`).
     """
     config = _config(config, overrides)
     if not isinstance(features, Mapping):
@@ -165,33 +333,87 @@ def dissect_features(features, segmentations, labels, config: DissectConfig | No
             levels = {layer: levels}
     elif levels is not None and not isinstance(levels, Mapping):
         raise ValueError("with several layers, levels must be a dict layer -> (U,) array")
-    source = ArraySource(features, segmentations, images)
+    features = _arrange_features(features, segmentations, layout)
+    source = ArraySource(features, segmentations, images, identity={"layout": layout})
     return dissect(source, labels, categories, config, default_threshold="quantile", levels=levels, devices=devices,
-                   outdir=outdir)
+                   outdir=outdir, restart=restart)
+
+
+def _check_generator_arguments(layers, size, seed, seg_downsample) -> list[str]:
+    def integer(value, low, high):
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and low <= value <= high
+
+    if isinstance(layers, str) or not all(isinstance(layer, str) for layer in layers):
+        raise ValueError(f"layers must be a list of layer names, e.g. ['layer4'], got {layers!r}")
+    if not integer(size, 1, MAX_SAMPLES):
+        raise ValueError(f"size must be an integer in [1, {MAX_SAMPLES}], got {size!r}")
+    if not integer(seed, 0, MAX_SEED):
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    if not integer(seg_downsample, 1, 4096):
+        raise ValueError(f"seg_downsample must be an integer in [1, 4096], got {seg_downsample!r}")
+    return list(layers)
 
 
 def dissect_generator(generator, segmenter, layers: Sequence[str], config: DissectConfig | None = None, *,
                       size: int = 10000, seed: int = 1, seg_downsample: int = 2, levels=None, devices=None,
-                      outdir: str | None = None, identity: dict | None = None, **overrides) -> dict[str, LayerDissection]:
+                      outdir: str | None = None, restart: bool = False, identity: dict | None = None,
+                      micro_batch: int = DEFAULT_MICRO_BATCH,
+                      **overrides) -> dict[str, LayerDissection]:
     """Dissect layers of a generator: for samples z_i (i < size) of RandomState(seed) normal noise,
     run h (to each layer), f (to the image) and the segmenter, and score every unit.
 
-    generator: the generator contract (``params``, ``layer_names``, ``z_dim``, ``split(layer)``);
+    generator: the Generator protocol (``params``, ``layer_names``, ``z_dim``, ``apply``,
+    ``split(layer)``); every layer's split is checked first (``f(h(z)) == G(z)`` on a probe
+    batch, :func:`~gandissect_jax.generator.verify_split`), so a split that ignores side inputs
+    is refused before any pass;
     segmenter: the Segmenter protocol (``labels``, ``categories``, ``segment``). The segmentation
     is taken at 1/seg_downsample of the image size (2, as the reference), and features are
-    upsampled to it. config / overrides: :class:`DissectConfig` settings (``threshold`` defaults
-    to 'iqr', the paper's GAN setting); levels: fixed thresholds dict layer -> (U,); identity:
-    extra JSON-able facts naming the models, recorded in the run's settings.
-    Returns {layer: LayerDissection}.
+    upsampled to it. size: samples, in [1, 2**31 - 1]; seed: in [0, 2**32 - 1]; seg_downsample:
+    in [1, 4096] and at most the image size. config / overrides: :class:`DissectConfig` settings
+    (``threshold`` defaults to 'iqr', the paper's GAN setting); levels: fixed thresholds dict
+    layer -> (U,); identity: extra JSON-able facts naming the models, recorded in the run's
+    settings (the run's identity already holds a sha256 of both models' parameters, its seed,
+    size, batch size and device count). restart: see :func:`dissect`. micro_batch: samples per
+    generator and segmenter call on each device (results are bit-identical for any batch size and
+    device count at a given micro_batch; :class:`~.sources.GeneratorSource`).
+    Returns {layer: LayerDissection}. ValueError naming the argument for anything out of range.
     """
     config = _config(config, overrides)
-    source = GeneratorSource(generator, segmenter, layers, size, seed, seg_downsample, identity)
+    layers = _check_generator_arguments(layers, size, seed, seg_downsample)
+    source = GeneratorSource(generator, segmenter, layers, size, seed, seg_downsample, identity, micro_batch)
+    if min(source.seg_size) < 1:
+        raise ValueError(f"seg_downsample {seg_downsample} is larger than the generated images "
+                         f"({source.image_size[0]}x{source.image_size[1]})")
     if levels is not None and not isinstance(levels, Mapping):
         if len(source.layers) != 1:
             raise ValueError("with several layers, levels must be a dict layer -> (U,) array")
         levels = {source.layers[0]: levels}
     return dissect(source, list(segmenter.labels), list(segmenter.categories), config, default_threshold="iqr",
-                   levels=levels, devices=devices, outdir=outdir)
+                   levels=levels, devices=devices, outdir=outdir, restart=restart)
 
 
-__all__ = ["dissect", "dissect_features", "dissect_generator"]
+def dissect_model(model, data, layers: Sequence[str], labels, config: DissectConfig | None = None, *,
+                  categories: Sequence[str] | None = None, levels=None, devices=None, outdir: str | None = None,
+                  restart: bool = False, identity: dict | None = None, **overrides) -> dict[str, LayerDissection]:
+    """Dissect layers of a model of images (e.g. a classifier) against a labelled dataset's label maps.
+
+    model: a Generator-protocol object whose input is an image batch, such as
+    ``split_module(module, params, at=..., input_shape=(H, W, 3))``; data: a source of
+    ``{"image", "label"}`` by example number such as :class:`~.sources.TfdsSource`; labels /
+    categories: the names of the data's label numbers (label 0 = none), as
+    :func:`dissect_features`. config / overrides: :class:`DissectConfig` settings (``threshold``
+    defaults to 'quantile', the Network Dissection rule). The run's identity holds a sha256 of the
+    model's parameters, the data's identity and the batch size; restart: see :func:`dissect`.
+    Returns {layer: LayerDissection}.
+    """
+    config = _config(config, overrides)
+    source = ModelSource(model, data, layers, identity)
+    if levels is not None and not isinstance(levels, Mapping):
+        if len(source.layers) != 1:
+            raise ValueError("with several layers, levels must be a dict layer -> (U,) array")
+        levels = {source.layers[0]: levels}
+    return dissect(source, labels, categories, config, default_threshold="quantile", levels=levels, devices=devices,
+                   outdir=outdir, restart=restart)
+
+
+__all__ = ["dissect", "dissect_features", "dissect_generator", "dissect_model"]

@@ -9,7 +9,9 @@ device state could overflow (``capacity``, decided on the host from sample count
 the end, device states are drained into host states with ``merge``, which is exact and
 order-independent, so the results are identical for any device count and batch size. With
 ``checkpoint_dir``, the host states are saved every ``checkpoint_every`` seconds and a rerun
-continues from the last save.
+continues from the last save. Ctrl-C (SIGINT) stops the pass at the end of the running batch:
+the states are saved (with ``checkpoint_dir``) and :class:`Interrupted` says where a rerun
+continues; a second Ctrl-C stops at once.
 
 This is davidbau/dissect's ``tally`` in JAX form, with optax's ``init``/``update`` composition
 for the statistics (:mod:`.statistics`, :mod:`.quantiles`, :mod:`.moments`, or your own).
@@ -17,10 +19,14 @@ for the statistics (:mod:`.statistics`, :mod:`.quantiles`, :mod:`.moments`, or y
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import numbers
 import os
+import signal
+import threading
 import time
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +35,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import resume
+from .config import MAX_BATCH, MAX_CHECKPOINT_SECONDS
 from .statistics import StreamingStatistic
 
 AXIS = "devices"
 CHECKPOINT_NAME = "tally.npz"
+IN_FLIGHT = 4  # steps the host may queue ahead of the devices
 
 
 class Source(Protocol):
@@ -42,6 +50,12 @@ class Source(Protocol):
     placed with ``sharding`` (split over the mesh along that axis). Numbers past the end may be
     asked for (padding of the last batch); return any sample for them, they are masked out.
     ``identity()`` returns a JSON-able description of the data (for resume checks).
+
+    Optional: ``micro_batch`` (int): :func:`tally` makes every device's share of a batch a
+    multiple of it (:func:`per_device_batch`), for sources that compute samples in fixed-size
+    chunks; ``batch_invariant`` (bool): the source's arrays for a sample are the same bits
+    whatever batch and device it is fetched in, so that, with the exact merges of the
+    statistics, a tally's results do not depend on the batch size or the device count.
     """
 
     num_samples: int
@@ -49,6 +63,59 @@ class Source(Protocol):
     def fetch(self, indices: np.ndarray, sharding) -> dict[str, jax.Array]: ...
 
     def identity(self) -> dict: ...
+
+
+class PassProgress(Protocol):
+    """What ``tally(progress=...)`` may also be given instead of True/False: a display that makes
+    the bar of each pass (e.g. :class:`gandissect_jax.dissection.progress.RunProgress`, which
+    also keeps an overall bar over all passes). ``bar(desc, total, initial)`` returns an object
+    with ``update(n)`` and ``close()``, as a tqdm bar."""
+
+    def bar(self, desc: str, total: int, initial: int) -> Any: ...
+
+
+class Interrupted(KeyboardInterrupt):
+    """A pass stopped by Ctrl-C (SIGINT) at a batch boundary.
+
+    Attributes: ``stage`` (the pass's name), ``samples_done`` and ``num_samples`` (of the pass),
+    ``checkpoint`` (the file holding the state up to ``samples_done``, or None when the tally
+    had no ``checkpoint_dir`` and nothing was saved). ``str()`` is a one-line summary saying
+    where a rerun continues.
+    """
+
+    def __init__(self, stage: str, samples_done: int, num_samples: int, checkpoint: str | None):
+        super().__init__(stage, samples_done, num_samples, checkpoint)
+        self.stage, self.samples_done, self.num_samples, self.checkpoint = stage, samples_done, num_samples, checkpoint
+
+    def __str__(self) -> str:
+        where = f"{self.stage} stopped at sample {self.samples_done:,} of {self.num_samples:,}"
+        if self.checkpoint is None:
+            return f"interrupted: {where}; nothing was saved (no checkpoint directory)"
+        return (f"interrupted: {where}; progress saved in {os.path.dirname(self.checkpoint)}: "
+                f"rerun the same command to resume from there")
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """While the block runs, Ctrl-C (SIGINT) only sets a flag, read by the returned function; a
+    second Ctrl-C raises KeyboardInterrupt at once. Outside the main thread, or when SIGINT is
+    not handled by Python's default handler, nothing changes (the flag stays False)."""
+    requested: list[bool] = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -86,19 +153,30 @@ def _init(names: tuple[str, ...], statistics: tuple[StreamingStatistic, ...], me
     return jax.jit(make, out_shardings=NamedSharding(mesh, P(AXIS)))
 
 
-def _per_device(state: Any) -> list[Any]:
-    """Host copies of each device's state, from a state with a leading (sharded) device axis."""
+def _per_device(state: Any) -> Iterator[Any]:
+    """Host copies of each device's state, one device at a time (so a drain holds one device's copy),
+    from a state with a leading (sharded) device axis."""
     leaves, treedef = jax.tree_util.tree_flatten(state)
     shards = [sorted(leaf.addressable_shards, key=lambda s: s.index[0].start or 0) for leaf in leaves]
     # explicit transfers (jax.device_get), so the pass also runs under jax.transfer_guard("disallow")
-    return [jax.tree_util.tree_unflatten(treedef, [jax.device_get(shards[i][d].data)[0] for i in range(len(leaves))])
-            for d in range(len(shards[0]) if shards else 0)]
+    for d in range(len(shards[0]) if shards else 0):
+        yield jax.tree_util.tree_unflatten(treedef, [jax.device_get(shards[i][d].data)[0] for i in range(len(leaves))])
+
+
+def per_device_batch(batch_size: int, devices: int, micro_batch: int | None = None) -> int:
+    """Samples per device and step: ``batch_size`` split over ``devices``, rounded up to a multiple of
+    the source's ``micro_batch`` (if any), so every device's share is whole micro-batches and, as
+    batches start at multiples of the global batch, every micro-batch starts at a multiple of it."""
+    per_device = -(-int(batch_size) // int(devices))
+    step = int(micro_batch or 1)
+    return -(-per_device // step) * step
 
 
 def _drain(statistics: Mapping[str, StreamingStatistic], host: dict, states: dict) -> dict:
     for name, stat in statistics.items():
         for device_state in _per_device(states[name]):
             host[name] = stat.merge(host[name], device_state)
+            del device_state
     return host
 
 
@@ -127,7 +205,7 @@ def _capacity(compute, statistics, params, batch, per_device: int) -> tuple[int 
 def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
           statistics: Mapping[str, StreamingStatistic] | StreamingStatistic, *, params: Any = None,
           checkpoint_dir: str | None = None, mesh: Mesh | None = None, batch_size: int = 32,
-          checkpoint_every: float = 600.0, progress: bool = True, desc: str = "tally") -> Any:
+          checkpoint_every: float = 60.0, progress: bool | PassProgress = True, desc: str = "tally") -> Any:
     """Stream every sample of ``source`` once through ``compute`` into ``statistics``; return their results.
 
     compute: jittable ``compute(params, batch) -> {name: inputs}`` run on each device's shard of
@@ -141,12 +219,16 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
       seconds; a rerun with the same statistics and source size continues from there (a
       finished pass is not run again). ValueError when the checkpoint was written by a different
       tally. mesh: a 1-D mesh (:func:`make_mesh`; default: all local devices).
-    batch_size: samples per step over all devices (rounded up to a multiple of the device count).
+    batch_size: samples per step over all devices (rounded up to a multiple of the device count,
+      and of the device count times the source's ``micro_batch`` when it has one).
+    progress: show a tqdm bar named ``desc`` (True), nothing (False), or a :class:`PassProgress`.
 
     Returns ``{name: statistics[name].finalize(state)}`` (or the single result). Results are
     identical for any device count and batch size: integer states merge exactly, top-k merges
     by (value, sample number), and :mod:`.moments` folds float partials in sample order.
     ValueError when a batch could overflow a statistic between drains (use a smaller batch).
+    :class:`Interrupted` (a KeyboardInterrupt) after Ctrl-C, once the states up to the last
+    finished batch are saved (with ``checkpoint_dir``).
     """
     single = isinstance(statistics, StreamingStatistic)
     if single:
@@ -154,14 +236,17 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
     statistics = dict(statistics)
     if not statistics:
         raise ValueError("no statistics to tally")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not (isinstance(batch_size, numbers.Integral) and 1 <= batch_size <= MAX_BATCH):
+        raise ValueError(f"batch_size must be an integer in [1, {MAX_BATCH}], got {batch_size!r}")
+    if not (isinstance(checkpoint_every, numbers.Real) and 0 <= float(checkpoint_every) <= MAX_CHECKPOINT_SECONDS):
+        raise ValueError(f"checkpoint_every must be a number of seconds in [0, {MAX_CHECKPOINT_SECONDS:g}], "
+                         f"got {checkpoint_every!r}")
     total = int(source.num_samples)
     if total < 1:
         raise ValueError("the source has no samples")
     mesh = mesh if mesh is not None else make_mesh()
     devices = mesh.devices.size
-    per_device = -(-int(batch_size) // devices)
+    per_device = per_device_batch(batch_size, devices, getattr(source, "micro_batch", None))
     global_batch = per_device * devices
     sharding = NamedSharding(mesh, P(AXIS))
     names, stats = tuple(statistics), tuple(statistics.values())
@@ -180,43 +265,59 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
         os.makedirs(checkpoint_dir, exist_ok=True)
     replicated = jax.device_put(params, NamedSharding(mesh, P()))
 
-    from tqdm.auto import tqdm
+    if hasattr(progress, "bar"):
+        bar = progress.bar(desc, total, start)
+    else:
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=start, desc=desc, unit="sample", disable=not progress, leave=False)
+        bar = tqdm(total=total, initial=start, desc=desc, unit="sample", disable=not progress, leave=False)
     try:
-        states = init() if start < total else None
-        limit = None
-        since_drain = 0
-        last_save = time.monotonic()
-        position = start
-        while position < total:
-            indices = np.arange(position, position + global_batch)
-            valid = indices < total
-            batch = dict(source.fetch(indices, sharding))
-            batch["index"] = jax.device_put(indices.astype(np.int32), sharding)
-            batch["valid"] = jax.device_put(valid, sharding)
-            if limit is None:
-                limit, which = _capacity(compute, statistics, replicated, batch, per_device)
-                limit = limit if limit is not None else np.iinfo(np.int64).max
-                if per_device > limit:
-                    raise ValueError(f"a batch of {per_device} samples per device could overflow statistic "
-                                     f"{which!r} between drains; use a batch size of at most {limit * devices}")
-            states = step(states, replicated, batch)
-            position = min(total, position + global_batch)
-            since_drain += per_device
-            bar.update(int(valid.sum()))
-            must_save = checkpoint is not None and time.monotonic() - last_save >= checkpoint_every and position < total
-            if since_drain + per_device > limit or must_save:
+        with deferred_interrupt() as stop_requested:
+            states = init() if start < total else None
+            limit = None
+            since_drain = steps_run = 0
+            last_save = time.monotonic()
+            position = start
+            while position < total:
+                indices = np.arange(position, position + global_batch)
+                valid = indices < total
+                batch = dict(source.fetch(indices, sharding))
+                batch["index"] = jax.device_put(indices.astype(np.int32), sharding)
+                batch["valid"] = jax.device_put(valid, sharding)
+                if limit is None:
+                    limit, which = _capacity(compute, statistics, replicated, batch, per_device)
+                    limit = limit if limit is not None else np.iinfo(np.int64).max
+                    if per_device > limit:
+                        raise ValueError(f"a batch of {per_device} samples per device could overflow statistic "
+                                         f"{which!r} between drains; use a batch size of at most {limit * devices}")
+                # At most IN_FLIGHT steps queued: the host fetches ahead while the devices work,
+                # but queued batches cannot pile up in memory, progress counts (nearly) finished
+                # steps, and Ctrl-C stops within a few steps. (A wait, not a transfer.)
+                steps_run += 1
+                if steps_run % IN_FLIGHT == 0:
+                    jax.block_until_ready(states)
+                states = step(states, replicated, batch)
+                position = min(total, position + global_batch)
+                since_drain += per_device
+                bar.update(int(valid.sum()))
+                stopping = stop_requested() and position < total
+                must_save = checkpoint is not None and position < total and (
+                    stopping or time.monotonic() - last_save >= checkpoint_every)
+                if since_drain + per_device > limit or must_save:
+                    host = _drain(statistics, host, states)
+                    del states
+                    states, since_drain = init(), 0
+                    if must_save:
+                        _save(checkpoint, host, signature, position)
+                        last_save = time.monotonic()
+                if stopping:
+                    raise Interrupted(desc, position, total, checkpoint)
+            if states is not None:
                 host = _drain(statistics, host, states)
-                del states
-                states, since_drain = init(), 0
-                if must_save:
-                    _save(checkpoint, host, signature, position)
-                    last_save = time.monotonic()
-        if states is not None:
-            host = _drain(statistics, host, states)
-            if checkpoint:
-                _save(checkpoint, host, signature, total)
+                if checkpoint:
+                    _save(checkpoint, host, signature, total)
+            if stop_requested():  # Ctrl-C during the last batch: the pass is complete and saved
+                raise Interrupted(desc, total, total, checkpoint)
     finally:
         bar.close()
     results = {name: stat.finalize(host[name]) for name, stat in statistics.items()}
@@ -235,4 +336,5 @@ def _single(compute: Callable) -> Callable:
     return wrapped
 
 
-__all__ = ["tally", "make_mesh", "Source", "AXIS"]
+__all__ = ["tally", "make_mesh", "per_device_batch", "Source", "PassProgress", "Interrupted", "deferred_interrupt",
+           "AXIS"]

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import shutil
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from . import engine
 from . import statistics as st
@@ -82,7 +84,27 @@ class PassSettings:
 # ----------------------------------------------------------------------------- quantile passes
 
 
-def _stage_spec(plans: Mapping[str, QuantilePlan], seg_size, stage_index: int, topk: int, unit_chunk) -> tuple:
+def _unit_slice(slices: Mapping[str, tuple[int, int]] | None, layer: str, num_units: int) -> tuple[int, int]:
+    start, stop = slices[layer] if slices is not None and layer in slices else (0, num_units)
+    if stop - start != num_units:
+        raise ValueError(f"layer {layer!r}: unit slice {start}:{stop} does not hold {num_units} units")
+    return int(start), int(stop)
+
+
+def _units(features, params, layer: str, size: int):
+    """The ``size`` units of ``features`` (n, ..., U) from ``params[layer + "/start"]`` on (the whole
+    array when size == U). The start is a traced value, so groups of equal size share one program."""
+    if size == features.shape[-1]:
+        return features
+    return lax.dynamic_slice_in_dim(features, params[f"{layer}/start"], size, axis=features.ndim - 1)
+
+
+def _starts(slices: Mapping[str, tuple[int, int]] | None) -> dict[str, np.ndarray]:
+    return {f"{layer}/start": np.int32(start) for layer, (start, _) in (slices or {}).items()}
+
+
+def _stage_spec(plans: Mapping[str, QuantilePlan], seg_size, stage_index: int, topk: int, unit_chunk,
+                slices: Mapping[str, tuple[int, int]] | None = None) -> tuple:
     """Hashable description of a quantile stage (shapes only), the key of its compiled step."""
     layers = []
     for layer, plan in plans.items():
@@ -90,7 +112,8 @@ def _stage_spec(plans: Mapping[str, QuantilePlan], seg_size, stage_index: int, t
         for stream, planner in plan.planners():
             if planner is not None and not planner.done:
                 stage = planner.stage()
-                streams.append((stream, stage.bits, stage.num_slots, tuple(t.shape for t in stage.tables)))
+                streams.append((stream, stage.bits, stage.num_slots, tuple((t.shape, t.dtype.str) for t in stage.tables)))
+        _unit_slice(slices, layer, plan.num_units)
         layers.append((layer, plan.num_units, tuple(streams)))
     return tuple(layers), tuple(seg_size), stage_index, int(topk), unit_chunk
 
@@ -105,13 +128,13 @@ def _quantile_stage(spec: tuple):
             stats[f"{layer}/topk"] = st.top_k(num_units, topk)
             stats[f"{layer}/nonfinite"] = st.nonfinite_counts(num_units)
         for stream, bits, num_slots, table_shapes in streams:
-            stage = RadixStage(bits, tuple(np.zeros(shape, np.int32) for shape in table_shapes), num_slots)
+            stage = RadixStage(bits, tuple(np.zeros(shape, dtype) for shape, dtype in table_shapes), num_slots)
             stats[f"{layer}/{stream}"] = radix_histogram(num_units, stage, unit_chunk)
 
     def compute(tables, batch):
         outputs = {}
         for layer, num_units, _ in layers:
-            features = batch[layer]
+            features = _units(batch[layer], tables, layer, num_units)
             n = features.shape[0]
             raw = features.reshape(n, -1, num_units)
             if f"{layer}/topk" in stats:
@@ -164,10 +187,12 @@ def _load_plan(path: str, plans) -> tuple[int, dict]:
         return int(data["stage_index"]), topk
 
 
-def quantile_passes(source, plans: dict[str, QuantilePlan], seg_size, topk: int, settings: PassSettings) -> dict:
+def quantile_passes(source, plans: dict[str, QuantilePlan], seg_size, topk: int, settings: PassSettings,
+                    slices: Mapping[str, tuple[int, int]] | None = None) -> dict:
     """Run the quantile stages until every plan is resolved; returns {layer: (topk values, indices)}.
 
-    source: a features-only source (``{layer: (n, h, w, U)}``). ValueError naming the layer and
+    source: a features-only source (``{layer: (n, h, w, U)}``); slices: {layer: (start, stop)},
+    the units of each layer the plans cover (default: all). ValueError naming the layer and
     units when an activation is NaN or inf.
     """
     plan_path = settings.checkpoint_dir("plan.npz")
@@ -175,10 +200,13 @@ def quantile_passes(source, plans: dict[str, QuantilePlan], seg_size, topk: int,
     if plan_path and os.path.exists(plan_path):
         stage_index, best = _load_plan(plan_path, plans)
     while stage_index == 0 or any(p is not None and not p.done for plan in plans.values() for _, p in plan.planners()):
-        compute, stats = _quantile_stage(_stage_spec(plans, seg_size, stage_index, topk, settings.unit_chunk))
-        tables = {f"{layer}/{stream}": tuple(jnp.asarray(t) for t in planner.stage().tables)
+        spec = _stage_spec(plans, seg_size, stage_index, topk, settings.unit_chunk, slices)
+        compute, stats = _quantile_stage(spec)
+        # host tables, placed on the devices by tally (no extra device copy)
+        tables = {f"{layer}/{stream}": tuple(planner.stage().tables)
                   for layer, plan in plans.items() for stream, planner in plan.planners()
                   if planner is not None and not planner.done}
+        tables.update(_starts(slices))
         name = f"quantiles-{stage_index}"
         results = engine.tally(compute, source, stats, params=tables, mesh=settings.mesh,
                                batch_size=settings.batch_size, checkpoint_dir=settings.checkpoint_dir(name),
@@ -187,13 +215,14 @@ def quantile_passes(source, plans: dict[str, QuantilePlan], seg_size, topk: int,
             if stage_index == 0:
                 bad = results[f"{layer}/nonfinite"]
                 if bad.any():
-                    units = np.flatnonzero(bad)
+                    units = np.flatnonzero(bad) + _unit_slice(slices, layer, plan.num_units)[0]
                     raise ValueError(f"layer {layer!r}: {int(bad.sum())} NaN/inf activations in units "
                                      f"{units[:10].tolist()}{'...' if units.size > 10 else ''}")
                 best[layer] = results[f"{layer}/topk"]
             for stream, planner in plan.planners():
                 if f"{layer}/{stream}" in results:
-                    planner.observe(results[f"{layer}/{stream}"])
+                    planner.observe(results.pop(f"{layer}/{stream}"))
+        del results  # the stage's histograms are consumed; do not hold them through the next stage
         stage_index += 1
         if plan_path:
             _save_plan(plan_path, plans, best, stage_index)
@@ -242,7 +271,8 @@ def _count_stage(spec: tuple):
         dedup = st.dedup_channels(labels)
         outputs = {"labels": (labels, dedup, categories)}
         for layer, num_units, _ in layers:
-            up = upsample_bilinear_unit_major(batch[layer], seg_size).reshape(num_units, n, -1)
+            features = _units(batch[layer], params, layer, num_units)
+            up = upsample_bilinear_unit_major(features, seg_size).reshape(num_units, n, -1)
             outputs[f"{layer}/counts"] = (up, params[f"{layer}/levels"], dedup, categories)
         return outputs
 
@@ -250,18 +280,23 @@ def _count_stage(spec: tuple):
 
 
 def count_pass(source, levels: Mapping[str, LayerLevels], label_category: np.ndarray, num_categories: int,
-               seg_size, settings: PassSettings) -> tuple[st.LabelState, dict[str, st.LevelCountState]]:
+               seg_size, settings: PassSettings, slices: Mapping[str, tuple[int, int]] | None = None
+               ) -> tuple[st.LabelState, dict[str, st.LevelCountState]]:
     """Histogram every unit's upsampled activations between its sorted levels, per category and label.
 
+    slices: {layer: (start, stop)}, the units of each layer that ``levels`` cover (default: all).
     Returns (label statistics, {layer: level counts}). ValueError when a segmentation entry lies
     outside [0, L).
     """
     num_labels = len(label_category)
+    for layer, info in levels.items():
+        _unit_slice(slices, layer, info.sorted.shape[0])
     spec = (tuple((layer, info.sorted.shape[0], info.sorted.shape[1]) for layer, info in levels.items()),
             num_labels, num_categories, tuple(seg_size), settings.unit_chunk)
     compute, stats = _count_stage(spec)
-    params = {"label_category": jnp.asarray(label_category, jnp.int32)}
-    params.update({f"{layer}/levels": jnp.asarray(info.sorted) for layer, info in levels.items()})
+    params = {"label_category": np.asarray(label_category, np.int32)}
+    params.update({f"{layer}/levels": np.asarray(info.sorted, np.float32) for layer, info in levels.items()})
+    params.update(_starts(slices))
     results = engine.tally(compute, source, stats, params=params, mesh=settings.mesh, batch_size=settings.batch_size,
                            checkpoint_dir=settings.checkpoint_dir("counts"), checkpoint_every=settings.checkpoint_every,
                            progress=settings.progress, desc="counts")
@@ -272,5 +307,115 @@ def count_pass(source, levels: Mapping[str, LayerLevels], label_category: np.nda
     return label_state, {layer: results[f"{layer}/counts"] for layer in levels}
 
 
+# ----------------------------------------------------------------------------- unit groups
+
+
+@dataclasses.dataclass
+class LayerMeasurement:
+    """Everything the passes measure for one layer: its levels, level counts and top-k samples."""
+
+    levels: LayerLevels
+    counts: st.LevelCountState
+    topk: tuple[np.ndarray, np.ndarray]
+
+
+class _Assembly:
+    """Per-layer arrays for all units, filled group by group (allocated once, so assembling never
+    holds two copies)."""
+
+    def __init__(self, units: Mapping[str, int]):
+        self.units = dict(units)
+        self.arrays: dict[str, dict[str, np.ndarray | None]] = {}
+
+    def put(self, layer: str, start: int, stop: int, levels: LayerLevels, counts: st.LevelCountState, topk) -> None:
+        parts = {"sorted": levels.sorted, "position": levels.position, "candidates": levels.candidates,
+                 "fixed": levels.fixed, "raw_quantiles": levels.raw_quantiles, "label": counts.label,
+                 "topk_values": topk[0], "topk_indices": topk[1]}
+        if layer not in self.arrays:
+            total = self.units[layer]
+            self.arrays[layer] = {name: None if value is None else np.empty((total,) + value.shape[1:], value.dtype)
+                                  for name, value in parts.items()}
+            category = counts.category
+            self.arrays[layer]["category"] = np.empty(category.shape[:1] + (total,) + category.shape[2:], category.dtype)
+        arrays = self.arrays[layer]
+        for name, value in parts.items():
+            if value is not None:
+                if arrays[name].shape[1:] != value.shape[1:]:  # e.g. top-k: every group sees the same samples
+                    raise RuntimeError(f"layer {layer!r}: unit groups disagree on the shape of {name}")
+                arrays[name][start:stop] = value
+        arrays["category"][:, start:stop] = counts.category
+
+    def result(self, layer: str) -> LayerMeasurement:
+        a = self.arrays.pop(layer)
+        return LayerMeasurement(LayerLevels(a["sorted"], a["position"], a["candidates"], a["fixed"], a["raw_quantiles"]),
+                                st.LevelCountState(a["category"], a["label"]), (a["topk_values"], a["topk_indices"]))
+
+
+def _same_labels(a: st.LabelState, b: st.LabelState) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def _check_groups(groups, units: Mapping[str, int]) -> dict[str, int]:
+    """{layer: U} of the layers the groups cover; ValueError unless every group holds at most one
+    slice per layer, every slice lies inside its layer, and together they cover every unit."""
+    covered: dict[str, np.ndarray] = {}
+    for group in groups:
+        names = [layer for layer, _, _ in group]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a unit group holds two slices of one layer: {group}")
+        for layer, start, stop in group:
+            if layer not in units or not 0 <= start < stop <= units[layer]:
+                raise ValueError(f"unit slice {layer!r} {start}:{stop} lies outside the source's layers "
+                                 f"{dict(units)}")
+            covered.setdefault(layer, np.zeros(units[layer], bool))[start:stop] = True
+    for layer, mask in covered.items():
+        if not mask.all():
+            raise ValueError(f"the unit groups leave units {np.flatnonzero(~mask)[:10].tolist()} of layer {layer!r} out")
+    return {layer: int(units[layer]) for layer in covered}
+
+
+def measure_units(source, groups, *, threshold: str, quantile: float, search_iqr: bool,
+                  fixed_levels: Mapping[str, np.ndarray] | None, topk: int, label_category: np.ndarray,
+                  num_categories: int, settings: PassSettings) -> tuple[st.LabelState, dict[str, LayerMeasurement]]:
+    """Quantile passes, levels and count pass of every unit group in turn, assembled per layer.
+
+    source: a dissection source; groups: unit groups ((layer, start, stop), ...) covering every
+    unit of the layers to measure (:class:`~.memory.MemoryPlan`; slices may overlap, e.g. a
+    layer's last slice shifted back to the size of the others, so that they share one compiled
+    program). Each group reads the data again; every statistic of a unit depends on that unit's
+    activations alone, so the assembled results are bit-identical to one group of every unit. With one group the checkpoints live in
+    ``settings.directory`` itself, with several in one subdirectory per group (named by its
+    slices), so a rerun resumes group by group. RuntimeError when two groups saw different
+    segmentations (a source must return the same sample for the same number).
+    """
+    totals = _check_groups(groups, {layer: shape[2] for layer, shape in source.feature_shapes.items()})
+    assembly = _Assembly(totals)
+    label_state = None
+    for group in groups:
+        slices = {layer: (int(start), int(stop)) for layer, start, stop in group}
+        group_settings = settings
+        if len(groups) > 1 and settings.directory:
+            name = "units-" + hashlib.sha256(repr(sorted(slices.items())).encode()).hexdigest()[:12]
+            group_settings = dataclasses.replace(settings, directory=settings.checkpoint_dir(name))
+        plans = quantile_plans({layer: stop - start for layer, (start, stop) in slices.items()}, threshold, quantile,
+                               search_iqr)
+        best = quantile_passes(source.features_only(), plans, source.seg_size, topk, group_settings, slices)
+        levels = {layer: count_levels(plans[layer], threshold,
+                                      None if fixed_levels is None else fixed_levels[layer][start:stop], search_iqr)
+                  for layer, (start, stop) in slices.items()}
+        del plans  # the planners' lookup tables are no longer needed
+        labels, counts = count_pass(source, levels, label_category, num_categories, source.seg_size, group_settings,
+                                    slices)
+        if label_state is None:
+            label_state = labels
+        elif not _same_labels(label_state, labels):
+            raise RuntimeError("two passes over the data saw different segmentations; the source must return "
+                               "the same sample for the same sample number")
+        for layer, (start, stop) in slices.items():
+            assembly.put(layer, start, stop, levels[layer], counts.pop(layer), best.pop(layer))
+        del levels, counts, best
+    return label_state, {layer: assembly.result(layer) for layer in totals}
+
+
 __all__ = ["RAW_REPORT_Q", "QuantilePlan", "LayerLevels", "PassSettings", "quantile_plans", "quantile_passes",
-           "count_levels", "count_pass"]
+           "count_levels", "count_pass", "LayerMeasurement", "measure_units"]

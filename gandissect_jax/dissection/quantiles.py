@@ -44,12 +44,23 @@ def float_to_key_np(values: np.ndarray) -> np.ndarray:
     return np.where(bits >> 31 == 1, ~bits, bits | np.uint32(0x80000000)).astype(np.uint32)
 
 
+# Lookup tables map (slot, key chunk) -> next slot; slots number at most the wanted ranks (a few
+# hundred), so int16 halves the largest host and device arrays of the later stages.
+TABLE_DTYPE = np.int16
+
+
+def table_dtype(num_slots: int) -> np.dtype:
+    """int16 for tables whose slots fit it (the normal case), else int32."""
+    return np.dtype(TABLE_DTYPE if num_slots < np.iinfo(TABLE_DTYPE).max else np.int32)
+
+
 class RadixStage(NamedTuple):
     """One refinement pass of :class:`RadixQuantiles`.
 
     bits: the key bits resolved before this stage (per earlier stage) and by this one (last entry).
-    tables: for each earlier stage t, int32 (U, S_t, 2**bits[t]) mapping (slot, key chunk) to the
-    slot of the next stage, -1 when no target lies there. num_slots: S of this stage.
+    tables: for each earlier stage t, int16 or int32 (U, S_t, 2**bits[t]) (:func:`table_dtype`) mapping
+    (slot, key chunk) to the slot of the next stage, -1 when no target lies there. num_slots: S of
+    this stage.
     """
 
     bits: tuple[int, ...]
@@ -93,7 +104,7 @@ def radix_histogram(num_units: int, stage: RadixStage, unit_chunk: int | None = 
                 flat_table = table.reshape(count * width)
                 lookup = slot * table.shape[2] + _key_chunk(k, stage.bits, t)
                 lookup = lookup + jnp.arange(count, dtype=jnp.int32) * width
-                slot = jnp.where(slot >= 0, flat_table[jnp.maximum(lookup, 0)], -1)
+                slot = jnp.where(slot >= 0, flat_table[jnp.maximum(lookup, 0)].astype(jnp.int32), -1)
             index = slot * bins + _key_chunk(k, stage.bits, depth)
             index = jnp.where((slot >= 0) & valid[:, None, None], index, -1)
             return index
@@ -204,20 +215,28 @@ class RadixQuantiles:
             self._keys = np.zeros(self._ranks.shape, np.uint32)
         R = self._ranks.shape[1]
         num_bins = 1 << width
-        # Rows (unit, slot) of the cumulative histogram, offset so that the flat array is sorted.
-        cumulative = np.cumsum(histogram.reshape(U * self._num_slots, num_bins), axis=1)
-        stride = int(cumulative[:, -1].max()) + 1 if cumulative.size else 1
-        row_of_target = np.arange(U)[:, None] * self._num_slots + self._slot  # (U, R)
-        cumulative += (np.arange(U * self._num_slots, dtype=np.int64) * stride)[:, None]
-        flat = cumulative.reshape(-1)
-        query = self._residual + row_of_target * stride
-        # first bin whose cumulative count exceeds the residual rank
-        position = np.searchsorted(flat, query, side="right")
-        bins = position - row_of_target * num_bins
-        if np.any(bins >= num_bins) or np.any(bins < 0):
-            raise ValueError("histogram refinement lost values (were the passes fed different data?)")
-        before = np.where(bins > 0, flat[np.maximum(position - 1, 0)] - row_of_target * stride, 0)
-        del cumulative, flat
+        bins = np.zeros((U, R), np.int64)
+        before = np.zeros((U, R), np.int64)
+        # Units in chunks, so the int64 cumulative histogram is a bounded temporary (~8 MB).
+        step = max(1, (1 << 20) // max(1, self._num_slots * num_bins))
+        for first in range(0, U, step):
+            last = min(U, first + step)
+            rows = (last - first) * self._num_slots
+            # Rows (unit, slot) of the cumulative histogram, offset so that the flat array is sorted.
+            cumulative = np.cumsum(histogram[first:last].reshape(rows, num_bins), axis=1)
+            stride = int(cumulative[:, -1].max()) + 1 if cumulative.size else 1
+            row_of_target = np.arange(last - first)[:, None] * self._num_slots + self._slot[first:last]  # (u, R)
+            cumulative += (np.arange(rows, dtype=np.int64) * stride)[:, None]
+            flat = cumulative.reshape(-1)
+            query = self._residual[first:last] + row_of_target * stride
+            # first bin whose cumulative count exceeds the residual rank
+            position = np.searchsorted(flat, query, side="right")
+            bins[first:last] = position - row_of_target * num_bins
+            if np.any(bins[first:last] >= num_bins) or np.any(bins[first:last] < 0):
+                raise ValueError("histogram refinement lost values (were the passes fed different data?)")
+            before[first:last] = np.where(bins[first:last] > 0,
+                                          flat[np.maximum(position - 1, 0)] - row_of_target * stride, 0)
+            del cumulative, flat
         self._residual = self._residual - before
         shift = 32 - sum(self.bits[: self.stage_index + 1])
         self._keys = self._keys | (bins.astype(np.uint32) << np.uint32(shift))
@@ -229,8 +248,10 @@ class RadixQuantiles:
         pair = self._slot * (1 << width) + bins
         changes = np.diff(pair, axis=1) != 0
         next_slot = np.concatenate([np.zeros((U, 1), np.int64), np.cumsum(changes, axis=1)], axis=1)
-        num_slots = int(next_slot[:, -1].max()) + 1 if R else 1
-        table = np.full((U, self._num_slots, 1 << width), -1, np.int32)
+        # As many slots as wanted ranks (an upper bound of the distinct prefixes), so the next
+        # stage's shapes, and with them its compiled program, do not depend on the data.
+        num_slots = max(R, 1)
+        table = np.full((U, self._num_slots, 1 << width), -1, table_dtype(num_slots))
         table[np.repeat(np.arange(U), R), self._slot.reshape(-1), bins.reshape(-1)] = next_slot.reshape(-1)
         self._tables.append(table)
         self._slot = next_slot
@@ -256,4 +277,4 @@ class RadixQuantiles:
 
 
 __all__ = ["float_to_key", "float_to_key_np", "key_to_float", "RadixStage", "radix_histogram", "hazen_ranks",
-           "RadixQuantiles"]
+           "RadixQuantiles", "TABLE_DTYPE", "table_dtype"]

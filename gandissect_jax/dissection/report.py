@@ -21,7 +21,6 @@ import math
 import os
 import re
 import string
-import xml.etree.ElementTree as ET
 from typing import Mapping, Sequence
 
 from .results import LayerDissection
@@ -29,7 +28,6 @@ from .resume import atomic_file
 from .schema import SCHEMA
 
 CATEGORY_COLORS = ("#4B4CBF", "#55B05B", "#D4A024", "#D92E2B", "#50BDAC", "#AB6BC6", "#F0883B", "#81C679")
-CATEGORY_LIGHT = ("#B6B6F2", "#B6F2BA", "#F2E1B6", "#F2B6B6", "#A5E5DB", "#CFAAFF", "#F2CFB6", "#C0FF9B")
 
 
 OUTPUT_FILES = ("dissect.json", "dissect.html", "comparison.svg")
@@ -69,91 +67,94 @@ def _atomic_bytes(path: str, payload: bytes) -> None:
         handle.write(payload)
 
 
-# ----------------------------------------------------------------------------- SVG graphs
+# ----------------------------------------------------------------------------- graphs (matplotlib, SVG)
 
 
-def _svg_to_string(svg: ET.Element) -> str:
-    return ET.tostring(svg, encoding="unicode")
+def _svg(figure) -> str:
+    """A matplotlib figure as SVG text, byte-identical across runs (no date, fixed id salt, text as text)."""
+    import io
+
+    import matplotlib
+
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.hashsalt": "gandissect-jax", "svg.fonttype": "none"}):
+        figure.savefig(buffer, format="svg", metadata={"Date": None}, bbox_inches="tight", pad_inches=0.05)
+    return buffer.getvalue()
 
 
-def concept_bargraph(concepts: Sequence[tuple[str, str, list[int]]], categories: Sequence[str],
-                     bar_height: int = 100, bar_width: int = 14) -> str:
-    """SVG bar graph of units per concept, bars grouped and colored by category."""
-    heights = [len(units) for _, _, units in concepts]
-    top = max(heights, default=1)
-    unit_height = bar_height / max(top, 1)
-    gap = bar_width / 4
-    left, label_room = 34, 110
-    width = int(left + len(concepts) * (bar_width + gap) + 16)
-    height = int(bar_height + label_room + 16)
-    svg = ET.Element("svg", xmlns="http://www.w3.org/2000/svg", width=str(max(width, 120)), height=str(height),
-                     version="1.1")
-    base = bar_height + 10
-    ET.SubElement(svg, "line", x1=str(left - 2), y1=str(base), x2=str(max(width, 120) - 8), y2=str(base),
-                  stroke="#888")
-    for value in sorted({1, (top + 1) // 2, top}):
-        text = ET.SubElement(svg, "text", x=str(left - 6), y=str(base - value * unit_height + 4),
-                             style="font: 10px sans-serif; text-anchor: end")
-        text.text = str(value)
-    x = float(left)
-    category_index = {c: i for i, c in enumerate(categories)}
-    for label, category, units in concepts:
-        color = CATEGORY_COLORS[category_index.get(category, 0) % len(CATEGORY_COLORS)]
-        h = len(units) * unit_height
-        rect = ET.SubElement(svg, "rect", x=f"{x:.1f}", y=f"{base - h:.1f}", width=str(bar_width), height=f"{h:.1f}",
-                             fill=color)
-        ET.SubElement(rect, "title").text = f"{label} ({category}): {len(units)} units"
-        text = ET.SubElement(svg, "text", x="0", y="0", style="font: 11px sans-serif; text-anchor: end",
-                             transform=f"translate({x + bar_width * 0.75:.1f},{base + 8}) rotate(-60)")
-        text.text = readable(label)
-        x += bar_width + gap
+def _category_color(category: str, categories: Sequence[str]) -> str:
+    index = list(categories).index(category) if category in categories else 0
+    return CATEGORY_COLORS[index % len(CATEGORY_COLORS)]
+
+
+def concept_bargraph(concepts: Sequence[tuple[str, str, list[int]]], categories: Sequence[str]) -> str:
+    """SVG bar graph of interpretable units per concept (as ``LayerDissection.units_per_concept``),
+    bars coloured by category (with a legend when there are several); y axis from 0, integer ticks."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(max(2.6, 0.32 * len(concepts) + 1.0), 2.4))
+    axes = figure.subplots()
+    axes.spines[["top", "right"]].set_visible(False)
     if not concepts:
-        text = ET.SubElement(svg, "text", x=str(left), y=str(base - 20), style="font: 12px sans-serif")
-        text.text = "no interpretable units"
-    return _svg_to_string(svg)
+        axes.set_axis_off()
+        axes.text(0.5, 0.5, "no interpretable units", ha="center", va="center", transform=axes.transAxes)
+        return _svg(figure)
+    counts = [len(units) for _, _, units in concepts]
+    positions = list(range(len(concepts)))
+    axes.bar(positions, counts, width=0.75, color=[_category_color(c, categories) for _, c, _ in concepts])
+    axes.set_xticks(positions)
+    axes.set_xticklabels([readable(label) for label, _, _ in concepts], rotation=60, ha="right",
+                         rotation_mode="anchor", fontsize=9)
+    axes.set_xlim(-0.6, len(concepts) - 0.4)
+    axes.set_ylim(0, max(counts) * 1.08)
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylabel("interpretable units", fontsize=9)
+    axes.tick_params(labelsize=9)
+    if len(categories) > 1:
+        from matplotlib.patches import Patch
+
+        used = [c for c in categories if any(category == c for _, category, _ in concepts)]
+        axes.legend(handles=[Patch(color=_category_color(c, categories), label=c) for c in used], fontsize=8,
+                    frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _svg(figure)
 
 
-def layer_comparison(layers: Sequence[tuple[str, dict[str, int], int]], categories: Sequence[str],
-                     bar_height: int = 160, bar_width: int = 40) -> str:
-    """SVG stacked bars: per layer, the fraction of units that are interpretable, split by category.
+def layer_comparison(layers: Sequence[tuple[str, dict[str, int], int]], categories: Sequence[str]) -> str:
+    """SVG stacked bars: per layer, the share of its units that are interpretable, split by category.
 
     layers: (layer name, {category: interpretable units}, number of units)."""
-    gap = 28
-    left = 44
-    width = int(left + len(layers) * (bar_width + gap) + 150)
-    height = bar_height + 70
-    svg = ET.Element("svg", xmlns="http://www.w3.org/2000/svg", width=str(width), height=str(height), version="1.1")
-    base = bar_height + 10
-    for fraction in (0.0, 0.5, 1.0):
-        y = base - fraction * bar_height
-        ET.SubElement(svg, "line", x1=str(left - 4), y1=f"{y:.1f}", x2=str(width - 150), y2=f"{y:.1f}",
-                      stroke="#ddd")
-        ET.SubElement(svg, "text", x=str(left - 8), y=f"{y + 4:.1f}",
-                      style="font: 10px sans-serif; text-anchor: end").text = f"{int(fraction * 100)}%"
-    x = float(left)
-    for name, per_category, units in layers:
-        y = float(base)
-        for index, category in enumerate(categories):
-            count = per_category.get(category, 0)
-            if not count:
-                continue
-            h = bar_height * count / max(units, 1)
-            rect = ET.SubElement(svg, "rect", x=f"{x:.1f}", y=f"{y - h:.1f}", width=str(bar_width), height=f"{h:.1f}",
-                                 fill=CATEGORY_COLORS[index % len(CATEGORY_COLORS)])
-            ET.SubElement(rect, "title").text = f"{name}: {count} {category} units of {units}"
-            y -= h
-        total = sum(per_category.values())
-        ET.SubElement(svg, "text", x=f"{x + bar_width / 2:.1f}", y=f"{y - 4:.1f}",
-                      style="font: 10px sans-serif; text-anchor: middle").text = str(total)
-        ET.SubElement(svg, "text", x=f"{x + bar_width / 2:.1f}", y=str(base + 16),
-                      style="font: 11px sans-serif; text-anchor: middle").text = name
-        x += bar_width + gap
-    for index, category in enumerate(categories):
-        y = 20 + index * 18
-        ET.SubElement(svg, "rect", x=str(width - 140), y=str(y - 10), width="12", height="12",
-                      fill=CATEGORY_COLORS[index % len(CATEGORY_COLORS)])
-        ET.SubElement(svg, "text", x=str(width - 122), y=str(y), style="font: 12px sans-serif").text = category
-    return _svg_to_string(svg)
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    figure = Figure(figsize=(max(2.6, 0.9 * len(layers) + 1.4), 2.6))
+    axes = figure.subplots()
+    axes.spines[["top", "right"]].set_visible(False)
+    positions = list(range(len(layers)))
+    bottoms = [0.0] * len(layers)
+    drawn = 0
+    for category in categories:
+        shares = [100.0 * counts.get(category, 0) / max(units, 1) for _, counts, units in layers]
+        if not any(shares):
+            continue
+        axes.bar(positions, shares, width=0.6, bottom=bottoms, color=_category_color(category, categories),
+                 label=category)
+        bottoms = [b + h for b, h in zip(bottoms, shares)]
+        drawn += 1
+    for x, (_, counts, units), top in zip(positions, layers, bottoms):
+        axes.annotate(f"{sum(counts.values())} of {units}", (x, top), xytext=(0, 2), textcoords="offset points",
+                      ha="center", va="bottom", fontsize=8)
+    axes.set_xticks(positions)
+    axes.set_xticklabels([name for name, _, _ in layers], fontsize=9)
+    axes.set_xlim(-0.6, len(layers) - 0.4)
+    axes.set_ylim(0, 110)
+    axes.set_yticks([0, 25, 50, 75, 100])
+    axes.yaxis.set_major_formatter(PercentFormatter())
+    axes.set_ylabel("interpretable units", fontsize=9)
+    axes.tick_params(labelsize=9)
+    if len(categories) > 1 and drawn:
+        axes.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _svg(figure)
 
 
 # ----------------------------------------------------------------------------- json + html
@@ -164,17 +165,30 @@ def _finite(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _concept(result: LayerDissection, label: int, unit: int) -> dict:
+    """A label's scores for one unit: IoU and IQR at the unit's level, chance IoU and significance."""
+    def at(array, cast=_finite):
+        return None if array is None else cast(array[label, unit])
+
+    return {"label": result.label_names[label], "labelnum": label, "category": result.label_categories[label],
+            "iou": _finite(result.iou[label, unit]), "iqr": _finite(result.iqr[label, unit]),
+            "chance_iou": at(result.chance_iou), "p_value": at(result.p_value), "q_value": at(result.q_value),
+            "significant": at(result.significant, bool)}
+
+
 def layer_record(result: LayerDissection, iou_threshold: float, has_images: bool) -> dict:
     """The JSON record of one layer (see the README for the schema)."""
     dirname = safe_dir_name(result.layer)
     interpretable = result.interpretable(iou_threshold)
     concepts = result.units_per_concept(iou_threshold)
+    ranking = result.concept_ranking()
     per_category = {c: 0 for c in result.categories}
     for _, category, units in concepts:
         per_category[category] = per_category.get(category, 0) + len(units)
     units = []
     for u in range(result.num_units):
         label = int(result.unit_label[u])
+        best = _concept(result, label, u)
         record = {
             "unit": u,
             "label": result.label_names[label],
@@ -182,12 +196,20 @@ def layer_record(result: LayerDissection, iou_threshold: float, has_images: bool
             "category": result.label_categories[label],
             "iou": _finite(result.unit_iou[u]),
             "iqr": _finite(result.unit_iqr[u]),
+            "chance_iou": best["chance_iou"],
+            "p_value": best["p_value"],
+            "q_value": best["q_value"],
+            "significant": best["significant"],
             "level": _finite(result.levels[u]),
             "activation_fraction": _finite(result.activation_fraction[u]),
             "interpretable": bool(interpretable[u]),
+            "second": None,
             "top": [{"sample": int(i), "value": _finite(v)}
                     for i, v in zip(result.topk_indices[u], result.topk_values[u])],
         }
+        others = [int(l) for l in ranking[:, u] if l != label and l != 0]
+        if others:
+            record["second"] = _concept(result, others[0], u)
         if result.max_iqr is not None:
             record["max_iqr"] = _finite(result.max_iqr[label, u])
             record["max_iqr_quantile"] = _finite(result.max_iqr_quantile[label, u])
@@ -201,6 +223,8 @@ def layer_record(result: LayerDissection, iou_threshold: float, has_images: bool
         "num_samples": result.num_samples,
         "threshold": result.threshold,
         "quantile": result.quantile,
+        "label_rule": result.label_rule,
+        "fdr": result.fdr,
         "interpretable": int(interpretable.sum()),
         "category_counts": per_category,
         "concepts": [{"label": label, "category": category, "units": units_of}
@@ -210,12 +234,26 @@ def layer_record(result: LayerDissection, iou_threshold: float, has_images: bool
     }
 
 
+def default_title(settings: dict | None) -> str:
+    """'Dissection of <model>' from the run's settings (its source), else 'Dissection'."""
+    source = (settings or {}).get("source") or {}
+    if source.get("model"):
+        return f"Dissection of {source['model']}"
+    if source.get("kind") == "arrays":
+        return "Dissection of precomputed features"
+    return "Dissection"
+
+
 def write_report(outdir: str, results: Mapping[str, LayerDissection], *, iou_threshold: float = 0.05,
                  title: str | None = None, settings: dict | None = None, has_images: bool = True) -> dict:
-    """Write dissect.json, per-layer dissect.json and bargraph.svg, comparison.svg and dissect.html."""
+    """Write dissect.json, per-layer dissect.json and bargraph.svg, comparison.svg and dissect.html.
+
+    title: the report's title (default: :func:`default_title`); settings: the run's identity
+    (recorded, and shown in the report's header). Returns the dissect.json document."""
     os.makedirs(outdir, exist_ok=True)
     records = []
     first = next(iter(results.values()))
+    title = title or default_title(settings)
     for layer, result in results.items():
         record = layer_record(result, iou_threshold, has_images)
         layer_dir = os.path.join(outdir, record["dirname"])
@@ -234,7 +272,7 @@ def write_report(outdir: str, results: Mapping[str, LayerDissection], *, iou_thr
     _atomic_bytes(os.path.join(outdir, "comparison.svg"), comparison.encode())
     document = {
         "schema": SCHEMA,
-        "title": title or "Dissection",
+        "title": title,
         "iou_threshold": iou_threshold,
         "categories": first.categories,
         "labels": [[n, c] for n, c in zip(first.label_names, first.label_categories)],
@@ -256,6 +294,7 @@ _SCRIPT = r"""
   'use strict';
   var data = JSON.parse(document.getElementById('dissection-data').textContent);
   var state = {layer: 0, sort: 'iou'};
+  var showCategory = data.categories.length > 1;
   function el(tag, attrs, text) {
     var node = document.createElement(tag);
     Object.keys(attrs || {}).forEach(function (k) { node.setAttribute(k, attrs[k]); });
@@ -263,6 +302,15 @@ _SCRIPT = r"""
     return node;
   }
   function fmt(v, d) { return (typeof v === 'number') ? v.toFixed(d) : '-'; }
+  function fmtq(q) {
+    if (typeof q !== 'number') { return '-'; }
+    return q < 0.001 ? '< 0.001' : q.toFixed(3);
+  }
+  function name(c) {
+    if (!c || c.labelnum === 0) { return 'no concept'; }
+    var text = c.label.replace(/_/g, ' ');
+    return showCategory ? text + ' (' + c.category + ')' : text;
+  }
   function sorted(units) {
     var copy = units.slice();
     if (state.sort === 'unit') {
@@ -271,12 +319,27 @@ _SCRIPT = r"""
       copy.sort(function (a, b) {
         if (a.interpretable !== b.interpretable) { return a.interpretable ? -1 : 1; }
         if (a.label !== b.label) { return a.label < b.label ? -1 : 1; }
-        return (b.iou || 0) - (a.iou || 0);
+        return (b.iou || 0) - (a.iou || 0) || a.unit - b.unit;
       });
     } else {
       copy.sort(function (a, b) { return (b.iou || 0) - (a.iou || 0) || a.unit - b.unit; });
     }
     return copy;
+  }
+  function concept(c, cls) {
+    var span = el('span', {'class': cls});
+    span.appendChild(el('b', {}, name(c)));
+    if (!c || c.labelnum === 0) { return span; }
+    var text = ' IoU ' + fmt(c.iou, 3);
+    if (typeof c.chance_iou === 'number') {
+      text += ' (chance ' + fmt(c.chance_iou, 3) + ', q ' + fmtq(c.q_value) + ')';
+    }
+    span.appendChild(document.createTextNode(text));
+    if (c.significant === true) {
+      span.appendChild(el('span', {'class': 'sig', 'title': 'beats chance at FDR ' + data.layers[state.layer].fdr},
+                          ' \u2713'));
+    }
+    return span;
   }
   function render() {
     var layer = data.layers[state.layer];
@@ -289,22 +352,29 @@ _SCRIPT = r"""
     document.querySelectorAll('.bargraph').forEach(function (graph, i) {
       graph.style.display = (i === state.layer) ? 'block' : 'none';
     });
+    var rule = layer.label_rule === 'significant' ?
+      'concept beats chance at FDR ' + layer.fdr + ' and IoU \u2265 ' + data.iou_threshold :
+      'IoU \u2265 ' + data.iou_threshold + ', reference label rule';
     document.getElementById('layer-summary').textContent =
-      layer.layer + ': ' + layer.interpretable + ' of ' + layer.num_units +
-      ' units interpretable (IoU >= ' + data.iou_threshold + '), ' + layer.num_samples + ' samples, threshold: ' +
-      layer.threshold;
+      layer.layer + ': ' + layer.interpretable + ' of ' + layer.num_units + ' units interpretable (' + rule + ')';
     var list = document.getElementById('units');
     while (list.firstChild) { list.removeChild(list.firstChild); }
     sorted(layer.units).forEach(function (u) {
-      var row = el('div', {'class': 'unit' + (u.interpretable ? ' interp' : '')});
+      var row = el('div', {'class': 'unit' + (u.interpretable ? ' interp' : '') +
+                           (state.target === u.unit ? ' target' : ''), 'id': 'unit-' + u.unit});
       var head = el('div', {'class': 'unit-head'});
       head.appendChild(el('span', {'class': 'unit-num'}, 'unit ' + u.unit));
-      head.appendChild(el('span', {'class': 'unit-label'}, u.label + ' (' + u.category + ')'));
-      head.appendChild(el('span', {}, 'IoU ' + fmt(u.iou, 3) + ', IQR ' + fmt(u.iqr, 3) +
-        ', level ' + fmt(u.level, 3) + ', top ' + fmt(100 * (u.activation_fraction || 0), 2) + '%'));
+      head.appendChild(concept(u, 'unit-label'));
+      if (u.second) {
+        var second = concept(u.second, 'unit-second');
+        second.insertBefore(document.createTextNode(u.labelnum === 0 ? 'closest: ' : '2nd: '), second.firstChild);
+        head.appendChild(second);
+      }
+      head.appendChild(el('span', {'class': 'unit-stats'}, 'IQR ' + fmt(u.iqr, 3) + ' \u00b7 level ' +
+        fmt(u.level, 3) + ' \u00b7 top ' + fmt(100 * (u.activation_fraction || 0), 2) + '%'));
       row.appendChild(head);
       if (u.image) {
-        var img = el('img', {'alt': 'unit ' + u.unit, 'loading': 'lazy'});
+        var img = el('img', {'alt': 'unit ' + u.unit + ': top samples', 'loading': 'lazy'});
         img.addEventListener('error', function () { console.error('image failed to load: ' + u.image); });
         img.setAttribute('src', encodeURI(u.image));  // directory names may hold %XX
         row.appendChild(img);
@@ -314,38 +384,153 @@ _SCRIPT = r"""
   }
   var tabs = document.getElementById('layer-tabs');
   data.layers.forEach(function (layer, i) {
-    var tab = el('button', {'class': 'layer-tab'}, layer.layer + ' (' + layer.interpretable + ')');
+    var tab = el('button', {'class': 'layer-tab'}, layer.layer + ' (' + layer.interpretable + ' of ' +
+                 layer.num_units + ')');
     tab.addEventListener('click', function () { state.layer = i; render(); });
     tabs.appendChild(tab);
   });
   document.querySelectorAll('.sort').forEach(function (button) {
     button.addEventListener('click', function () { state.sort = button.getAttribute('data-sort'); render(); });
   });
+  // a link such as dissect.html#layer=layer4&unit=91 opens that layer and marks that unit
+  var link = new URLSearchParams(window.location.hash.slice(1));
+  data.layers.forEach(function (layer, i) { if (layer.layer === link.get('layer')) { state.layer = i; } });
+  if (link.get('unit') !== null && /^[0-9]+$/.test(link.get('unit'))) { state.target = Number(link.get('unit')); }
   render();
+  if (state.target !== undefined) {
+    var target = document.getElementById('unit-' + state.target);
+    if (target) { target.scrollIntoView(); }
+  }
   document.body.setAttribute('data-rendered', 'yes');
 })();
 """
 
 _STYLE = """
-body { font-family: sans-serif; margin: 16px; color: #222; }
-h1 { font-size: 20px; margin: 0 0 8px 0; }
+body { font-family: sans-serif; margin: 16px; color: #222; max-width: 1300px; }
+h1 { font-size: 22px; margin: 0 0 4px 0; }
 h2 { font-size: 16px; margin: 18px 0 6px 0; }
+.facts { margin: 0 0 10px 0; color: #444; font-size: 14px; }
+.facts span { margin-right: 16px; white-space: nowrap; }
+.legend { background: #f7f7f4; border: 1px solid #ddd; padding: 6px 12px; font-size: 13px; max-width: 1050px; }
+.legend summary { font-weight: bold; cursor: pointer; }
+.legend dl { display: grid; grid-template-columns: 9.5em 1fr; gap: 3px 12px; margin: 6px 0; }
+.legend dt { font-weight: bold; }
+.legend dd { margin: 0; }
+.outline { display: inline-block; width: 18px; height: 10px; border: 2px solid rgb(255, 220, 0); background: #777;
+  vertical-align: middle; }
 button { margin: 2px; padding: 4px 10px; border: 1px solid #aaa; background: #f4f4f4; cursor: pointer; }
 button.active { background: #333; color: #fff; }
-.unit { margin: 6px 0; padding: 4px; border-left: 4px solid #ddd; }
+.unit { margin: 6px 0; padding: 4px 6px; border-left: 5px solid #ddd; }
 .unit.interp { border-left-color: #55B05B; }
-.unit-head span { margin-right: 14px; }
+.unit.target { background: #fff8d0; }
+.unit-head > span { margin-right: 18px; }
 .unit-num { font-weight: bold; }
-.unit-label { color: #4B4CBF; }
+.unit-label b { color: #2f3fa8; }
+.unit-second { color: #666; }
+.unit-stats { color: #555; }
+.sig { color: #2e7d32; font-weight: bold; }
 .unit img { display: block; max-width: 100%; margin-top: 3px; }
+.bargraph img, #comparison img { max-width: 100%; }
 table { border-collapse: collapse; font-size: 12px; }
 td, th { border: 1px solid #ddd; padding: 2px 6px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 """
 
+THRESHOLD_NAMES = {"iqr": "IQR (the paper's)", "quantile": "top quantile", "levels": "given levels"}
+
+
+def _facts(document: dict) -> list[tuple[str, str]]:
+    """(name, value) pairs naming what was dissected and how, for the report's header."""
+    settings = document.get("settings") or {}
+    source = settings.get("source") or {}
+    layers = document.get("layers") or [{}]
+    first = layers[0]
+    facts = []
+    if source.get("model"):
+        facts.append(("model", str(source["model"])))
+    elif source.get("kind") == "arrays":
+        facts.append(("features", "precomputed arrays"))
+    facts.append(("layers", ", ".join(str(l.get("layer")) for l in layers)))
+    samples = f"{first.get('num_samples', 0):,}"
+    if source.get("kind") == "generator" and "seed" in source:
+        samples += f" (z seed {source['seed']})"
+    facts.append(("samples", samples))
+    labels = [n for n, _ in document.get("labels", [])[1:]]
+    segmenter = str(source["segmenter"]) if source.get("segmenter") else "given segmentations"
+    facts.append(("segmenter", f"{segmenter}, {len(labels)} concepts"))
+    threshold = THRESHOLD_NAMES.get(first.get("threshold"), str(first.get("threshold")))
+    if first.get("threshold") == "quantile" and first.get("quantile") is not None:
+        threshold += f" {100 * first['quantile']:g}%"
+    facts.append(("threshold rule", threshold))
+    if first.get("label_rule") == "significant":
+        facts.append(("label rule",
+                      f"beats chance (FDR {first.get('fdr')}), IoU \u2265 {document.get('iou_threshold')}"))
+    else:
+        facts.append(("label rule", f"reference (IoU \u2265 {document.get('iou_threshold')})"))
+    return facts
+
+
+def _legend(document: dict) -> str:
+    first = (document.get("layers") or [{}])[0]
+    fdr = first.get("fdr") or 0.05
+    iou_threshold = document.get("iou_threshold")
+    threshold = first.get("threshold")
+    if threshold == "iqr":
+        level = ("chosen per unit, as in the paper, among 100 candidates (the unit's top 0.1% ... 100% of "
+                 "pixels) to maximise the IQR of its best concept")
+    elif threshold == "quantile":
+        level = "the unit's top quantile of activations"
+    else:
+        level = "given"
+    if first.get("label_rule") == "significant":
+        measure = "IQR" if threshold == "iqr" else "IoU"
+        naming = (f"among the concepts whose IoU beats chance significantly (\u2713), the one with the "
+                  f"largest {measure} at the unit's level (with none significant, the best by {measure} among "
+                  f"those above chance, without \u2713; with none above chance, no concept). "
+                  f"<b>Interpretable</b> (green bar at the left): the concept is significant and its IoU "
+                  f"\u2265 {iou_threshold}. Large concepts (sky, grass) are never hidden. <b>2nd</b>: the next "
+                  f"concept by the same rule (significant ones first, then those above chance, then the one "
+                  f"least below chance; <b>closest</b> when the unit has no concept).")
+    else:
+        naming = ("by the reference's rule: " + (
+            "the concept with the largest IQR at its own best level, counting only levels where unit and "
+            "concept agree on more than 0.8 of the pixels (this hides large concepts such as sky or grass)"
+            if threshold == "iqr" else "the concept with the largest IoU")
+            + f". <b>Interpretable</b> (green bar at the left): IoU \u2265 {iou_threshold}. <b>2nd</b>: the "
+            f"next concept by the same rule.")
+    items = [
+        ("unit", "one channel of the layer's output (a feature map)."),
+        ("level", "the unit's threshold: a pixel is <i>active</i> when the unit's activation, upsampled "
+                  f"bilinearly to the segmentation's size, exceeds its level; the level is {level}."),
+        ("top %", "the share of all pixels where the unit is active."),
+        ("IoU", "intersection over union of the unit's active pixels and the concept's pixels, over the "
+                "images where the concept's category occurs (1 = the same region, 0 = disjoint)."),
+        ("chance", "the IoU expected if the active region were independent of the concept: "
+                   "q&thinsp;p&thinsp;/&thinsp;(q + p &minus; q&thinsp;p), q the unit's and p the concept's share "
+                   "of those pixels. A unit active on half of every image gets IoU p&thinsp;/&thinsp;(1 + p) by "
+                   "chance alone: 0.29 with a concept covering 40% of the image."),
+        ("q, \u2713", f"significance of IoU &gt; chance: one-sided binomial test with one observation per "
+                      f"image (pixels of an image may be correlated), Benjamini-Hochberg adjusted (q) over all "
+                      f"units &times; concepts of the layer; \u2713 = q \u2264 {fdr} (false-discovery rate)."),
+        ("IQR", "information quality ratio: mutual information / joint entropy of the unit's and the "
+                "concept's pixel masks (0 = independent, 1 = identical); the paper's measure."),
+        ("concept", "the unit's best concept, " + naming),
+        ("image strip", f"the unit's top samples by maximum activation; the <span class=\"outline\"></span> "
+                        f"yellow outline surrounds the active region, the rest is dimmed."),
+    ]
+    body = "".join(f"<dt>{html.escape(name)}</dt><dd>{text}</dd>" for name, text in items)
+    return (f'<details class="legend" id="legend" open><summary>How to read this report</summary>'
+            f"<dl>{body}</dl></details>")
+
+
+def _label_text(label: str, category: str, show_category: bool) -> str:
+    text = html.escape(readable(label))
+    return f"{text} <small>({html.escape(category)})</small>" if show_category else text
+
 
 def _comparison_table(document: dict) -> str:
     layers = document["layers"]
+    show_category = len(document.get("categories", [])) > 1
     counts: dict[tuple[str, str], list[int]] = {}
     for i, layer in enumerate(layers):
         for concept in layer["concepts"]:
@@ -354,20 +539,33 @@ def _comparison_table(document: dict) -> str:
     rows = sorted(counts.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
     head = "".join(f"<th>{html.escape(l['layer'])}</th>" for l in layers)
     body = "".join(
-        f"<tr><td>{html.escape(readable(label))} <small>({html.escape(cat)})</small></td>"
+        f"<tr><td>{_label_text(label, cat, show_category)}</td>"
         + "".join(f"<td>{v or ''}</td>" for v in values) + "</tr>"
         for (label, cat), values in rows[:60])
-    return f"<table><tr><th>concept</th>{head}</tr>{body}</table>"
+    return f"<table><tr><th>concept (interpretable units)</th>{head}</tr>{body}</table>"
+
+
+def _svg_image(svg: str, alt: str) -> str:
+    """An SVG as a self-contained <img> (data URI): ids inside one graph cannot clash with another's."""
+    import base64
+
+    encoded = base64.b64encode(svg.encode()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/svg+xml;base64,{encoded}">'
 
 
 def render_html(document: dict, bargraphs: Mapping[str, str], comparison_svg: str) -> str:
-    """A self-contained report page: layer tabs, sort by IoU / label / unit, bar graphs and the
-    cross-layer comparison. The data is embedded, so the page works from file:// without a server."""
+    """A self-contained report page: a header naming the model, layers, samples, segmenter and rules;
+    a legend; layer tabs; units sorted by IoU / label / unit with their best and second-best
+    concepts; bar graphs and the cross-layer comparison. The data is embedded, so the page works
+    from file:// without a server."""
     from gandissect_jax.rankings import intervention_html  # hook: links to the intervention pages
 
     payload = json.dumps(document).replace("</", "<\\/")
-    graphs = "".join(f'<div class="bargraph">{svg}</div>' for svg in bargraphs.values())
+    graphs = "".join(f'<div class="bargraph">{_svg_image(svg, f"interpretable units per concept in {layer}")}</div>'
+                     for layer, svg in bargraphs.items())
     title = html.escape(document.get("title") or "Dissection")
+    facts = " ".join(f"<span>{html.escape(name)}: <b>{html.escape(value)}</b></span>"
+                    for name, value in _facts(document))
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -378,19 +576,21 @@ def render_html(document: dict, bargraphs: Mapping[str, str], comparison_svg: st
 </head>
 <body>
 <h1>{title}</h1>
+<p class="facts" id="facts">{facts}</p>
+{_legend(document)}
 {intervention_html(document)}
-<h2>Comparison across layers</h2>
-<div id="comparison">{comparison_svg}</div>
+<h2>Interpretable units across layers</h2>
+<div id="comparison">{_svg_image(comparison_svg, "interpretable units per layer")}</div>
 {_comparison_table(document)}
 <h2>Layer</h2>
 <div id="layer-tabs"></div>
 <div id="layer-summary"></div>
-<h2>Units per concept</h2>
+<h2>Interpretable units per concept</h2>
 {graphs}
 <h2>Units</h2>
 <div>sort by:
 <button class="sort" data-sort="iou">IoU</button>
-<button class="sort" data-sort="label">label</button>
+<button class="sort" data-sort="label">concept</button>
 <button class="sort" data-sort="unit">unit</button>
 </div>
 <div id="units"></div>

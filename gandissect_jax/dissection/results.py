@@ -1,4 +1,4 @@
-"""``LayerDissection``: everything measured for one layer, its labelling summary and its ``scores.npz`` form."""
+"""``LayerDissection``: everything measured for one layer, how its units are labelled, and its ``scores.npz`` form."""
 
 from __future__ import annotations
 
@@ -18,9 +18,25 @@ class LayerDissection:
     Counts are exact int64. ``levels`` (U,) float32 are the thresholds used: a pixel of unit u is
     active when its upsampled activation is > levels[u]. ``iou``/``iqr`` (L, U) float64 score
     every label against every unit at those levels (row 0, no label, is 0 / meaningless).
-    ``unit_label`` is each unit's concept: the IQR-search winner in ``threshold='iqr'`` mode,
-    otherwise the label of largest IoU; ``unit_iou``/``unit_iqr`` are its scores at ``levels``.
-    The ``max_iqr*`` arrays (L, U) hold the IQR threshold search when it ran (else None).
+    ``unit_label`` is each unit's concept, chosen by ``label_rule`` (:meth:`concept_ranking`);
+    ``unit_iou``/``unit_iqr`` are its scores at ``levels``. The ``max_iqr*`` arrays (L, U) hold the
+    IQR threshold search when it ran (else None).
+
+    Chance and significance (:func:`~.scoring.significance`; None in files written before they
+    existed): ``category_images`` (C,) int64 images where each category is present (the test's
+    sample size); ``chance_iou`` (L, U) the IoU expected if the unit's active region were
+    independent of the label; ``p_value`` (L, U) the one-sided test of IoU > chance; ``q_value``
+    (L, U) its Benjamini-Hochberg adjustment over the layer's units x labels; ``significant``
+    (L, U) bool, ``q_value <= fdr``.
+
+    Label rules (:meth:`concept_ranking`): 'significant' (default) ranks a unit's concepts by
+    significance first, then by IQR at the unit's level (threshold rule 'iqr') or IoU (other
+    rules), and a unit is interpretable when its concept is significant with IoU >= the IoU
+    threshold; 'reference' is
+    the reference's rule: the largest ``max_iqr`` (threshold rule 'iqr', whose search zeroes
+    concepts that agree with the unit on <= 0.8 of the pixels) or the largest IoU, and a unit is
+    interpretable when its IoU >= the IoU threshold. Files without a rule were labelled by the
+    reference rule.
     """
 
     layer: str
@@ -55,15 +71,68 @@ class LayerDissection:
     max_iqr_fraction: np.ndarray | None = None
     max_iqr_iou: np.ndarray | None = None
     max_iqr_agreement: np.ndarray | None = None
+    category_images: np.ndarray | None = None
+    chance_iou: np.ndarray | None = None
+    p_value: np.ndarray | None = None
+    q_value: np.ndarray | None = None
+    significant: np.ndarray | None = None
+    label_rule: str = "reference"
+    fdr: float | None = None
 
     @property
     def num_units(self) -> int:
         """U."""
         return int(self.levels.shape[0])
 
+    def label_scores(self) -> np.ndarray:
+        """float64 (L, U): the score by which ``label_rule`` ranks concepts (row 0 set to 0).
+
+        'significant': IQR at ``levels`` under threshold rule 'iqr', else IoU at ``levels``;
+        'reference': ``max_iqr`` (the IQR search's guarded maximum) under 'iqr', else IoU.
+        """
+        if self.threshold == "iqr":
+            scores = self.iqr if self.label_rule == "significant" else self.max_iqr
+        else:
+            scores = self.iou
+        if scores is None:
+            raise ValueError(f"label rule {self.label_rule!r} with threshold 'iqr' needs the IQR search's max_iqr")
+        scores = np.array(scores, np.float64, copy=True)
+        scores[0] = 0.0
+        return np.where(np.isfinite(scores), scores, 0.0)
+
+    def concept_ranking(self) -> np.ndarray:
+        """int64 (L, U): per unit, label numbers from its best concept to its worst; row 0 is its
+        concept (``unit_label``).
+
+        'significant': first the labels whose IoU beats chance significantly, then the others with
+        IoU above their chance IoU, each group by :meth:`label_scores`; then label 0 (no concept:
+        a unit with no concept above chance gets none); then the labels at or below chance, the
+        least avoided first (by IoU - chance IoU; IQR is positive for anti-correlation too, so it
+        cannot rank these). Ties go to the lower label number.
+        'reference': by :meth:`label_scores`, then by label number (so label 0, no concept, comes
+        first when every score is 0, as the reference's argmax).
+        """
+        scores = self.label_scores()
+        number = np.broadcast_to(np.arange(scores.shape[0])[:, None], scores.shape)
+        if self.label_rule != "significant":
+            return np.lexsort((number, -scores), axis=0).astype(np.int64)
+        if self.significant is None or self.chance_iou is None:
+            raise ValueError("label rule 'significant' needs the significance arrays (chance_iou, p_value, ...)")
+        excess = np.asarray(self.iou, np.float64) - np.asarray(self.chance_iou, np.float64)
+        group = np.where(np.asarray(self.significant, bool), 0, np.where(excess > 0, 1, 3))
+        group[0] = 2
+        within = np.where(group < 2, scores, np.where(group == 3, excess, 0.0))
+        return np.lexsort((number, -within, group), axis=0).astype(np.int64)
+
     def interpretable(self, iou_threshold: float = 0.05) -> np.ndarray:
-        """bool (U,): units whose concept is a real label with IoU >= iou_threshold."""
-        return (self.unit_label > 0) & (self.unit_iou >= iou_threshold)
+        """bool (U,): units whose concept is a real label with IoU >= iou_threshold, and, under the
+        'significant' label rule, whose IoU with it beats chance at the false-discovery rate."""
+        chosen = (self.unit_label > 0) & (self.unit_iou >= iou_threshold)
+        if self.label_rule == "significant":
+            if self.significant is None:
+                raise ValueError("label rule 'significant' needs the significance arrays; use label_units")
+            chosen &= np.asarray(self.significant, bool)[self.unit_label, np.arange(self.num_units)]
+        return chosen
 
     def units_per_concept(self, iou_threshold: float = 0.05) -> list[tuple[str, str, list[int]]]:
         """(label, category, units) for every concept with an interpretable unit, ordered by
@@ -132,11 +201,13 @@ class LayerDissection:
                 value = data[field.name]
                 if field.name in ("label_names", "label_categories", "categories"):
                     value = [str(v) for v in value]
-                elif field.name in ("layer", "threshold"):
+                elif field.name in ("layer", "threshold", "label_rule"):
                     value = str(value)
                 elif field.name == "num_samples":
                     value = int(value)
-                elif field.name == "quantile":
+                elif field.name in ("quantile", "fdr"):
                     value = None if np.isnan(value) else float(value)
                 values[field.name] = value
+            if "label_rule" not in data.files:
+                values["label_rule"] = "reference"  # written before label rules existed
         return cls(**values)

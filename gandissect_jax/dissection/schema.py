@@ -12,6 +12,13 @@ every thing one name across code, CLI and JSON:
   schema 1's settings called it ``k`` (API ``k=`` and ``strip_length=`` are still accepted).
 
 ``scores.npz`` kept its array names; schema-1 files simply have no ``schema`` array.
+
+Label rules (added within schema 2, no meaning changed): each layer records the ``label_rule``
+that chose its units' concepts and interpretability ('significant' or 'reference') and its
+``fdr``; each unit its concept's ``chance_iou``, ``p_value``, ``q_value``, ``significant`` and its
+``second`` concept; the settings record ``label_rule``. Documents written before have none of
+these; :func:`upgrade` adds them as the reference rule with null statistics (those documents were
+labelled by the reference's rule).
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from typing import Any
 SCHEMA = 2
 UNIT_RENAMED = {"threshold": "level", "quantile": "activation_fraction"}  # schema 1 -> 2
 SETTINGS_RENAMED = {"k": "topk"}
+LAYER_ADDED = {"label_rule": "reference", "fdr": None}  # value for documents written before label rules
+UNIT_ADDED = {"chance_iou": None, "p_value": None, "q_value": None, "significant": None, "second": None}
 
 
 def schema_of(document: dict) -> int:
@@ -40,17 +49,25 @@ def _rename(record: dict, renames: dict) -> dict:
 
 
 def upgrade(document: dict) -> dict:
-    """A schema-2 copy of a schema-1 or schema-2 ``dissect.json`` document (top-level or per-layer)."""
+    """A schema-2 copy of a schema-1 or schema-2 ``dissect.json`` document (top-level or per-layer),
+    with the label-rule fields (:data:`LAYER_ADDED`, :data:`UNIT_ADDED`) filled in where absent."""
     if not isinstance(document, dict) or not isinstance(document.get("layers"), list):
         raise ValueError('not a dissect.json document (no "layers" list)')
-    if schema_of(document) == SCHEMA:
-        return copy.deepcopy(document)
     upgraded = copy.deepcopy(document)
-    upgraded["schema"] = SCHEMA
-    if isinstance(upgraded.get("settings"), dict):
-        upgraded["settings"] = _rename(upgraded["settings"], SETTINGS_RENAMED)
+    if schema_of(document) < SCHEMA:
+        upgraded["schema"] = SCHEMA
+        if isinstance(upgraded.get("settings"), dict):
+            upgraded["settings"] = _rename(upgraded["settings"], SETTINGS_RENAMED)
+        for layer in upgraded["layers"]:
+            layer["units"] = [_rename(unit, UNIT_RENAMED) for unit in layer.get("units", [])]
+    if isinstance(upgraded.get("settings"), dict) and upgraded["settings"]:
+        upgraded["settings"].setdefault("label_rule", LAYER_ADDED["label_rule"])
     for layer in upgraded["layers"]:
-        layer["units"] = [_rename(unit, UNIT_RENAMED) for unit in layer.get("units", [])]
+        if isinstance(layer, dict) and "label_rule" not in layer:  # written before label rules
+            layer.update(LAYER_ADDED)
+            for unit in layer.get("units", []):
+                for key, value in UNIT_ADDED.items():
+                    unit.setdefault(key, value)
     return upgraded
 
 
@@ -64,4 +81,5 @@ def read_dissect_json(path: str) -> dict:
         raise ValueError(f"{path}: {err}") from err
 
 
-__all__ = ["SCHEMA", "UNIT_RENAMED", "SETTINGS_RENAMED", "schema_of", "upgrade", "read_dissect_json"]
+__all__ = ["SCHEMA", "UNIT_RENAMED", "SETTINGS_RENAMED", "LAYER_ADDED", "UNIT_ADDED", "schema_of", "upgrade",
+           "read_dissect_json"]

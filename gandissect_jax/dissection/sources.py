@@ -5,27 +5,36 @@ samples, placed with ``sharding``) and ``identity()``, which is all
 :func:`~gandissect_jax.dissection.engine.tally` needs. A sample is produced again from its
 number whenever it is needed, so nothing per-sample is kept between passes.
 
+A source's ``batch_invariant`` attribute says whether the arrays it fetches for a sample are the
+same bits however samples are grouped into batches and devices; ``micro_batch`` (optional)
+asks :func:`~gandissect_jax.dissection.engine.tally` for per-device batches that are multiples
+of it. :class:`GeneratorSource` runs the generator and the segmenter at a fixed micro-batch
+(:func:`micro_batched`), so it is batch-invariant by design.
+
 The dissection sources (:class:`ArraySource`, :class:`GeneratorSource`) fetch
-``{layer: float32 (n, h, w, U), ..., "labels": int32 (n, H, W, D)}`` and also give
-``layers``, ``feature_shapes``, ``seg_size``, a features-only view (:meth:`features_only`, for
-the quantile passes, where a generator runs only ``h``) and ``visual_batch`` for image strips.
+``{layer: float32 (n, h, w, U), ..., "labels": int32 (n, H, W, D)}`` and also give ``layers``,
+``feature_shapes``, ``seg_size``, ``seg_channels``, a features-only view (:meth:`features_only`,
+for the quantile passes, where a generator runs only ``h``) and ``visual_batch`` for image strips.
 :class:`TfdsSource` reads images and label maps of a tensorflow-datasets split.
 """
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any, Mapping, Sequence
+import numbers
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gandissect_jax.generator import Split, verify_split
 from gandissect_jax.images import to_uint8
 
 from .labels import colorize_segmentation
+from .resume import content_digest, pytree_digest
 
 # ============================================================================ generator / segmenter contracts
 # The only three places that call a generator or a segmenter (the Generator and Segmenter
@@ -48,6 +57,51 @@ def segment(segmenter, params, images: jax.Array, downsample: int) -> jax.Array:
     return segmenter.segment(params, images, downsample)
 
 
+# ============================================================================ micro-batches
+
+# Samples per generator / segmenter call on each device (benchmarks/README.md, "Micro-batch").
+DEFAULT_MICRO_BATCH = 32
+
+
+def check_micro_batch(micro_batch) -> int:
+    """``micro_batch`` as an int >= 1; ValueError naming the setting otherwise."""
+    if not (isinstance(micro_batch, numbers.Integral) and not isinstance(micro_batch, bool) and micro_batch >= 1):
+        raise ValueError(f"micro_batch must be an integer >= 1, got {micro_batch!r}")
+    return int(micro_batch)
+
+
+def micro_batched(fn: Callable, micro_batch: int) -> Callable:
+    """``fn(*params, x)`` run on consecutive chunks of ``micro_batch`` samples of ``x``, one after another.
+
+    fn: jittable, ``x`` (m, ...) -> a pytree of arrays with leading axis m. Returns
+    ``run(*params, x)`` for x (n, ...) with n a multiple of ``micro_batch`` (ValueError otherwise),
+    which reshapes x to (n / m, m, ...), applies fn to each chunk with ``lax.map`` (one compiled
+    body of fixed shape) and returns the outputs reshaped to (n, ...). Every kernel inside fn
+    then sees the same shapes whatever n is, so a sample's result does not depend on how many
+    samples share its batch or device: XLA's CPU and GPU kernels (convolutions, matrix
+    products) choose their blocking, and with it the order of float additions, by shape.
+    """
+    micro_batch = check_micro_batch(micro_batch)
+
+    def run(*args):
+        *params, x = args
+        n = x.shape[0]
+        if n % micro_batch:
+            raise ValueError(f"{n} samples are not a whole number of micro-batches of {micro_batch}")
+        chunks = x.reshape((n // micro_batch, micro_batch) + x.shape[1:])
+        out = lax.map(lambda chunk: fn(*params, chunk), chunks)
+        return jax.tree_util.tree_map(lambda y: y.reshape((n,) + y.shape[2:]), out)
+
+    return run
+
+
+def _pad_to_multiple(indices: np.ndarray, multiple: int) -> np.ndarray:
+    """indices padded with copies of the last one to a multiple of ``multiple`` entries."""
+    indices = np.asarray(indices)
+    extra = -indices.size % multiple
+    return np.concatenate([indices, np.full(extra, indices[-1], indices.dtype)]) if extra else indices
+
+
 # ============================================================================ views
 
 
@@ -57,6 +111,8 @@ class FeaturesOnly:
     def __init__(self, source):
         self.source = source
         self.num_samples = source.num_samples
+        self.batch_invariant = bool(getattr(source, "batch_invariant", False))
+        self.micro_batch = getattr(source, "micro_batch", None)
 
     def fetch(self, indices: np.ndarray, sharding) -> dict[str, jax.Array]:
         return self.source.fetch(indices, sharding, labels=False)
@@ -82,7 +138,14 @@ def _take(array, indices: np.ndarray, count: int) -> np.ndarray:
 
 
 class ArraySource:
-    """Precomputed activations (N, h, w, U) per layer and segmentations (N, H, W, D), e.g. memory-mapped."""
+    """Precomputed activations (N, h, w, U) per layer and segmentations (N, H, W, D), e.g. memory-mapped.
+
+    ``identity()`` holds a sha256 of every byte of every array (streamed, computed once), and
+    ``label_range()`` the smallest and largest segmentation entry, taken in the same read.
+    Batch-invariant: a sample's arrays are read as stored, whatever batch it is read in.
+    """
+
+    batch_invariant = True
 
     def __init__(self, features: Mapping[str, Any], segmentations, images=None, identity: dict | None = None):
         if not features:
@@ -98,6 +161,7 @@ class ArraySource:
         if not np.issubdtype(segmentations.dtype, np.integer):
             raise ValueError(f"segmentations must hold integer labels, got dtype {segmentations.dtype}")
         self.segmentations = segmentations
+        self.seg_channels = int(segmentations.shape[3])
         counts = {name: a.shape[0] for name, a in self.arrays.items()}
         counts["segmentations"] = segmentations.shape[0]
         if images is not None:
@@ -132,14 +196,33 @@ class ArraySource:
             background = colorize_segmentation(seg, int(seg.max()) + 1)
         return background, _take(self.arrays[layer], indices, self.num_samples).astype(np.float32)
 
+    def _scan(self) -> dict:
+        """sha256 of every array's content, and the segmentations' (min, max), in one read of each array."""
+        if getattr(self, "_content", None) is None:
+            low, high = [], []
+
+            def extremes(chunk):
+                if chunk.size:
+                    low.append(int(chunk.min()))
+                    high.append(int(chunk.max()))
+
+            content = {"features": {name: content_digest(a) for name, a in self.arrays.items()},
+                       "segmentations": content_digest(self.segmentations, visit=extremes)}
+            if self.images_array is not None:
+                content["images"] = content_digest(self.images_array)
+            self._content = content
+            self._label_range = (min(low), max(high)) if low else (0, 0)
+        return self._content
+
+    def label_range(self) -> tuple[int, int]:
+        """(smallest, largest) entry of the segmentations, exact (any integer dtype)."""
+        self._scan()
+        return self._label_range
+
     def identity(self) -> dict:
         shapes = {name: list(a.shape) for name, a in self.arrays.items()}
-        digest = hashlib.sha256()
-        for array in (*self.arrays.values(), self.segmentations):
-            for index in (0, self.num_samples - 1):
-                digest.update(np.ascontiguousarray(array[index]).tobytes())
         return {"kind": "arrays", "features": shapes, "segmentations": list(self.segmentations.shape),
-                "digest": digest.hexdigest()[:16], **self._identity}
+                "content": self._scan(), **self._identity}
 
 
 # ============================================================================ generator
@@ -147,10 +230,21 @@ class ArraySource:
 
 class GeneratorSource:
     """Samples z_i of ``sample_z``-style normal noise (numpy RandomState(seed)) through a generator split
-    at each layer, and segments the generated images (clipped to [-1, 1]) at 1/seg_downsample of their size."""
+    at each layer, and segments the generated images (clipped to [-1, 1]) at 1/seg_downsample of their size.
+
+    The generator and the segmenter run at a fixed micro-batch of ``micro_batch`` samples per
+    call on each device (:func:`micro_batched`); the engine's per-device batches are multiples of
+    it and start at multiples of it, so every sample is computed in the same chunk of samples by
+    the same compiled kernels, whatever the batch size or the device count: the fetched arrays
+    are bit-identical (``batch_invariant``). ``micro_batch`` is part of :meth:`identity` (another
+    micro-batch can round differently), with a sha256 of the generator's and
+    the segmenter's parameters. ValueError for an unknown layer or a bad micro_batch.
+    """
+
+    batch_invariant = True
 
     def __init__(self, generator, segmenter, layers: Sequence[str], num_samples: int, seed: int = 1,
-                 seg_downsample: int = 2, identity: dict | None = None):
+                 seg_downsample: int = 2, identity: dict | None = None, micro_batch: int = DEFAULT_MICRO_BATCH):
         names = tuple(getattr(generator, "layer_names", ()))
         unknown = [layer for layer in layers if names and layer not in names]
         if unknown:
@@ -162,9 +256,12 @@ class GeneratorSource:
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.seg_downsample = int(seg_downsample)
+        self.micro_batch = check_micro_batch(micro_batch)
         self.z_dim = int(generator.z_dim)
         self._identity = identity or {}
         parts = {layer: split_at(generator, layer) for layer in self.layers}
+        for layer, part in parts.items():  # refuse before the passes a split that breaks G (side inputs)
+            verify_split(generator, layer, probe=2, split=Split(*part))
         # The last of the layers in forward order produces the image through its tail.
         last = sorted(self.layers, key=lambda l: names.index(l) if l in names else 0)[-1]
 
@@ -180,15 +277,20 @@ class GeneratorSource:
             feats, images = features_and_images(gparams, z)
             return feats, segment(segmenter, sparams, jnp.clip(images, -1.0, 1.0), self.seg_downsample)
 
-        self._features = jax.jit(features)
-        self._features_and_images = jax.jit(features_and_images)
-        self._features_and_labels = jax.jit(features_and_labels)
+        # per-device programs (micro-batched), mapped over a mesh in _program
+        self._per_device = {"features": micro_batched(features, self.micro_batch),
+                            "labels": micro_batched(features_and_labels, self.micro_batch)}
+        self._programs: dict[Any, Callable] = {}
+        self._features_and_images = jax.jit(micro_batched(features_and_images, self.micro_batch))
         self._placed: tuple[Any, Any] | None = None
         self._stream = None
         probe = jax.eval_shape(features_and_images, generator.params, jax.ShapeDtypeStruct((1, self.z_dim), jnp.float32))
         self.image_size = (int(probe[1].shape[1]), int(probe[1].shape[2]))
         self.seg_size = (self.image_size[0] // self.seg_downsample, self.image_size[1] // self.seg_downsample)
         self.feature_shapes = {layer: tuple(int(s) for s in probe[0][layer].shape[1:]) for layer in self.layers}
+        labels = jax.eval_shape(features_and_labels, generator.params, segmenter_params(segmenter),
+                                jax.ShapeDtypeStruct((1, self.z_dim), jnp.float32))[1]
+        self.seg_channels = int(labels.shape[3]) if labels.ndim == 4 else 1
 
     def _z(self, indices: np.ndarray) -> np.ndarray:
         """float32 z rows of the given sample numbers: rows of RandomState(seed).standard_normal(N * z_dim)
@@ -216,29 +318,133 @@ class GeneratorSource:
             self._placed = (sharding.mesh, placed)
         return self._placed[1]
 
+    def _program(self, kind: str, sharding) -> Callable:
+        """jit(shard_map(micro-batched program)) over the sharding's 1-D mesh: each device runs its own
+        samples, micro-batch by micro-batch (compiled once per mesh)."""
+        key = (kind, sharding.mesh, sharding.spec)
+        if key not in self._programs:
+            axis = sharding.spec[0] if len(sharding.spec) else None
+            if axis is None or len(sharding.mesh.axis_names) != 1:
+                raise ValueError(f"GeneratorSource.fetch needs a sharding over a 1-D mesh along the samples, got {sharding}")
+            params = (P(),) if kind == "features" else (P(), P())
+            mapped = jax.shard_map(self._per_device[kind], mesh=sharding.mesh, in_specs=params + (P(axis),),
+                                   out_specs=P(axis), check_vma=False)
+            self._programs[key] = jax.jit(mapped)
+        return self._programs[key]
+
     def fetch(self, indices: np.ndarray, sharding, labels: bool = True) -> dict[str, jax.Array]:
+        """``{layer: float32 (n, h, w, U), "labels": int32 (n, H, W, D)}`` of samples ``indices``, sharded
+        along n with ``sharding`` (a NamedSharding over a 1-D mesh, as the engine's). Every device's
+        share must be a whole number of micro-batches (the engine arranges it); ValueError otherwise."""
+        devices = sharding.mesh.devices.size
+        if len(indices) % (devices * self.micro_batch):
+            raise ValueError(f"{len(indices)} samples over {devices} device(s) are not whole micro-batches of "
+                             f"{self.micro_batch} per device")
         z = jax.device_put(self._z(indices), sharding)
         gparams, sparams = self._params(sharding)
         if not labels:
-            feats = self._features(gparams, z)
-        else:
-            feats, seg = self._features_and_labels(gparams, sparams, z)
-        batch = {name: jax.device_put(value, sharding) for name, value in feats.items()}
-        if labels:
-            batch["labels"] = jax.device_put(jnp.asarray(seg, jnp.int32), sharding)
+            return dict(self._program("features", sharding)(gparams, z))
+        feats, seg = self._program("labels", sharding)(gparams, sparams, z)
+        batch = dict(feats)
+        batch["labels"] = seg.astype(jnp.int32)
         return batch
 
     def features_only(self) -> FeaturesOnly:
         return FeaturesOnly(self)
 
     def visual_batch(self, indices: np.ndarray, layer: str) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (n, H, W, 3) generated images and float32 (n, h, w, U) features of ``layer``."""
-        feats, images = self._features_and_images(self.generator.params, jnp.asarray(self._z(indices)))
-        return to_uint8(images), np.asarray(feats[layer], np.float32)
+        """uint8 (n, H, W, 3) generated images and float32 (n, h, w, U) features of ``layer`` (micro-batched)."""
+        n = len(indices)
+        padded = _pad_to_multiple(indices, self.micro_batch)
+        feats, images = self._features_and_images(self.generator.params, jnp.asarray(self._z(padded)))
+        return to_uint8(images[:n]), np.asarray(feats[layer][:n], np.float32)
 
     def identity(self) -> dict:
+        if getattr(self, "_params_digest", None) is None:
+            self._params_digest = {"generator": pytree_digest(self.generator.params),
+                                   "segmenter": pytree_digest(segmenter_params(self.segmenter))}
         return {"kind": "generator", "num_samples": self.num_samples, "seed": self.seed,
-                "seg_downsample": self.seg_downsample, "z_dim": self.z_dim, **self._identity}
+                "seg_downsample": self.seg_downsample, "z_dim": self.z_dim, "micro_batch": self.micro_batch,
+                "params": self._params_digest, **self._identity}
+
+
+# ============================================================================ a model over a dataset
+
+
+class ModelSource:
+    """A model's layers over a labelled image dataset: features come from the model, labels from the data.
+
+    model: any :class:`~gandissect_jax.generator.Generator`-protocol object whose input is an
+    image batch, e.g. a Flax classifier seen through ``split_module(module, params, at=...,
+    input_shape=(H, W, 3))``; only ``split(layer).h`` is run (the model's head up to each layer).
+    data: a source of ``{"image": float32 (n, H, W, 3) in [-1, 1], "label": int (n, H', W'[, D])}``
+    by example number, such as :class:`TfdsSource` (``num_samples``, ``fetch``, ``images``,
+    ``identity``). This is Network Dissection of a discriminative model (Bau et al., CVPR 2017):
+    units are scored against the dataset's own label maps.
+    """
+
+    def __init__(self, model, data, layers: Sequence[str], identity: dict | None = None):
+        names = tuple(getattr(model, "layer_names", ()))
+        unknown = [layer for layer in layers if names and layer not in names]
+        if unknown:
+            raise ValueError(f"unknown layer(s) {unknown}; the model has {list(names)}")
+        if not layers:
+            raise ValueError("no layers to dissect")
+        self.model, self.data = model, data
+        self.layers = tuple(layers)
+        self.num_samples = int(data.num_samples)
+        self._identity = identity or {}
+        heads = {layer: split_at(model, layer)[0] for layer in self.layers}
+
+        def features(params, images):
+            return {layer: head(params, images)[0] for layer, head in heads.items()}
+
+        self._features = jax.jit(features)
+        first = data.fetch(np.zeros(1, np.int64), None)
+        if "image" not in first or "label" not in first:
+            raise ValueError(f"the data source must give 'image' and 'label'; it gives {sorted(first)}")
+        labels = first["label"]
+        if labels.ndim not in (3, 4):
+            raise ValueError(f"the data's labels must be label maps (n, H, W[, D]), got shape {tuple(labels.shape)}")
+        self.seg_size = (int(labels.shape[1]), int(labels.shape[2]))
+        probe = jax.eval_shape(features, model.params, jax.ShapeDtypeStruct(first["image"].shape, jnp.float32))
+        for layer, shape in probe.items():
+            if len(shape.shape) != 4:
+                raise ValueError(f"layer {layer!r} gives shape {tuple(shape.shape[1:])} per sample; dissection "
+                                 "needs feature maps (h, w, units)")
+        self.feature_shapes = {layer: tuple(int(s) for s in probe[layer].shape[1:]) for layer in self.layers}
+        self._placed: tuple[Any, Any] | None = None
+
+    def _params(self, sharding) -> Any:
+        if sharding is None:
+            return self.model.params
+        if self._placed is None or self._placed[0] is not sharding.mesh:
+            self._placed = (sharding.mesh, jax.device_put(self.model.params, NamedSharding(sharding.mesh, P())))
+        return self._placed[1]
+
+    def fetch(self, indices: np.ndarray, sharding, labels: bool = True) -> dict[str, jax.Array]:
+        batch = self.data.fetch(indices, sharding)
+        feats = self._features(self._params(sharding), batch["image"])
+        out = {name: jax.device_put(value, sharding) for name, value in feats.items()}
+        if labels:
+            label = jnp.asarray(batch["label"], jnp.int32)
+            out["labels"] = jax.device_put(label if label.ndim == 4 else label[..., None], sharding)
+        return out
+
+    def features_only(self) -> FeaturesOnly:
+        return FeaturesOnly(self)
+
+    def visual_batch(self, indices: np.ndarray, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (n, H, W, 3) dataset images and float32 (n, h, w, U) features of ``layer``."""
+        batch = self.data.fetch(indices, None)
+        return self.data.images(indices), np.asarray(self._features(self.model.params, batch["image"])[layer], np.float32)
+
+    def identity(self) -> dict:
+        if getattr(self, "_params_digest", None) is None:
+            self._params_digest = pytree_digest(self.model.params)
+        return {"kind": "model", "data": self.data.identity(), "layers": list(self.layers),
+                "feature_shapes": {k: list(v) for k, v in self.feature_shapes.items()},
+                "params": self._params_digest, **self._identity}
 
 
 # ============================================================================ tensorflow-datasets
@@ -253,6 +459,8 @@ class TfdsSource:
     (a 2-D label map gets D = 1; a scalar label stays (n,)). Feed it to ``tally`` with a
     ``compute`` that runs your model on ``batch["image"]``.
     """
+
+    batch_invariant = True  # examples are read as stored
 
     def __init__(self, data, *, image_key: str = "image", label_key: str | None = "label",
                  num_samples: int | None = None, identity: dict | None = None):
@@ -297,5 +505,5 @@ class TfdsSource:
         return {"kind": "tfds", "num_samples": self.num_samples, **self._identity}
 
 
-__all__ = ["ArraySource", "GeneratorSource", "TfdsSource", "FeaturesOnly", "split_at", "segment",
-           "segmenter_params"]
+__all__ = ["ArraySource", "GeneratorSource", "ModelSource", "TfdsSource", "FeaturesOnly", "split_at", "segment",
+           "segmenter_params", "micro_batched", "DEFAULT_MICRO_BATCH"]

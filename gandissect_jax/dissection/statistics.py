@@ -61,14 +61,15 @@ def add_counts(a, b):
     """Exact host-side merge of integer count pytrees: a + b as int64.
 
     A leaf of ``a`` that is already a writeable int64 numpy array (a host accumulator) is updated
-    in place, so merging a large device state needs no second int64 copy.
+    in place; any other leaf is copied once to int64 and then updated in place, and ``b`` is added
+    as it is, so a merge holds one int64 array per leaf (no int64 copy of ``b``, no third array).
     """
 
     def add(x, y):
-        if isinstance(x, np.ndarray) and x.dtype == np.int64 and x.flags.writeable:
-            np.add(x, np.asarray(y), out=x, casting="unsafe")
-            return x
-        return np.asarray(x, np.int64) + np.asarray(y, np.int64)
+        if not (isinstance(x, np.ndarray) and x.dtype == np.int64 and x.flags.writeable):
+            x = np.array(x, np.int64)
+        np.add(x, np.asarray(y), out=x, casting="unsafe")
+        return x
 
     return jax.tree_util.tree_map(add, a, b)
 

@@ -12,7 +12,7 @@ nothing else in the library imports it. tfds writes array_record files, and
 
 Example ``i`` of split ``s`` is scene ``offset_s + i`` of world ``config.world_seed`` (train scenes
 start at 0, test scenes at ``config.test_offset``), quantized to uint8 as
-``round((x + 1) * 127.5)``; labels are the exact world labels (see ``world.LABEL_NAMES``).
+``gandissect_jax.images.to_uint8`` (round half up); labels are the exact world labels (see ``world.LABEL_NAMES``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gandissect_jax.images import to_uint8
 from gandissect_jax.scenes import world
 
 
@@ -75,7 +76,7 @@ class Scenes64(tfds.core.GeneratorBasedBuilder):
         for start in range(0, count, config.batch):
             stop = min(start + config.batch, count)
             images, labels = world.render_scenes(config.world_seed, np.arange(offset + start, offset + stop))
-            images = np.round((images + 1.0) * 127.5).astype(np.uint8)
+            images = to_uint8(images)
             for i in range(stop - start):
                 yield start + i, {"image": images[i], "label": labels[i].astype(np.uint8), "index": offset + start + i}
 
