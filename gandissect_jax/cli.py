@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every available sub-command registered."""
     parser = argparse.ArgumentParser(
         prog="gandissect-jax",
-        description="GAN Dissection in JAX: generate, convert weights, list layers, dissect.",
+        description="GAN Dissection in JAX: generate, convert weights, list layers, dissect; "
+                    "intervene: ace, ablate, insert, artifacts, segment-units.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for _, module_name in _COMMANDS:

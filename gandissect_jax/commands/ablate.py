@@ -19,19 +19,19 @@ import argparse
 
 import numpy as np
 
-from .intervention_common import (add_source_arguments, add_unit_arguments, batches, choose_units, fraction,
-                                  label_names, positive_int, source_of, to_uint8)
+from .intervention_common import (plain_help, add_source_arguments, add_unit_arguments, batches, choose_units, fraction,
+                                  label_names, positive_int, seed, source_of, to_uint8)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``ablate`` sub-command."""
     parser = subparsers.add_parser("ablate", help="ablate units and measure every label's change (ACE with a bootstrap CI)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=plain_help(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
     add_unit_arguments(parser)
     run = parser.add_argument_group("measurement")
     run.add_argument("--samples", type=positive_int, default=200, help="images measured (default 200)")
-    run.add_argument("--seed", type=int, default=2, help="their z seed (default 2, as the reference's evalablate)")
+    run.add_argument("--seed", type=seed, default=2, help="their z seed (default 2, as the reference's evalablate)")
     run.add_argument("--show", type=positive_int, default=8, help="images shown in grid.png (default 8)")
     run.add_argument("--resamples", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
     run.add_argument("--level", type=fraction, default=0.95, help="confidence level (default 0.95)")

@@ -24,35 +24,35 @@ import argparse
 
 import numpy as np
 
-from .intervention_common import (add_source_arguments, batches, check_units, finite_float,
-                                  nonnegative_float, positive_int, source_of, to_uint8)
+from .intervention_common import (plain_help, add_source_arguments, batches, check_units, positive_float, positive_int, seed,
+                                  source_of, to_uint8, weight)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``ace`` sub-command."""
     parser = subparsers.add_parser(
         "ace", help="rank the units that cause a concept by ACE optimization (with ablation/insertion curves)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=plain_help(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
     fit = parser.add_argument_group("ACE fit")
     fit.add_argument("--concept", required=True, help="label name, or names joined by commas (their union)")
     fit.add_argument("--objective", choices=("ace", "removal", "specific_removal"), default="ace",
                      help="ace: ablate where present and insert where absent (default); removal: ablate everywhere "
                           "(the reference's _fia variant); specific_removal: remove the concept and nothing else")
-    fit.add_argument("--budget", type=finite_float, help="keep sum(alpha) <= BUDGET (the relaxation of ablating that many units)")
-    fit.add_argument("--l2", type=nonnegative_float, default=0.005, help="L2 weight on alpha (default 0.005, the reference's)")
-    fit.add_argument("--specificity", type=nonnegative_float, default=1.0, help="side-effect weight of specific_removal (default 1)")
-    fit.add_argument("--binarize", type=nonnegative_float, default=0.0, help="final weight of the push of alpha to 0 or 1 (default 0)")
-    fit.add_argument("--learning-rate", type=finite_float, default=0.01, help="Adam step size (default 0.01)")
+    fit.add_argument("--budget", type=positive_float, help="keep sum(alpha) <= BUDGET (the relaxation of ablating that many units)")
+    fit.add_argument("--l2", type=weight, default=0.005, help="L2 weight on alpha (default 0.005, the reference's)")
+    fit.add_argument("--specificity", type=weight, default=1.0, help="side-effect weight of specific_removal (default 1)")
+    fit.add_argument("--binarize", type=weight, default=0.0, help="final weight of the push of alpha to 0 or 1 (default 0)")
+    fit.add_argument("--learning-rate", type=positive_float, default=0.01, help="Adam step size (default 0.01)")
     fit.add_argument("--epochs", type=positive_int, default=10, help="passes over the training samples (default 10)")
     fit.add_argument("--train-batch", type=positive_int, default=20, help="present + candidate samples per step (default 20)")
     fit.add_argument("--search-size", type=positive_int, default=10000, help="z searched for the corpus (default 10000)")
     fit.add_argument("--train-size", type=positive_int, default=1000, help="training samples of each kind (default 1000)")
     fit.add_argument("--eval-size", type=positive_int, default=200, help="held-out samples of each kind (default 200)")
-    fit.add_argument("--seed", type=int, default=10, help="corpus seed (default 10, as the reference)")
+    fit.add_argument("--seed", type=seed, default=10, help="corpus seed (default 10, as the reference)")
     curves = parser.add_argument_group("curves")
     curves.add_argument("--curve-samples", type=positive_int, default=200, help="z measured for the curves (default 200)")
-    curves.add_argument("--curve-seed", type=int, default=3, help="their seed (default 3, as the reference's fullablate)")
+    curves.add_argument("--curve-seed", type=seed, default=3, help="their seed (default 3, as the reference's fullablate)")
     curves.add_argument("--curve-max", type=positive_int, default=64, help="largest number of units (default 64)")
     curves.add_argument("--show-units", type=positive_int, default=20, help="units ablated in ablation.png (default 20)")
     parser.set_defaults(func=run_command)

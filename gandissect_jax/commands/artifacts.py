@@ -21,14 +21,14 @@ import argparse
 
 import numpy as np
 
-from .intervention_common import (add_source_arguments, batches, check_units, positive_int, source_of, to_uint8,
-                                  unit_list)
+from .intervention_common import (plain_help, add_source_arguments, batches, check_units, positive_int, seed, source_of,
+                                  to_uint8, unit_list)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``artifacts`` sub-command."""
     parser = subparsers.add_parser("artifacts", help="rank artifact-causing units with the discriminator and ablate them",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=plain_help(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
     run = parser.add_argument_group("artifacts")
     run.add_argument("--discriminator", required=True,
@@ -39,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="z searched for each unit's top samples (default 500)")
     run.add_argument("--top-samples", type=positive_int, default=8, help="samples per unit (default 8)")
     run.add_argument("--samples", type=positive_int, default=200, help="images measured before/after (default 200)")
-    run.add_argument("--seed", type=int, default=5, help="seed of the search z (the measured z use seed + 1; default 5)")
+    run.add_argument("--seed", type=seed, default=5, help="seed of the search z (the measured z use seed + 1; default 5)")
     run.add_argument("--show", type=positive_int, default=8, help="images shown (default 8)")
     run.add_argument("--resamples", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
     parser.set_defaults(func=run_command)

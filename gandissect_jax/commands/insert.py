@@ -21,30 +21,24 @@ import argparse
 
 import numpy as np
 
-from .intervention_common import (add_source_arguments, add_unit_arguments, batches, choose_units, finite_float,
-                                  fraction, positive_int, source_of, to_uint8)
-
-
-def position(text: str) -> tuple[int, int]:
-    parts = str(text).split(",")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"--at takes a feature-map position ROW,COLUMN like 5,3; got {text!r}")
-    return int(parts[0]), int(parts[1])
+from . import arguments
+from .intervention_common import (plain_help, activation, add_source_arguments, add_unit_arguments, batches, choose_units,
+                                  fraction, positive_int, seed, source_of, to_uint8)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``insert`` sub-command."""
     parser = subparsers.add_parser("insert", help="insert units at a position; context map of where insertion works",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=plain_help(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
     add_unit_arguments(parser, concept_required=True)
     run = parser.add_argument_group("insertion")
-    run.add_argument("--at", type=position, required=True, help="feature-map position ROW,COLUMN")
-    run.add_argument("--value", type=finite_float, help="the value k set for every unit (default: per-unit quantile)")
+    run.add_argument("--at", type=arguments.feature_position(), required=True, help="feature-map position ROW,COLUMN")
+    run.add_argument("--value", type=activation, help="the value k set for every unit (default: per-unit quantile)")
     run.add_argument("--quantile", type=fraction, default=0.99,
                      help="k = each unit's QUANTILE of its activations (default 0.99, the reference's)")
     run.add_argument("--samples", type=positive_int, default=100, help="images measured at --at (default 100)")
-    run.add_argument("--seed", type=int, default=4, help="their z seed (default 4)")
+    run.add_argument("--seed", type=seed, default=4, help="their z seed (default 4)")
     run.add_argument("--context-samples", type=positive_int, default=16, help="images of the context map (default 16)")
     run.add_argument("--show", type=positive_int, default=8, help="images shown (default 8)")
     run.add_argument("--resamples", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")

@@ -4,9 +4,12 @@ segment-units): where the model comes from, which units, batches with progress b
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any, Callable, Iterator
 
 import numpy as np
+
+from . import arguments
 
 
 def add_source_arguments(parser: argparse.ArgumentParser, *, layer_required: bool = True) -> None:
@@ -20,68 +23,25 @@ def add_source_arguments(parser: argparse.ArgumentParser, *, layer_required: boo
     group.add_argument("--layer", required=layer_required, help="layer to intervene on, e.g. layer4")
     group.add_argument("--name", help="experiment name (default: from the arguments); a rerun with the same "
                                       "name and settings resumes")
-    group.add_argument("--batch-size", type=positive_int, default=16, help="samples per step (default 16)")
+    group.add_argument("--batch-size", type=batch_size, default=16, help="samples per step (default 16)")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def plain_help(doc: str) -> str:
+    """A command module's docstring as plain ``--help`` text (reST markup removed)."""
+    text = re.sub(r":(?:func|class|mod|meth|attr|data|exc):`~?([^`]*)`", r"\1", doc)
+    return text.replace("``", "").replace("`", "")
 
 
-def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = finite_float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
-
-
-def unit_list(text: str) -> list[int]:
-    """``3,17,42`` -> [3, 17, 42]; ranges ``4-7`` are allowed."""
-    units: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        low, _, high = part.partition("-")
-        if not low.isdigit() or (high and not high.isdigit()):
-            raise argparse.ArgumentTypeError(f"--units takes unit numbers >= 0 like 3,17,42 or 4-7, got {text!r}")
-        units.extend(range(int(low), int(high or low) + 1))
-    if not units:
-        raise argparse.ArgumentTypeError("--units is empty")
-    return sorted(set(units))
+# Argument types (all range-checked at parse time, gandissect_jax.commands.arguments)
+positive_int = arguments.positive_int()              # counts: samples, epochs, resamples, units shown
+batch_size = arguments.batch_size()                  # samples per step
+seed = arguments.seed()                              # numpy RandomState seeds
+fraction = arguments.open_unit_interval()            # quantiles, confidence levels, IoU thresholds
+weight = arguments.float_in_range(0.0, 1e6, what="a weight")      # l2, specificity, binarize
+positive_float = arguments.positive_finite_float(1e6)             # budgets, step sizes
+activation = arguments.float_in_range(0.0, 1e6, what="an activation value")  # inserted value k
+unit_list = arguments.unit_list()                    # --units 3,17,42 or 4-7
 
 
 def source_of(args):

@@ -18,17 +18,18 @@ import argparse
 
 import numpy as np
 
-from .intervention_common import add_source_arguments, batches, fraction, positive_int, source_of, to_uint8
+from .intervention_common import (plain_help, add_source_arguments, batches, fraction, positive_int, seed, source_of,
+                                  to_uint8)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``segment-units`` sub-command."""
     parser = subparsers.add_parser("segment-units", help="segment images with a layer's interpretable units",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=plain_help(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
     run = parser.add_argument_group("unit segmentation")
     run.add_argument("--samples", type=positive_int, default=100, help="images measured (default 100)")
-    run.add_argument("--seed", type=int, default=6, help="their z seed (default 6)")
+    run.add_argument("--seed", type=seed, default=6, help="their z seed (default 6)")
     run.add_argument("--iou-threshold", type=fraction, help="units interpretable from this IoU (default: the dissection's)")
     run.add_argument("--show", type=positive_int, default=8, help="images shown (default 8)")
     parser.set_defaults(func=run_command)
@@ -40,7 +41,6 @@ def run_command(args) -> int:
     import jax.numpy as jnp
 
     from gandissect_jax import pages, unitseg
-    from gandissect_jax.ace import representations
     from gandissect_jax.experiment import Experiment, register
     from gandissect_jax.sampling import sample_z
 
