@@ -2,7 +2,7 @@
 
 ``weights/registry.json`` maps a name to an entry::
 
-    {"kind": "generator" | "segmenter", "description": str,
+    {"kind": "generator" | "segmenter" | "discriminator", "description": str,
      "files": [{"name": str, "url": str, "sha256": str | null, "size": int | null}],
      "convert": "module:function",     # called as function(download_dir, dest_dir)
      "shipped": null | "<directory under weights/ holding a converted checkpoint>"}
@@ -53,7 +53,7 @@ __all__ = [
     "KINDS",
 ]
 
-KINDS = ("generator", "segmenter")
+KINDS = ("generator", "segmenter", "discriminator")
 
 
 SHIPPED_WEIGHTS_PACKAGE = "gandissect_jax.shipped_weights"

@@ -273,6 +273,10 @@ def write_report(outdir: str, results: Mapping[str, LayerDissection], *, iou_thr
         "settings": settings or {},
         "layers": [r for r, _ in records],
     }
+    # hook: per-label unit rankings and links to the intervention pages (gandissect_jax.rankings)
+    from gandissect_jax.rankings import augment_document
+
+    document = augment_document(document, outdir, results, iou_threshold)
     _atomic_bytes(os.path.join(outdir, "dissect.json"), json.dumps(document, indent=1).encode())
     page = render_html(document, {r["layer"]: svg for r, svg in records}, comparison)
     _atomic_bytes(os.path.join(outdir, "dissect.html"), page.encode())

@@ -287,6 +287,8 @@ def render_html(document: dict, bargraphs: Mapping[str, str], comparison_svg: st
     a legend; layer tabs; units sorted by IoU / label / unit with their best and second-best
     concepts; bar graphs and the cross-layer comparison. The data is embedded, so the page works
     from file:// without a server."""
+    from gandissect_jax.rankings import intervention_html  # hook: links to the intervention pages
+
     payload = json.dumps(document).replace("</", "<\\/")
     graphs = "".join(f'<div class="bargraph">{_svg_image(svg, f"interpretable units per concept in {layer}")}</div>'
                      for layer, svg in bargraphs.items())
@@ -305,6 +307,7 @@ def render_html(document: dict, bargraphs: Mapping[str, str], comparison_svg: st
 <h1>{title}</h1>
 <p class="facts" id="facts">{facts}</p>
 {_legend(document)}
+{intervention_html(document)}
 <h2>Interpretable units across layers</h2>
 <div id="comparison">{_svg_image(comparison_svg, "interpretable units per layer")}</div>
 {_comparison_table(document)}
