@@ -26,6 +26,10 @@ import numpy as np
 ENV_COORDINATOR = "GANDISSECT_COORDINATOR"
 ENV_NUM_PROCESSES = "GANDISSECT_NUM_PROCESSES"
 ENV_PROCESS_ID = "GANDISSECT_PROCESS_ID"
+# Processes that finish wait at JAX's shutdown barrier while process 0 writes the strips and the
+# report alone (JAX's default, 300 s, is too short for a large run). A process that dies is found
+# by the heartbeat (100 s) long before, so this delays nothing when something fails.
+SHUTDOWN_TIMEOUT = 6 * 3600
 
 
 class RemoteError(OSError):
@@ -46,7 +50,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     ``GANDISSECT_PROCESS_ID``. When none is given anywhere and ``auto`` is True,
     ``jax.distributed.initialize()`` runs with no arguments (TPU pods, SLURM, Open MPI: JAX
     detects the cluster). When none is given and ``auto`` is False, nothing happens (one process).
-    On CPU the cross-process collectives use gloo. Returns True when the runtime was joined.
+    On CPU the cross-process collectives use gloo. Processes wait up to ``SHUTDOWN_TIMEOUT`` (6 h)
+    at exit for process 0 to write the outputs. Returns True when the runtime was joined.
     ValueError naming the setting when only some are given or they are out of range.
     """
     coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
@@ -57,7 +62,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         if not auto:
             return False
         _cpu_collectives()
-        jax.distributed.initialize()
+        jax.distributed.initialize(shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
         return True
     missing = [name for name, value in given.items() if value is None]
     if missing:
@@ -71,7 +76,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if not (isinstance(process_id, int) and 0 <= process_id < num_processes):
         raise ValueError(f"--process-id must be an integer in [0, {num_processes - 1}], got {process_id!r}")
     _cpu_collectives()
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                               shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
     return True
 
 
