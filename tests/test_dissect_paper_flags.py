@@ -110,3 +110,45 @@ def test_thumbsize_sets_the_strip_height_and_no_report_writes_scores_only(tmp_pa
 def test_thumbsize_is_range_checked_by_the_api(value):
     with pytest.raises(ValueError, match=r"thumbsize must be None or an integer in \[16, 1024\]"):
         DissectConfig(thumbsize=value)
+
+
+def test_no_labels_gives_the_labelled_runs_levels_and_top_samples_without_running_the_segmenter(tmp_path):
+    from gandissect_jax.dissection import dissect_generator
+    from test_dissect_pipeline import TinyGenerator, TinySegmenter
+
+    class CountingSegmenter(TinySegmenter):
+        """Counts its calls (traces): the source's shape probe is one, each compiled program one more."""
+
+        calls = 0
+
+        def segment(self, params, images, downsample=1):
+            type(self).calls += 1
+            return super().segment(params, images, downsample)
+
+    options = dict(size=24, topk=3, progress=False)
+    labelled = dissect_generator(TinyGenerator(), TinySegmenter(), ["layer1"], threshold="quantile", **options)["layer1"]
+    outdir = tmp_path / "unlabelled"
+    bare = dissect_generator(TinyGenerator(), CountingSegmenter(), ["layer1"], make_labels=False, outdir=str(outdir),
+                             **options)["layer1"]
+    assert CountingSegmenter.calls == 1  # the shape probe (jax.eval_shape) only: no program segments anything
+    assert bare.threshold == "quantile"  # the default without labels
+    for name in ("levels", "raw_quantiles", "topk_values", "topk_indices", "activation_fraction"):
+        np.testing.assert_array_equal(getattr(bare, name), getattr(labelled, name), err_msg=name)
+    assert list(bare.label_names) == ["-"] and not bare.unit_label.any() and bare.iou.shape == (1, bare.num_units)
+    assert (outdir / "layer1" / "image" / "0-top.jpg").exists() and (outdir / "dissect.html").exists()
+    with pytest.raises(ValueError, match=r"make_labels=False \(--no-labels\) needs the 'quantile' threshold rule"):
+        dissect_generator(TinyGenerator(), TinySegmenter(), ["layer1"], make_labels=False, threshold="iqr", **options)
+
+
+def test_examples_is_the_references_name_for_topk(monkeypatch, tmp_path):
+    calls = {}
+    monkeypatch.setattr(gandissect_jax.dissection, "dissect_features",
+                        lambda *args, **kwargs: calls.setdefault("config", args[3]) and {})
+    for flag in ("--examples", "--topk"):
+        calls.clear()
+        for name in ("f.npy", "s.npy"):
+            np.save(tmp_path / name, np.zeros((2, 2, 2, 1), np.float32))
+        (tmp_path / "l.json").write_text('{"labels": [["-", "object"]], "categories": ["object"]}')
+        main(["dissect", "--features", str(tmp_path / "f.npy"), "--segmentations", str(tmp_path / "s.npy"),
+              "--labels", str(tmp_path / "l.json"), flag, "7", "--outdir", str(tmp_path / "out"), "--quiet"])
+        assert calls["config"].topk == 7

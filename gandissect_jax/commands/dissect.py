@@ -85,6 +85,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          help="how units get their concept: significant (default: the concept's IoU must beat "
                               "chance at false-discovery rate 0.05; large concepts are never hidden) or reference "
                               "(the reference's rule, to reproduce the paper's numbers)")
+    scoring.add_argument("--no-labels", action="store_true",
+                         help="do not label the units (the segmenter never runs): each unit's levels, quantiles, "
+                         "top-k samples and strips only; needs --threshold quantile (the default then) or --levels")
     run = parser.add_argument_group("run")
     run.add_argument("--outdir", required=True, help="output directory (reruns resume here)")
     run.add_argument("--restart", action="store_true",
@@ -93,6 +96,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--topk", type=arguments.int_in_range(1, arguments.MAX_TOPK), default=None,
                      help="top samples kept per unit and shown in its image strip, at most the number "
                      "of samples (default 10)")
+    run.add_argument("--examples", type=arguments.int_in_range(1, arguments.MAX_TOPK), dest="topk", metavar="N",
+                     default=argparse.SUPPRESS, help="the reference's name for --topk")
     run.add_argument("--batch-size", type=arguments.batch_size(), default=32,
                      help=f"samples per step over all devices, in [1, {arguments.MAX_BATCH}] (default 32)")
     run.add_argument("--checkpoint-every", type=arguments.seconds(), default=60.0, metavar="SECONDS",
@@ -105,7 +110,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      "available RAM, 70%% of an accelerator's free memory); units are measured in groups that fit, "
                      "with identical results")
     run.add_argument("--no-images", action="store_true", help="skip the top-k image strips")
-    run.add_argument("--thumbsize", type=arguments.int_in_range(arguments.MIN_THUMBSIZE, arguments.MAX_THUMBSIZE), default=None, metavar="PIXELS",
+    run.add_argument("--thumbsize", type=arguments.int_in_range(arguments.MIN_THUMBSIZE, arguments.MAX_THUMBSIZE),
+                     default=None, metavar="PIXELS",
                      help="side of each thumbnail in the image strips, in [16, 1024] (default: the image size "
                      "clamped to [96, 160])")
     run.add_argument("--no-report", action="store_true",
@@ -113,9 +119,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--title", help="title of the HTML report")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     hosts = parser.add_argument_group(
-        "multi-host", "run as one of N cooperating processes (TPU pod slice, GPU cluster); only process 0 writes "
-        "--outdir. Give all three flags (or GANDISSECT_COORDINATOR, GANDISSECT_NUM_PROCESSES, "
-        "GANDISSECT_PROCESS_ID), or --multi-host to let JAX detect the cluster (TPU pods, SLURM, Open MPI)")
+        "multi-host", "run as one of N cooperating processes (TPU pod slice, GPU cluster; the same command on\n"
+        "every process); only process 0 reads and writes --outdir. Give the three flags below (or\n"
+        "GANDISSECT_COORDINATOR, GANDISSECT_NUM_PROCESSES, GANDISSECT_PROCESS_ID), or --multi-host to let\n"
+        "JAX detect the cluster (TPU pods, SLURM, Open MPI)")
     hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
     hosts.add_argument("--num-processes", type=arguments.int_in_range(1, 65536), default=None,
                        help="number of processes, in [1, 65536]")
@@ -220,6 +227,7 @@ def _run(args) -> int:
                            iou_threshold=args.iou_threshold, label_rule=args.label_rule,
                            checkpoint_every=args.checkpoint_every,
                            progress=not args.quiet, make_images=not args.no_images, make_report=not args.no_report,
+                           make_labels=not args.no_labels,
                            thumbsize=args.thumbsize, title=args.title,
                            keep_progress=args.keep_progress, max_memory=args.max_memory)
     if args.features:

@@ -48,6 +48,11 @@ class DissectConfig:
       available host memory, 70% of an accelerator's free memory); units are measured in groups
       that fit it (:mod:`.memory`), with identical results.
     make_images / make_report: write the top-k image strips / dissect.json and the HTML report.
+    make_labels: label the units (default). False (``--no-labels``, the reference's
+      ``make_labels=False``): the segmentations are neither computed (a generator's segmenter never
+      runs) nor read; each unit gets its levels, quantiles, top-k samples and strips, and its
+      label is none (0). Needs the 'quantile' or 'levels' threshold rule (the default then), as
+      the IQR rule chooses levels by agreement with the labels.
     thumbsize: side in pixels of each thumbnail of the image strips, in [16, 1024] (default None:
       the image size clamped to [96, 160]).
     title: title of the HTML report. progress: show progress bars.
@@ -69,6 +74,7 @@ class DissectConfig:
     max_memory: int | float | str | None = None
     make_images: bool = True
     make_report: bool = True
+    make_labels: bool = True
     thumbsize: int | None = None
     title: str | None = None
     progress: bool = True
@@ -105,7 +111,7 @@ class DissectConfig:
             fail("checkpoint_every", f"a number of seconds in [0, {MAX_CHECKPOINT_SECONDS:g}]")
         if self.thumbsize is not None and not integer(self.thumbsize, MIN_THUMBSIZE, MAX_THUMBSIZE):
             fail("thumbsize", f"None or an integer in [{MIN_THUMBSIZE}, {MAX_THUMBSIZE}]")
-        for name in ("make_images", "make_report", "progress", "keep_progress"):
+        for name in ("make_images", "make_report", "make_labels", "progress", "keep_progress"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
         if self.label_rule not in LABEL_RULES:

@@ -37,7 +37,7 @@ from .progress import COUNT_PASS_COST, RunProgress
 from .report import safe_dir_name, write_report
 from .results import LayerDissection
 from .resume import RunDirectory, digest, outdir_lock
-from .sources import DEFAULT_MICRO_BATCH, ArraySource, GeneratorSource, ModelSource
+from .sources import DEFAULT_MICRO_BATCH, ArraySource, GeneratorSource, ModelSource, Unlabelled
 from .strips import write_strips
 
 LAYOUTS = ("nhwc", "nchw")
@@ -159,6 +159,13 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
     KeyboardInterrupt) once the running pass is saved; a rerun resumes there.
     """
     labels, categories = _check_labels(labels, categories)
+    if not config.make_labels:  # no labelling: label 0 alone, segmentations all 0 (never computed nor read)
+        if config.threshold == "iqr" or config.search_iqr:
+            raise ValueError("make_labels=False (--no-labels) needs the 'quantile' threshold rule or fixed levels: "
+                             "the IQR rule chooses each unit's level by its agreement with the labels")
+        default_threshold = "quantile"
+        labels, categories = [labels[0]], [labels[0][1]]
+        source = Unlabelled(source)
     label_category = label_category_indices(labels, categories)
     threshold, search_iqr = config.resolved_threshold(default_threshold, levels is not None)
     _check_source(source, config)
