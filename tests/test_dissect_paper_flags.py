@@ -58,7 +58,8 @@ def test_paper_segmenter_flags_reach_the_segmenter_the_identity_and_the_config(m
     (["--segsizes", "256"], "--segdiv and --segsizes apply to the unified-parsing segmenter"),
     (["--coordinator", "127.0.0.1:1234", "--num-processes", "2"], r"missing \['--process-id'\]"),
     (["--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "0"], "--coordinator must be HOST:PORT"),
-    (["--coordinator", "h:1234", "--num-processes", "2", "--process-id", "2"], r"--process-id must be an integer in \[0, 1\]"),
+    (["--coordinator", "h:1234", "--num-processes", "2", "--process-id", "2"],
+     r"--process-id must be an integer in \[0, 1\]"),
 ])
 def test_flags_are_refused_with_a_clear_error_before_any_work(argv, message, tmp_path, capsys):
     outdir = tmp_path / "out"

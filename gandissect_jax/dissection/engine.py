@@ -11,7 +11,8 @@ order-independent, so the results are identical for any device count and batch s
 ``checkpoint_dir``, the host states are saved every ``checkpoint_every`` seconds and a rerun
 continues from the last save. Ctrl-C (SIGINT) stops the pass at the end of the running batch:
 the states are saved (with ``checkpoint_dir``) and :class:`Interrupted` says where a rerun
-continues; a second Ctrl-C stops at once.
+continues; a second Ctrl-C stops at once. With several processes (multi-host), the mesh spans the
+devices of every host and each drain sends every device's state to every host (:mod:`.distributed`).
 
 This is davidbau/dissect's ``tally`` in JAX form, with optax's ``init``/``update`` composition
 for the statistics (:mod:`.statistics`, :mod:`.quantiles`, :mod:`.moments`, or your own).
@@ -271,7 +272,10 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
     checkpoint_dir: where to save the host states (``tally.npz``) every ``checkpoint_every``
       seconds; a rerun with the same statistics and source size continues from there (a
       finished pass is not run again). ValueError when the checkpoint was written by a different
-      tally. mesh: a 1-D mesh (:func:`make_mesh`; default: all local devices).
+      tally. mesh: a 1-D mesh (:func:`make_mesh`; default: ``jax.devices()``). In a multi-host run
+      (:mod:`.distributed`) every process calls ``tally`` alike over the global mesh: each computes
+      its own devices' samples, every device's state reaches every host exactly at each drain,
+      and only process 0 reads and writes ``checkpoint_dir`` (what it reads, it broadcasts).
     batch_size: samples per step over all devices (rounded up to a multiple of the device count,
       and of the device count times the source's ``micro_batch`` when it has one).
     progress: show a tqdm bar named ``desc`` (True), nothing (False), or a :class:`PassProgress`.
@@ -365,7 +369,9 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
                 position = min(total, position + global_batch)
                 since_drain += per_device
                 bar.update(int(valid.sum()))
-                if multi:  # every IN_FLIGHT steps all processes agree: stop (any Ctrl-C), drain and save (process 0's clock)
+                # several processes: every IN_FLIGHT steps they agree to stop (Ctrl-C on any) and to
+                # drain and save (a checkpoint due by process 0's clock)
+                if multi:
                     stopping = must_save = False
                     if steps_run % IN_FLIGHT == 0 and position < total:
                         due = checkpoint is not None and time.monotonic() - last_save >= checkpoint_every
@@ -388,7 +394,8 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
                 host = _drain(statistics, host, states, mesh)
                 if checkpoint:
                     _save(checkpoint, host, signature, total)
-            if distributed.any_process(stop_requested()) if multi else stop_requested():  # Ctrl-C during the last batch: the pass is complete and saved
+            # Ctrl-C during the last batch: the pass is complete and saved
+            if distributed.any_process(stop_requested()) if multi else stop_requested():
                 raise Interrupted(desc, total, total, checkpoint)
     finally:
         bar.close()

@@ -545,5 +545,5 @@ class TfdsSource:
         return {"kind": "tfds", "num_samples": self.num_samples, **self._identity}
 
 
-__all__ = ["Unlabelled", "ArraySource", "GeneratorSource", "ModelSource", "TfdsSource", "FeaturesOnly", "split_at", "segment",
-           "segmenter_params", "micro_batched", "DEFAULT_MICRO_BATCH"]
+__all__ = ["ArraySource", "GeneratorSource", "ModelSource", "TfdsSource", "FeaturesOnly", "Unlabelled", "split_at",
+           "segment", "segmenter_params", "micro_batched", "DEFAULT_MICRO_BATCH"]
