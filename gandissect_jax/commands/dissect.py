@@ -205,6 +205,8 @@ def _leave_multiprocess_run(err: BaseException) -> None:
 
     interrupted = isinstance(err, KeyboardInterrupt)
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if interrupted and jax.process_index() != 0:  # its own Interrupted knows no checkpoint: process 0 saved it
+        first = "interrupted; process 0 saved the progress: relaunch every process with the same command to resume"
     if not interrupted and not isinstance(err, (ValueError, FileNotFoundError, KeyError, OSError)):
         first = (f"{type(err).__name__}: {first} (another process of this run probably stopped); what process 0 "
                  f"saved stays: relaunch every process with the same command to resume")
