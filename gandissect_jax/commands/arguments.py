@@ -28,6 +28,8 @@ MAX_SAMPLES = 2**31 - 1
 MAX_SEED = 2**32 - 1
 # Top samples kept per unit.
 MAX_TOPK = 10000
+
+MIN_THUMBSIZE, MAX_THUMBSIZE = 16, 1024  # pixels per side of a strip thumbnail (as DissectConfig)
 # Checkpoint intervals are at most a day.
 MAX_CHECKPOINT_SECONDS = 86400.0
 
