@@ -8,6 +8,10 @@ Data flows ``z -> h -> r -> (edit) -> f -> x -> segment -> tally -> report``:
 - :mod:`gandissect_jax.sampling`      z sampling identical to the reference
 - :mod:`gandissect_jax.intervention`  pure edits of a layer's representation (ablate / insert)
 - :mod:`gandissect_jax.ace`           ACE optimization: which units cause a concept
+- :mod:`gandissect_jax.effects`       causal effects: ablate, insert, context maps, ablation curves
+- :mod:`gandissect_jax.artifacts`     artifact units ranked with the discriminator
+- :mod:`gandissect_jax.unitseg`       unit segmentation (each pixel: its most active unit's concept)
+- :mod:`gandissect_jax.rankings`      per-label unit rankings (IoU, ACE) in dissect.json
 - :mod:`gandissect_jax.pth`           torch-free reader of PyTorch ``.pth`` checkpoints
 - :mod:`gandissect_jax.checkpoints`   orbax checkpoints (params + architecture JSON)
 - :mod:`gandissect_jax.weights`       registry of downloadable weights, fetch and convert
@@ -46,6 +50,14 @@ _EXPORTS = {
     "build_ace_corpus": "gandissect_jax.ace",
     "optimize_ace": "gandissect_jax.ace",
     "ace_ranking": "gandissect_jax.ace",
+    "ablate": "gandissect_jax.effects",
+    "insert": "gandissect_jax.effects",
+    "context_map": "gandissect_jax.effects",
+    "ace_curve": "gandissect_jax.effects",
+    "paired_label_shares": "gandissect_jax.effects",
+    "artifact_ranking": "gandissect_jax.artifacts",
+    "unit_segmentation": "gandissect_jax.unitseg",
+    "load_discriminator": "gandissect_jax.scenes.discriminator",
     "load_segmenter": "gandissect_jax.segmenter",
     "Segmenter": "gandissect_jax.segmenter",
     "dissect_generator": "gandissect_jax.dissection",

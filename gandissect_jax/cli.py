@@ -19,6 +19,12 @@ _COMMANDS = (
     ("weights", "weights"),
     ("layers", "layers"),
     ("dissect", "dissect"),
+    ("ace", "ace"),
+    ("ablate", "ablate"),
+    ("insert", "insert"),
+    ("artifacts", "artifacts"),
+    ("segment-units", "segment_units"),
+    ("paint", "paint"),
 )
 # Exit status after Ctrl-C, as shells report a process ended by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
@@ -28,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every available sub-command registered."""
     parser = argparse.ArgumentParser(
         prog="gandissect-jax",
-        description="GAN Dissection in JAX: generate, convert weights, list layers, dissect.",
+        description="GAN Dissection in JAX: generate, convert weights, list layers, dissect; "
+                    "intervene: ace, ablate, insert, artifacts, segment-units; paint (GANPaint).",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for _, module_name in _COMMANDS:

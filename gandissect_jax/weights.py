@@ -2,7 +2,7 @@
 
 ``weights/registry.json`` maps a name to an entry::
 
-    {"kind": "generator" | "segmenter", "description": str,
+    {"kind": "generator" | "segmenter" | "discriminator", "description": str,
      "files": [{"name": str, "url": str, "sha256": str | null, "size": int | null}],
      "convert": "module:function",     # called as function(download_dir, dest_dir)
      "shipped": null | "<directory under weights/ holding a converted checkpoint>"}
@@ -10,7 +10,7 @@
 :func:`fetch` downloads every file of an entry into ``<cache>/downloads/<name>/``, each through a
 uniquely named partial file that enters the cache only when complete and verified: against the
 registry's size and sha256 when it lists them, else by reading the whole file as its type
-(:func:`check_structure`: ``read_pth`` for ``.pth``, CRCs for zip archives, a parse for JSON). A
+(:func:`~gandissect_jax.downloads.check_structure`: ``read_pth`` for ``.pth``, CRCs for zip archives, a parse for JSON). A
 cached file is verified again before each use and downloaded again if corrupt. What was observed
 goes into ``fetch-record.json``; :func:`pin` (``gandissect-jax weights pin NAME --into FILE``)
 writes the sizes and sha256 sums into a registry file of the user's. Then the files are converted
@@ -24,23 +24,17 @@ URLs may be ``http(s)://`` or ``file://``.
 
 from __future__ import annotations
 
-import bz2
 import datetime
-import gzip
-import hashlib
-import http.client
 import importlib
 import json
-import lzma
 import os
 import shutil
-import tarfile
 import tempfile
-import urllib.error
-import urllib.request
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from . import downloads
+from .downloads import RECORD_FILE, ChecksumError, CorruptFileError, DownloadError, check_structure, download
 
 __all__ = [
     "DownloadError",
@@ -59,20 +53,7 @@ __all__ = [
     "KINDS",
 ]
 
-KINDS = ("generator", "segmenter")
-RECORD_FILE = "fetch-record.json"
-
-
-class DownloadError(OSError):
-    """A file of a registry entry could not be downloaded (no network, host down, 404, ...)."""
-
-
-class ChecksumError(ValueError):
-    """Downloaded data does not match the size or sha256 listed in the registry."""
-
-
-class CorruptFileError(ChecksumError):
-    """A downloaded or cached file does not parse as its type (truncated or corrupt)."""
+KINDS = ("generator", "segmenter", "discriminator")
 
 
 SHIPPED_WEIGHTS_PACKAGE = "gandissect_jax.shipped_weights"
@@ -223,169 +204,6 @@ def resolve(
     )
 
 
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _verify(path: Path, size: int | None, sha256: str | None, observed_sha: str, url: str) -> None:
-    actual_size = path.stat().st_size
-    if size is not None and actual_size != int(size):
-        raise ChecksumError(f"{url}: size is {actual_size} bytes, the registry says {size}")
-    if sha256 is not None and observed_sha.lower() != sha256.lower():
-        raise ChecksumError(f"{url}: sha256 is {observed_sha}, the registry says {sha256}")
-
-
-# file name ending -> what the structural check reads the whole file as
-_PARSERS = {
-    ".pth": "PyTorch checkpoint (read_pth)",
-    ".pt": "PyTorch checkpoint (read_pth)",
-    ".zip": "zip archive (every member's CRC)",
-    ".npz": "zip archive (every member's CRC)",
-    ".tar": "tar archive (every member)",
-    ".tar.gz": "compressed tar archive (whole stream, every member)",
-    ".tgz": "compressed tar archive (whole stream, every member)",
-    ".tar.bz2": "compressed tar archive (whole stream, every member)",
-    ".tar.xz": "compressed tar archive (whole stream, every member)",
-    ".json": "JSON document",
-    ".npy": "numpy array",
-}
-
-
-def _parser_for(name: str) -> tuple[str, str] | None:
-    lower = name.lower()
-    for ending in sorted(_PARSERS, key=len, reverse=True):
-        if lower.endswith(ending):
-            return ending, _PARSERS[ending]
-    return None
-
-
-def check_structure(path: str | os.PathLike, name: str | None = None) -> str:
-    """Read the whole file ``path`` as the type its ``name`` ends with; returns how it was verified.
-
-    ``.pth``/``.pt`` are read with :func:`gandissect_jax.pth.read_pth` (every tensor, safely),
-    ``.zip``/``.npz`` have every member's CRC checked, tar archives every member read, ``.json``
-    and ``.npy`` parsed. This is the verification of a download when the registry has no sha256.
-
-    Returns:
-      ``'parse'`` when the file was read completely, ``'none'`` when there is no parser for its type.
-
-    Raises:
-      CorruptFileError naming the file: it does not parse (truncated or corrupt).
-    """
-    path = Path(path)
-    name = name or path.name
-    parser = _parser_for(name)
-    if parser is None:
-        return "none"
-    ending, kind = parser
-    try:
-        if ending in (".pth", ".pt"):
-            from gandissect_jax.pth import read_pth
-
-            read_pth(path)
-        elif ending in (".zip", ".npz"):
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
-            if bad is not None:
-                raise ValueError(f"member {bad!r} fails its CRC check")
-        elif ending.startswith(".t"):
-            decompress = {".tar.gz": gzip.open, ".tgz": gzip.open, ".tar.bz2": bz2.open,
-                          ".tar.xz": lzma.open}.get(ending)
-            if decompress is not None:  # to the end: checks the compressed stream's trailer/CRC
-                with decompress(path, "rb") as stream:
-                    while stream.read(1 << 20):
-                        pass
-            with tarfile.open(path) as archive:
-                for member in archive:
-                    if member.isfile():
-                        stream = archive.extractfile(member)
-                        while stream is not None and stream.read(1 << 20):
-                            pass
-        elif ending == ".json":
-            json.loads(path.read_bytes().decode("utf-8"))
-        else:
-            import numpy as np
-
-            np.load(path, allow_pickle=False)
-    except Exception as err:  # noqa: BLE001 - whatever the parser raises, the file is unusable
-        raise CorruptFileError(f"{name} is not a complete {kind}: truncated or corrupt "
-                               f"({type(err).__name__}: {err})") from err
-    return "parse"
-
-
-def download(
-    url: str,
-    path: str | os.PathLike,
-    *,
-    size: int | None = None,
-    sha256: str | None = None,
-    timeout: float = 60.0,
-    progress: bool = True,
-    check: Callable[[Path], Any] | None = None,
-) -> str:
-    """Download ``url`` to ``path`` through a uniquely named partial file; returns the sha256.
-
-    The partial file (``.NAME.part-XXXX`` beside ``path``) is renamed to ``path`` only when the
-    transfer is complete (as many bytes as the server's ``Content-Length``), matches ``size`` and
-    ``sha256`` when given, and passes ``check(partial_path)`` when given (e.g.
-    :func:`check_structure`). Otherwise, and on any interruption (``KeyboardInterrupt``
-    included), it is deleted and nothing is left behind.
-
-    Raises:
-      DownloadError: the URL could not be read, or the transfer was cut short (message names the
-        URL and the reason).
-      ChecksumError: size or sha256 mismatch; CorruptFileError (a ChecksumError) from ``check``.
-    """
-    from tqdm.auto import tqdm
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.part-", dir=path.parent)
-    tmp = Path(tmp_name)
-    digest = hashlib.sha256()
-    try:
-        received, announced = 0, None
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-                headers = getattr(resp, "headers", None)
-                total = headers.get("Content-Length") if headers is not None else None
-                announced = int(total) if total and str(total).isdigit() else None
-                with tqdm(
-                    total=announced or size,
-                    unit="B",
-                    unit_scale=True,
-                    desc=path.name,
-                    disable=not progress,
-                ) as bar:
-                    for block in iter(lambda: resp.read(1 << 20), b""):
-                        out.write(block)
-                        digest.update(block)
-                        received += len(block)
-                        bar.update(len(block))
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
-            reason = getattr(err, "reason", None) or err
-            raise DownloadError(
-                f"could not download {url}: {reason}. If this machine has no network, fetch the "
-                f"file on another machine, copy it here and run `gandissect-jax convert FILE DEST`."
-            ) from err
-        if announced is not None and received != announced:
-            raise DownloadError(f"download of {url} was cut short: {received} of {announced} bytes "
-                                "arrived; nothing was kept")
-        observed = digest.hexdigest()
-        _verify(tmp, size, sha256, observed, f"{path.name} from {url}")
-        if check is not None:
-            check(tmp)
-        os.replace(tmp, path)
-        return observed
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _load_converter(spec: str) -> Callable[[Path, Path], Any]:
     module_name, function_name = spec.split(":")
     module = importlib.import_module(module_name)
@@ -393,64 +211,6 @@ def _load_converter(spec: str) -> Callable[[Path, Path], Any]:
         return getattr(module, function_name)
     except AttributeError as err:
         raise ValueError(f"converter {spec!r}: {module_name} has no {function_name}") from err
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a unique temporary sibling renamed into place (removed on failure)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _read_record(path: Path) -> dict:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def _verify_cached(
-    target: Path, spec: Mapping, recorded: Any, entry_name: str, log: Callable[[str], Any] | None
-) -> tuple[str, str] | None:
-    """Re-verify a cached download: ``(how, sha256)`` if it is good, else delete it and ``None``.
-
-    Size and sha256 are checked when the registry has them; otherwise the sha256 that
-    ``fetch-record.json`` recorded for a copy verified at download time vouches for the bytes;
-    failing that the whole file is parsed (:func:`check_structure`).
-    """
-    if not target.is_file():
-        return None
-    size, sha = spec.get("size"), spec.get("sha256")
-    actual = target.stat().st_size
-    problem = None
-    if size is not None and actual != int(size):
-        problem = f"{actual} bytes, the registry says {size}"
-    else:
-        observed = _sha256_of(target)
-        if sha is not None:
-            if observed.lower() == str(sha).lower():
-                return "sha256", observed
-            problem = f"sha256 {observed}, the registry says {sha}"
-        elif (isinstance(recorded, Mapping) and recorded.get("verified") in ("sha256", "parse")
-              and recorded.get("sha256") == observed and recorded.get("bytes") == actual):
-            return str(recorded["verified"]), observed
-        else:
-            try:
-                return check_structure(target, spec["name"]), observed
-            except CorruptFileError as err:
-                problem = str(err)
-    if log is not None:
-        log(f"{entry_name}: the cached {target} is corrupt ({problem}); downloading it again")
-    target.unlink()
-    return None
 
 
 def _is_fetched_copy(directory: str, entry: Mapping) -> bool:
@@ -530,22 +290,22 @@ def fetch(
         for stale in download_dir.glob(".*.part-*"):  # left by a killed run (we hold the lock)
             stale.unlink()
         record_path = download_dir / RECORD_FILE
-        record = _read_record(record_path)
+        record = downloads.read_record(record_path)
         for spec in entry["files"]:
             target = download_dir / spec["name"]
             size, sha = spec.get("size"), spec.get("sha256")
             got = None
             if not force:
-                got = _verify_cached(target, spec, record.get(spec["name"]), name, log)
+                got = downloads.verify_cached(target, spec, record.get(spec["name"]), name, log)
             if got is None:
                 how: dict[str, str] = {"how": "sha256" if sha is not None else "none"}
                 if sha is None:
                     def check(partial, spec_name=spec["name"], how=how):
-                        how["how"] = check_structure(partial, spec_name)
+                        how["how"] = downloads.check_structure(partial, spec_name)
                 else:
                     check = None
                 try:
-                    observed = download(spec["url"], target, size=size, sha256=sha,
+                    observed = downloads.download(spec["url"], target, size=size, sha256=sha,
                                         timeout=timeout, progress=progress, check=check)
                 except ChecksumError as err:
                     raise type(err)(f"{name}: {err}; the download was discarded, nothing was "
@@ -568,7 +328,7 @@ def fetch(
                 log(f"{spec['name']}: sha256 {observed} ({nbytes} bytes); checksum not verified: "
                     f"the registry lists none; {how_text}. Pin it with `gandissect-jax weights pin "
                     f"{name} --into FILE`")
-        _write_json_atomic(record_path, record)
+        downloads.write_json_atomic(record_path, record)
         dest.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.converting-", dir=dest.parent))
         try:
@@ -651,14 +411,14 @@ def pin(
         download_dir = cache_dir() / "downloads" / name
         files = []
         with destination_lock(download_dir):
-            record = _read_record(download_dir / RECORD_FILE)
+            record = downloads.read_record(download_dir / RECORD_FILE)
             for spec in entry["files"]:
                 target = download_dir / spec["name"]
                 if not target.is_file():
                     raise FileNotFoundError(f"{spec['name']} of {name!r} is not in the download cache "
                                             f"({target}): run `gandissect-jax weights fetch {name}` "
                                             "first")
-                got = _verify_cached(target, {"name": spec["name"]}, record.get(spec["name"]),
+                got = downloads.verify_cached(target, {"name": spec["name"]}, record.get(spec["name"]),
                                      name, None)
                 if got is None:
                     raise ChecksumError(f"{name}: the cached {target} is corrupt and was removed; run "
@@ -681,7 +441,7 @@ def pin(
         pinned = {**entry, "files": files}
         load_registry({name: pinned})
         raw[name] = pinned
-        _write_json_atomic(into, raw)
+        downloads.write_json_atomic(into, raw)
     if log is not None:
         for spec in files:
             log(f"{name}: pinned {spec['name']} sha256 {spec['sha256']} ({spec['size']} bytes) in {into}")

@@ -53,7 +53,8 @@ def test_every_command_with_numbers_is_covered():
     for expected in [("dissect", "--batch-size"), ("dissect", "--topk"), ("dissect", "--checkpoint-every"),
                      ("dissect", "--quantile"), ("dissect", "--iou-threshold"), ("dissect", "--size"),
                      ("dissect", "--seed"), ("dissect", "--seg-downsample"), ("generate", "--n"),
-                     ("generate", "--seed"), ("generate", "--batch-size"), ("weights fetch", "--timeout")]:
+                     ("generate", "--seed"), ("generate", "--batch-size"), ("weights fetch", "--timeout"),
+                     ("paint", "--port"), ("paint", "--top"), ("paint", "--max-strokes"), ("paint", "--size")]:
         assert expected in flags
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import gandissect_jax as gj
+from gandissect_jax import downloads as download_module
 from gandissect_jax import weights
 from gandissect_jax.checkpoints import DestinationError
 from gandissect_jax.cli import main
@@ -169,7 +170,7 @@ def test_verified_cache_is_reused_without_parsing_or_downloading(host, cache, mo
     host.files["/tiny.pth"] = GOOD
     reg = registry(host.url + "/tiny.pth")
     weights.fetch("tiny", registry=reg, progress=False, log=None)
-    monkeypatch.setattr(weights, "check_structure", lambda *a: pytest.fail("parsed again"))
+    monkeypatch.setattr(download_module, "check_structure", lambda *a: pytest.fail("parsed again"))
     weights.fetch("tiny", registry=reg, progress=False, log=None)
     assert host.hits["/tiny.pth"] == 1
 
@@ -333,7 +334,7 @@ def test_interrupted_fetch_leaves_no_temporary_files(host, cache, monkeypatch, s
     if stage == "verify":
         def interrupt(*args):
             raise KeyboardInterrupt
-        monkeypatch.setattr(weights, "check_structure", interrupt)
+        monkeypatch.setattr(download_module, "check_structure", interrupt)
     else:
         import gandissect_jax.proggan as proggan
 

@@ -138,11 +138,14 @@ def test_wheel_installs_into_a_fresh_venv_and_dissects_the_shipped_demo(tmp_path
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(source)])
     (wheel,) = wheels.glob("gandissect_jax-*.whl")
 
-    # The wheel holds every module, the registry and every shipped checkpoint, byte for byte.
+    # The wheel holds every module and data file of the package (the report's and the paint app's
+    # HTML, CSS and JavaScript), the registry and every shipped checkpoint, byte for byte.
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-        modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "gandissect_jax").rglob("*.py")}
+        modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "gandissect_jax").rglob("*")
+                   if p.suffix in (".py", ".json", ".html", ".css", ".js") and "__pycache__" not in p.parts}
         assert modules <= names, sorted(modules - names)
+        assert {f"gandissect_jax/paint/static/{n}" for n in ("index.html", "app.js", "style.css")} <= modules
         shipped = {n[len(SHIPPED_PREFIX):]: n for n in names if n.startswith(SHIPPED_PREFIX)}
         assert "registry.json" in shipped
         wanted = [e["shipped"] for e in load_registry().values() if e.get("shipped")]
@@ -180,6 +183,11 @@ def test_wheel_installs_into_a_fresh_venv_and_dissects_the_shipped_demo(tmp_path
     assert Path(where).is_relative_to(purelib), where
     installed_weights = purelib / SHIPPED_PREFIX
 
+    # the paint app's client, found where the server looks for it (gandissect_jax.paint.server.create_app)
+    static = _run([str(python), "-c", "from importlib import resources; "
+                   "d = resources.files('gandissect_jax.paint') / 'static'; print(sorted(p.name for p in d.iterdir()))"],
+                  cwd=work, env=env).stdout
+    assert "'index.html'" in static and "'app.js'" in static and "'style.css'" in static, static
     listing = _run([str(command), "weights", "list"], cwd=work, env=env).stdout
     for name, directory in (("scenes64", "scenes64/generator"), ("scenes64-segmenter", "scenes64/segmenter")):
         line = next(line for line in listing.splitlines() if line.split()[:1] == [name])

@@ -9,8 +9,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _readme_commands():
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
-    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.S)
-    setup = [b.strip() for b in blocks if "pip install" in b]
+    # every fenced block with its language (pairing each opening fence with its own closing one),
+    # then the shell blocks among them
+    blocks = re.findall(r"```([a-z]*)\n(.*?)```", text, flags=re.S)
+    setup = [b.strip() for language, b in blocks if language in ("", "bash", "sh", "console") and "pip install" in b]
     return setup
 
 

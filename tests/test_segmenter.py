@@ -24,7 +24,9 @@ import gandissect_jax
 from gandissect_jax.segmenter import (Segmenter, SegmenterWeightsError, UnifiedParsingSegmenter,
                                       load_segmenter)
 from gandissect_jax.segmenter.resize import adaptive_avg_pool
-from gandissect_jax.segmenter.unified import class_score_from_probabilities, preprocess
+from gandissect_jax.segmenter.unified import (class_score_from_probabilities,
+                                              class_scores_from_probabilities, preprocess,
+                                              supported_classes)
 from gandissect_jax.segmenter.upernet import UnifiedParsingNetwork
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "segmenter")
@@ -221,6 +223,36 @@ def test_class_scores_match_golden(segmenter, quad_segmenter, images, probs, seg
         assert diff <= PROB_ATOL, name
         differ = np.asarray(mask) != data[f"{segdiv}_{name}_mask"]
         assert not np.any(differ & ~near_tie), name
+
+
+def test_class_scores_equal_class_score_for_every_label(segmenter, quad_segmenter, images, probs):
+    """One pass scores every label exactly as class_score scores it alone (undivided and quad,
+    parts such as door included); the quad division's classes, which class_score refuses, are 0.
+    Their gradients agree too (with respect to the softmax maps)."""
+    for seg in (segmenter, quad_segmenter):
+        every = np.asarray(class_scores_from_probabilities(probs, seg.scheme))
+        assert every.shape == (2, 64, 64, len(seg.labels)) and every.dtype == np.float32
+        supported = supported_classes(seg.scheme)
+        assert supported.sum() == 21 and len(seg.labels) in (21, 61)
+        for c in range(len(seg.labels)):
+            if supported[c]:
+                one = np.asarray(class_score_from_probabilities(probs, c, seg.scheme)[0])
+                np.testing.assert_array_equal(every[..., c], one, err_msg=seg.labels[c][0])
+            else:
+                assert not every[..., c].any(), seg.labels[c][0]
+        weights = jnp.asarray(np.random.RandomState(2).uniform(0, 1, len(seg.labels)), jnp.float32)
+        grad_all = jax.grad(lambda p: (class_scores_from_probabilities(p, seg.scheme) * weights).sum())(probs)
+
+        def per_label(p):
+            return sum(weights[c] * class_score_from_probabilities(p, c, seg.scheme)[0].sum()
+                       for c in np.flatnonzero(supported))
+
+        grad_one = jax.grad(per_label)(probs)
+        for a, b in zip(jax.tree_util.tree_leaves(grad_all), jax.tree_util.tree_leaves(grad_one)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    # the public call runs the network and returns the same maps
+    public = np.asarray(segmenter.class_scores(segmenter.params, images, downsample=2))
+    np.testing.assert_array_equal(public, np.asarray(class_scores_from_probabilities(probs, segmenter.scheme)))
 
 
 def test_multiscale_voting_matches_golden(segmenter, images):

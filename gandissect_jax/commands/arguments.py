@@ -28,6 +28,8 @@ MAX_SAMPLES = 2**31 - 1
 MAX_SEED = 2**32 - 1
 # Top samples kept per unit.
 MAX_TOPK = 10000
+
+MIN_THUMBSIZE, MAX_THUMBSIZE = 16, 1024  # pixels per side of a strip thumbnail (as DissectConfig)
 # Checkpoint intervals are at most a day.
 MAX_CHECKPOINT_SECONDS = 86400.0
 
@@ -110,6 +112,46 @@ def seconds(low: float = 0.0, high: float = MAX_CHECKPOINT_SECONDS) -> Callable[
     return float_in_range(low, high, what="a number of seconds")
 
 
+# Largest unit number and feature-map coordinate accepted on the command line (layers are checked
+# against the generator afterwards, with their real sizes).
+MAX_UNIT = 65535
+
+
+def unit_list(high: int = MAX_UNIT) -> Callable[[str], list[int]]:
+    """Unit numbers written as ``3,17,42`` or ranges ``4-7`` (inclusive), each an integer in
+    [0, high]; returns them sorted, without repeats. Empty lists are refused."""
+    allowed = f"must be unit numbers like 3,17,42 or 4-7, each an integer in [0, {high}]"
+
+    def parse(text: str) -> list[int]:
+        units: set[int] = set()
+        for part in str(text).split(","):
+            low, dash, top = part.strip().partition("-")
+            if not low.isdecimal() or not low.isascii() or (dash and not (top.isdecimal() and top.isascii())):
+                raise argparse.ArgumentTypeError(f"{allowed}, got {text!r}")
+            first, last = int(low), int(top) if dash else int(low)
+            if last < first or last > high:
+                raise argparse.ArgumentTypeError(f"{allowed}, got {text!r}")
+            units.update(range(first, last + 1))
+        return sorted(units)
+
+    parse.__name__ = f"unit numbers in [0, {high}]"
+    return parse
+
+
+def feature_position(high: int = MAX_UNIT) -> Callable[[str], tuple[int, int]]:
+    """A feature-map position ``ROW,COLUMN`` (e.g. ``5,3``), each an integer in [0, high]."""
+    allowed = f"must be a feature-map position ROW,COLUMN like 5,3, each an integer in [0, {high}]"
+
+    def parse(text: str) -> tuple[int, int]:
+        parts = [p.strip() for p in str(text).split(",")]
+        if len(parts) != 2 or not all(p.isdecimal() and p.isascii() and int(p) <= high for p in parts):
+            raise argparse.ArgumentTypeError(f"{allowed}, got {text!r}")
+        return int(parts[0]), int(parts[1])
+
+    parse.__name__ = f"position in [0, {high}]"
+    return parse
+
+
 MAX_MEMORY = 1 << 50  # bytes (1 PiB): larger budgets are typing errors
 
 
@@ -138,5 +180,6 @@ def is_range_checked(type_function) -> bool:
 
 
 __all__ = ["int_in_range", "float_in_range", "positive_int", "non_negative_int", "batch_size", "seed",
-           "open_unit_interval", "unit_interval", "positive_finite_float", "seconds", "memory_size", "is_range_checked",
+           "open_unit_interval", "unit_interval", "positive_finite_float", "seconds", "memory_size", "unit_list",
+           "feature_position", "is_range_checked", "MAX_UNIT",
            "MAX_BATCH", "MAX_TOPK", "MAX_SAMPLES", "MAX_SEED", "MAX_CHECKPOINT_SECONDS", "MAX_MEMORY"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from . import arguments
 
@@ -45,7 +46,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     source.add_argument("--model", help="generator: registry name, .pth file or checkpoint directory "
                         f"(default: the shipped demo {DEMO_MODEL!r} with {DEMO_SEGMENTER!r}, layers "
                         f"{' '.join(DEMO_LAYERS)})")
-    source.add_argument("--segmenter", help="segmenter: registry name or checkpoint directory")
+    source.add_argument("--segmenter", help="segmenter: registry name (the paper's: upp-resnet50-upernet), the "
+                        "reference's weight directory or a checkpoint directory")
+    source.add_argument("--segdiv", choices=("undivided", "quad"), default=None,
+                        help="unified-parsing segmenter's label division: undivided (default) or quad (objects also "
+                        "split into top/bottom and left/right quarters: the paper's GAN setting)")
+    source.add_argument("--segsizes", nargs="+", type=arguments.int_in_range(32, 4096), default=None, metavar="SIZE",
+                        help="unified-parsing segmenter's input sizes whose predictions vote, each in [32, 4096] "
+                        "(default 256, as the reference)")
     source.add_argument("--layers", nargs="+",
                         help="layers to dissect, e.g. layer4 layer7 (list them with: gandissect-jax layers MODEL)")
     source.add_argument("--size", type=arguments.positive_int(), default=10000,
@@ -80,6 +88,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          help="how units get their concept: significant (default: the concept's IoU must beat "
                               "chance at false-discovery rate 0.05; large concepts are never hidden) or reference "
                               "(the reference's rule, to reproduce the paper's numbers)")
+    scoring.add_argument("--no-labels", action="store_true",
+                         help="do not label the units (the segmenter never runs): each unit's levels, quantiles, "
+                         "top-k samples and strips only; needs --threshold quantile (the default then) or --levels")
     run = parser.add_argument_group("run")
     run.add_argument("--outdir", required=True, help="output directory (reruns resume here)")
     run.add_argument("--restart", action="store_true",
@@ -88,6 +99,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--topk", type=arguments.int_in_range(1, arguments.MAX_TOPK), default=None,
                      help="top samples kept per unit and shown in its image strip, at most the number "
                      "of samples (default 10)")
+    run.add_argument("--examples", type=arguments.int_in_range(1, arguments.MAX_TOPK), dest="topk", metavar="N",
+                     default=argparse.SUPPRESS, help="the reference's name for --topk")
     run.add_argument("--batch-size", type=arguments.batch_size(), default=32,
                      help=f"samples per step over all devices, in [1, {arguments.MAX_BATCH}] (default 32)")
     run.add_argument("--checkpoint-every", type=arguments.seconds(), default=60.0, metavar="SECONDS",
@@ -100,8 +113,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      "available RAM, 70%% of an accelerator's free memory); units are measured in groups that fit, "
                      "with identical results")
     run.add_argument("--no-images", action="store_true", help="skip the top-k image strips")
+    run.add_argument("--thumbsize", type=arguments.int_in_range(arguments.MIN_THUMBSIZE, arguments.MAX_THUMBSIZE),
+                     default=None, metavar="PIXELS",
+                     help="side of each thumbnail in the image strips, in [16, 1024] (default: the image size "
+                     "clamped to [96, 160])")
+    run.add_argument("--no-report", action="store_true",
+                     help="skip dissect.json, the bar graphs and the HTML report (scores.npz and strips are written)")
     run.add_argument("--title", help="title of the HTML report")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    hosts = parser.add_argument_group(
+        "multi-host", "run as one of N cooperating processes (TPU pod slice, GPU cluster; the same command on\n"
+        "every process); only process 0 reads and writes --outdir. Give the three flags below (or\n"
+        "GANDISSECT_COORDINATOR, GANDISSECT_NUM_PROCESSES, GANDISSECT_PROCESS_ID), or --multi-host to let\n"
+        "JAX detect the cluster (TPU pods, SLURM, Open MPI)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+    hosts.add_argument("--num-processes", type=arguments.int_in_range(1, 65536), default=None,
+                       help="number of processes, in [1, 65536]")
+    hosts.add_argument("--process-id", type=arguments.int_in_range(0, 65535), default=None,
+                       help="this process's number, in [0, num-processes - 1]")
+    hosts.add_argument("--multi-host", action="store_true",
+                       help="jax.distributed.initialize() with no arguments: the cluster is detected (TPU pods, "
+                       "SLURM, Open MPI)")
     parser.set_defaults(func=run_command)
     return parser
 
@@ -137,21 +169,60 @@ def _load_labels(path: str) -> dict:
     return document
 
 
-def _summary(results, outdir: str, iou_threshold: float) -> None:
+def _summary(results, outdir: str, iou_threshold: float, report: bool = True) -> None:
     for layer, result in results.items():
         count = int(result.interpretable(iou_threshold).sum())
         chance = f", beating chance at FDR {result.fdr:g}" if result.label_rule == "significant" else ""
         print(f"{layer}: {count} of {result.num_units} units interpretable (IoU >= {iou_threshold}{chance})")
-    print(f"report: {os.path.join(outdir, 'dissect.html')}")
+    print(f"report: {os.path.join(outdir, 'dissect.html')}" if report else f"scores: {outdir}/<layer>/scores.npz")
 
 
 def run_command(args) -> int:
     """Run the dissection described by the parsed arguments."""
-    from gandissect_jax.dissection import DissectConfig, dissect_features, dissect_generator
-
     if args.model and args.features:
         raise ValueError("give either --model (with --segmenter and --layers) or --features "
                          "(with --segmentations and --labels), not both")
+    if args.features and (args.segdiv or args.segsizes):
+        raise ValueError("--segdiv and --segsizes choose how --segmenter segments; they need --model, not --features")
+    from gandissect_jax.dissection import distributed
+
+    # before any JAX computation: join the other processes (a no-op when no multi-host flag is given)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.multi_host)
+    if not distributed.multiprocess():
+        return _run(args)
+    try:
+        return _run(args)
+    except BaseException as err:  # noqa: BLE001 -- one line, then leave at once (see below)
+        _leave_multiprocess_run(err)
+
+
+def _leave_multiprocess_run(err: BaseException) -> None:
+    """One line naming this process and the error, then exit at once (status 130 after Ctrl-C, else 1).
+
+    A process of a multi-host run that stops on an error must not wait in JAX's shutdown barrier for
+    the others (which would wait for it in their next collective until a heartbeat timeout): it
+    exits, its connections close, and the other processes' collectives fail at once. What process 0
+    saved stays, so relaunching every process with the same command resumes.
+    """
+    import jax
+
+    interrupted = isinstance(err, KeyboardInterrupt)
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if interrupted and jax.process_index() != 0:  # its own Interrupted knows no checkpoint: process 0 saved it
+        first = "interrupted; process 0 saved the progress: relaunch every process with the same command to resume"
+    if not interrupted and not isinstance(err, (ValueError, FileNotFoundError, KeyError, OSError)):
+        first = (f"{type(err).__name__}: {first} (another process of this run probably stopped); what process 0 "
+                 f"saved stays: relaunch every process with the same command to resume")
+    print(f"gandissect-jax dissect: {'' if interrupted else 'error: '}process {jax.process_index()} of "
+          f"{jax.process_count()}: {first}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130 if interrupted else 1)
+
+
+def _run(args) -> int:
+    from gandissect_jax.dissection import DissectConfig, dissect_features, dissect_generator, distributed
+
     if not args.features:  # generator source; the shipped demo pair fills what is not given
         if args.model in (None, DEMO_MODEL):
             args.model = DEMO_MODEL
@@ -160,7 +231,9 @@ def run_command(args) -> int:
     config = DissectConfig(threshold=args.threshold, quantile=args.quantile, topk=args.topk, batch_size=args.batch_size,
                            iou_threshold=args.iou_threshold, label_rule=args.label_rule,
                            checkpoint_every=args.checkpoint_every,
-                           progress=not args.quiet, make_images=not args.no_images, title=args.title,
+                           progress=not args.quiet, make_images=not args.no_images, make_report=not args.no_report,
+                           make_labels=not args.no_labels,
+                           thumbsize=args.thumbsize, title=args.title,
                            keep_progress=args.keep_progress, max_memory=args.max_memory)
     if args.features:
         if not args.segmentations or not args.labels:
@@ -180,10 +253,20 @@ def run_command(args) -> int:
             raise ValueError("--levels works with --features only")
         import gandissect_jax
 
+        segmenter_options = {}
+        if args.segdiv:
+            segmenter_options["segdiv"] = args.segdiv
+        if args.segsizes:
+            segmenter_options["segsizes"] = tuple(args.segsizes)
         generator = gandissect_jax.load_generator(args.model)
-        segmenter = gandissect_jax.load_segmenter(args.segmenter)
+        segmenter = gandissect_jax.load_segmenter(args.segmenter, **segmenter_options)
+        if segmenter_options and not hasattr(segmenter, "segdiv"):
+            raise ValueError(f"--segdiv and --segsizes apply to the unified-parsing segmenter; {args.segmenter!r} "
+                             f"is a {type(segmenter).__name__}")
         results = dissect_generator(generator, segmenter, args.layers, config, size=args.size, seed=args.seed,
                                     seg_downsample=args.seg_downsample, outdir=args.outdir, restart=args.restart,
-                                    compute_dtype=args.dtype, identity={"model": args.model, "segmenter": args.segmenter})
-    _summary(results, args.outdir, args.iou_threshold)
+                                    compute_dtype=args.dtype,
+                                    identity={"model": args.model, "segmenter": args.segmenter, **segmenter_options})
+    if distributed.is_leader():
+        _summary(results, args.outdir, args.iou_threshold, report=not args.no_report)
     return 0

@@ -17,6 +17,7 @@ DEFAULT_TOPK = 10
 MAX_CHECKPOINT_SECONDS = 86400.0  # a day
 MAX_SAMPLES = 2**31 - 1  # sample numbers are int32 on device
 MAX_SEED = 2**32 - 1  # numpy RandomState seeds
+MIN_THUMBSIZE, MAX_THUMBSIZE = 16, 1024  # pixels per side of a strip thumbnail
 # Earlier keyword names, still accepted by dissect_features / dissect_generator.
 ALIASES = {"k": "topk", "strip_length": "topk"}
 
@@ -47,6 +48,13 @@ class DissectConfig:
       available host memory, 70% of an accelerator's free memory); units are measured in groups
       that fit it (:mod:`.memory`), with identical results.
     make_images / make_report: write the top-k image strips / dissect.json and the HTML report.
+    make_labels: label the units (default). False (``--no-labels``, the reference's
+      ``make_labels=False``): the segmentations are neither computed (a generator's segmenter never
+      runs) nor read; each unit gets its levels, quantiles, top-k samples and strips, and its
+      label is none (0). Needs the 'quantile' or 'levels' threshold rule (the default then), as
+      the IQR rule chooses levels by agreement with the labels.
+    thumbsize: side in pixels of each thumbnail of the image strips, in [16, 1024] (default None:
+      the image size clamped to [96, 160]).
     title: title of the HTML report. progress: show progress bars.
     keep_progress: keep the pass checkpoints in ``<outdir>/.progress`` once the run is complete
       (by default they are removed; the run's identity and manifest stay).
@@ -66,6 +74,8 @@ class DissectConfig:
     max_memory: int | float | str | None = None
     make_images: bool = True
     make_report: bool = True
+    make_labels: bool = True
+    thumbsize: int | None = None
     title: str | None = None
     progress: bool = True
     keep_progress: bool = False
@@ -99,7 +109,9 @@ class DissectConfig:
             fail("iou_threshold", "a number in [0, 1]")
         if not real(self.checkpoint_every, 0.0, MAX_CHECKPOINT_SECONDS):
             fail("checkpoint_every", f"a number of seconds in [0, {MAX_CHECKPOINT_SECONDS:g}]")
-        for name in ("make_images", "make_report", "progress", "keep_progress"):
+        if self.thumbsize is not None and not integer(self.thumbsize, MIN_THUMBSIZE, MAX_THUMBSIZE):
+            fail("thumbsize", f"None or an integer in [{MIN_THUMBSIZE}, {MAX_THUMBSIZE}]")
+        for name in ("make_images", "make_report", "make_labels", "progress", "keep_progress"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
         if self.label_rule not in LABEL_RULES:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import numbers
 import os
 import sys
@@ -26,7 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import passes
+from . import distributed, passes
 from .analysis import score_layer
 from .config import MAX_SAMPLES, MAX_SEED, DissectConfig
 from .engine import AXIS, Interrupted, make_mesh, per_device_batch
@@ -36,7 +37,7 @@ from .progress import COUNT_PASS_COST, RunProgress
 from .report import safe_dir_name, write_report
 from .results import LayerDissection
 from .resume import RunDirectory, digest, outdir_lock
-from .sources import DEFAULT_MICRO_BATCH, ArraySource, GeneratorSource, ModelSource
+from .sources import DEFAULT_MICRO_BATCH, ArraySource, GeneratorSource, ModelSource, Unlabelled
 from .strips import write_strips
 
 LAYOUTS = ("nhwc", "nchw")
@@ -106,7 +107,7 @@ def _check_label_values(source, num_labels: int, mesh, batch_size: int) -> None:
         count = per_device_batch(min(batch_size, source.num_samples), devices,
                                  getattr(source, "micro_batch", None)) * devices
         indices = np.minimum(np.arange(count), source.num_samples - 1)  # whole micro-batches per device
-        labels = np.asarray(source.fetch(indices, NamedSharding(mesh, P(AXIS)))["labels"])
+        labels = distributed.to_host(source.fetch(indices, NamedSharding(mesh, P(AXIS)))["labels"])
         low, high = int(labels.min()), int(labels.max())
         where = f"the segmentations of the first {min(count, source.num_samples)} samples"
     if low >= 0 and high < num_labels:
@@ -158,6 +159,13 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
     KeyboardInterrupt) once the running pass is saved; a rerun resumes there.
     """
     labels, categories = _check_labels(labels, categories)
+    if not config.make_labels:  # no labelling: label 0 alone, segmentations all 0 (never computed nor read)
+        if config.threshold == "iqr" or config.search_iqr:
+            raise ValueError("make_labels=False (--no-labels) needs the 'quantile' threshold rule or fixed levels: "
+                             "the IQR rule chooses each unit's level by its agreement with the labels")
+        default_threshold = "quantile"
+        labels, categories = [labels[0]], [labels[0][1]]
+        source = Unlabelled(source)
     label_category = label_category_indices(labels, categories)
     threshold, search_iqr = config.resolved_threshold(default_threshold, levels is not None)
     _check_source(source, config)
@@ -176,17 +184,44 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
     if not getattr(source, "batch_invariant", False):  # results depend on how samples are grouped
         fingerprint["batch"] = {"batch_size": int(config.batch_size), "devices": int(mesh.devices.size)}
     _check_label_values(source, len(labels), mesh, config.batch_size)
-    lock = outdir_lock(outdir) if outdir else contextlib.nullcontext()
-    with lock:
-        run = RunDirectory(outdir, fingerprint, restart=restart)
+    # Several processes (multi-host): only process 0 touches the outdir; it decides what is finished
+    # and tells the others (distributed.py). With one process, writes == outdir.
+    multi = distributed.multiprocess()
+    writes = outdir if distributed.is_leader() else None
+    if not distributed.is_leader():
+        config = config.replace(progress=False)
+
+    def score_file(layer):
+        return os.path.join(outdir, dirnames[layer], "scores.npz")
+
+    with contextlib.ExitStack() as stack:
+        def open_run() -> RunDirectory:
+            if writes:
+                stack.enter_context(outdir_lock(writes))
+            return RunDirectory(writes, fingerprint, restart=restart)
+
+        def finished(run: RunDirectory) -> list[str]:
+            return [layer for layer in source.layers if writes and os.path.exists(score_file(layer))
+                    and run.is_marked(f"layer-{dirnames[layer]}")]
+
         results: dict[str, LayerDissection] = {}
-        pending = []
-        for layer in source.layers:
-            done = os.path.join(outdir, dirnames[layer], "scores.npz") if outdir else None
-            if done and os.path.exists(done) and run.is_marked(f"layer-{dirnames[layer]}"):
-                results[layer] = LayerDissection.load_npz(done)
-            else:
-                pending.append(layer)
+        if multi:
+            opened: list[RunDirectory] = []
+
+            def decide() -> list[str]:  # on process 0; its errors (a busy outdir, another run) reach every process
+                opened.append(open_run())
+                return finished(opened[0])
+
+            done = distributed.leader_json(decide)
+            run = opened[0] if opened else RunDirectory(None, fingerprint)
+            for layer in done:
+                results[layer] = LayerDissection.load_npz(io.BytesIO(distributed.leader_file(score_file(layer))))
+        else:
+            run = open_run()
+            done = finished(run)
+            for layer in done:
+                results[layer] = LayerDissection.load_npz(score_file(layer))
+        pending = [layer for layer in source.layers if layer not in done]
         key = hashlib.sha256("\n".join(pending).encode()).hexdigest()[:12]
         if pending:
             settings = passes.PassSettings(mesh, config.batch_size, config.checkpoint_every, config.progress,
@@ -202,7 +237,7 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
                 raise
         with run.recording(list(dirnames.values())):
             for layer in pending:
-                if outdir:
+                if writes:
                     layer_dir = os.path.join(outdir, dirnames[layer])
                     os.makedirs(layer_dir, exist_ok=True)
                     results[layer].save_npz(os.path.join(layer_dir, "scores.npz"))
@@ -210,11 +245,12 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
             if pending and not config.keep_progress:
                 run.remove(f"passes-{key}")
             ordered = {layer: results[layer] for layer in source.layers}
-            if outdir:
+            if writes:
                 for layer, result in ordered.items():
                     if config.make_images and not run.is_marked(f"images-{dirnames[layer]}"):
                         write_strips(os.path.join(outdir, dirnames[layer]), result, source,
-                                     batch_size=config.batch_size, show_progress=config.progress)
+                                     batch_size=config.batch_size, thumbnail=config.thumbsize,
+                                     show_progress=config.progress)
                         run.mark(f"images-{dirnames[layer]}", {"layer": layer})
                 if config.make_report:
                     write_report(outdir, ordered, iou_threshold=config.iou_threshold, title=config.title,

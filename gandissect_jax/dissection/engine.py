@@ -11,7 +11,8 @@ order-independent, so the results are identical for any device count and batch s
 ``checkpoint_dir``, the host states are saved every ``checkpoint_every`` seconds and a rerun
 continues from the last save. Ctrl-C (SIGINT) stops the pass at the end of the running batch:
 the states are saved (with ``checkpoint_dir``) and :class:`Interrupted` says where a rerun
-continues; a second Ctrl-C stops at once.
+continues; a second Ctrl-C stops at once. With several processes (multi-host), the mesh spans the
+devices of every host and each drain sends every device's state to every host (:mod:`.distributed`).
 
 This is davidbau/dissect's ``tally`` in JAX form, with optax's ``init``/``update`` composition
 for the statistics (:mod:`.statistics`, :mod:`.quantiles`, :mod:`.moments`, or your own).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import numbers
 import os
 import signal
@@ -34,7 +36,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import resume
+from . import distributed, resume
 from .config import MAX_BATCH, MAX_CHECKPOINT_SECONDS
 from .statistics import StreamingStatistic
 
@@ -119,8 +121,9 @@ def deferred_interrupt() -> Iterator[Callable[[], bool]]:
 
 
 def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh (axis ``"devices"``) over ``devices`` (default: all local devices)."""
-    devices = list(devices) if devices is not None else jax.local_devices()
+    """A 1-D mesh (axis ``"devices"``) over ``devices`` (default: ``jax.devices()``, every device of
+    every process: the local devices when one process runs, the global mesh of a multi-host run)."""
+    devices = list(devices) if devices is not None else jax.devices()
     if not devices:
         raise ValueError("no devices")
     return Mesh(np.array(devices), (AXIS,))
@@ -163,6 +166,54 @@ def _per_device(state: Any) -> Iterator[Any]:
         yield jax.tree_util.tree_unflatten(treedef, [jax.device_get(shards[i][d].data)[0] for i in range(len(leaves))])
 
 
+def _bits(x):
+    """``x`` as unsigned integers of the same width (bool as uint8): exact under a sum with zeros."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint8)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
+    return x
+
+
+def _unbits(bits, dtype):
+    if dtype == jnp.bool_:
+        return bits.astype(jnp.bool_)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jax.lax.bitcast_convert_type(bits, dtype)
+    return bits
+
+
+@functools.lru_cache(maxsize=16)
+def _from_device(mesh: Mesh):
+    """jit(shard_map): the state of device ``d`` (a replicated scalar), replicated on every device
+    of every process. Each device contributes its state's bits where it is ``d`` and zeros
+    elsewhere, summed over the mesh: an exact copy, whatever the dtype."""
+
+    def body(state, d):
+        me = jax.lax.axis_index(AXIS)
+
+        def pick(x):
+            x = x[0]
+            bits = _bits(x)
+            total = jax.lax.psum(jnp.where(me == d, bits, jnp.zeros_like(bits)), AXIS)
+            return _unbits(total, x.dtype)
+
+        return jax.tree_util.tree_map(pick, state)
+
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(AXIS), P()), out_specs=P(), check_vma=False))
+
+
+def _per_device_global(state: Any, mesh: Mesh) -> Iterator[Any]:
+    """Host copies of each device's state in mesh order, on every process of a multi-host mesh
+    (each device's state is sent to all hosts in turn, so a drain holds one device's copy)."""
+    fetch = _from_device(mesh)
+    replicated = NamedSharding(mesh, P())
+    for d in range(mesh.devices.size):
+        copy = fetch(state, jax.device_put(np.int32(d), replicated))
+        yield jax.tree_util.tree_map(lambda x: jax.device_get(x.addressable_data(0)), copy)
+        del copy
+
+
 def per_device_batch(batch_size: int, devices: int, micro_batch: int | None = None) -> int:
     """Samples per device and step: ``batch_size`` split over ``devices``, rounded up to a multiple of
     the source's ``micro_batch`` (if any), so every device's share is whole micro-batches and, as
@@ -172,9 +223,12 @@ def per_device_batch(batch_size: int, devices: int, micro_batch: int | None = No
     return -(-per_device // step) * step
 
 
-def _drain(statistics: Mapping[str, StreamingStatistic], host: dict, states: dict) -> dict:
+def _drain(statistics: Mapping[str, StreamingStatistic], host: dict, states: dict, mesh: Mesh | None = None) -> dict:
+    """Merge every device's state into the host states (on every process when the mesh spans several)."""
+    spans_processes = mesh is not None and not all(d.process_index == jax.process_index() for d in mesh.devices.flat)
     for name, stat in statistics.items():
-        for device_state in _per_device(states[name]):
+        copies = _per_device_global(states[name], mesh) if spans_processes else _per_device(states[name])
+        for device_state in copies:
             host[name] = stat.merge(host[name], device_state)
             del device_state
     return host
@@ -218,7 +272,10 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
     checkpoint_dir: where to save the host states (``tally.npz``) every ``checkpoint_every``
       seconds; a rerun with the same statistics and source size continues from there (a
       finished pass is not run again). ValueError when the checkpoint was written by a different
-      tally. mesh: a 1-D mesh (:func:`make_mesh`; default: all local devices).
+      tally. mesh: a 1-D mesh (:func:`make_mesh`; default: ``jax.devices()``). In a multi-host run
+      (:mod:`.distributed`) every process calls ``tally`` alike over the global mesh: each computes
+      its own devices' samples, every device's state reaches every host exactly at each drain,
+      and only process 0 reads and writes ``checkpoint_dir`` (what it reads, it broadcasts).
     batch_size: samples per step over all devices (rounded up to a multiple of the device count,
       and of the device count times the source's ``micro_batch`` when it has one).
     progress: show a tqdm bar named ``desc`` (True), nothing (False), or a :class:`PassProgress`.
@@ -255,7 +312,19 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
     start = 0
     signature = _signature(statistics, total)
     checkpoint = os.path.join(checkpoint_dir, CHECKPOINT_NAME) if checkpoint_dir else None
-    if checkpoint and os.path.exists(checkpoint):
+    multi = distributed.multiprocess()
+    if multi:  # process 0 reads its checkpoint (if any) and every process resumes from it
+        data = distributed.leader_file(checkpoint)
+        if data is not None:
+            if resume.checkpoint_meta(io.BytesIO(data)).get("signature") != resume.json_normalize(signature):
+                raise ValueError(f"checkpoint {checkpoint} was written by a different tally (other statistics, "
+                                 f"shapes or number of samples); remove {checkpoint_dir} or use another "
+                                 f"checkpoint_dir")
+            host, meta = resume.load_checkpoint(io.BytesIO(data), host)
+            start = int(meta["samples_done"])
+        elif checkpoint_dir:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+    elif checkpoint and os.path.exists(checkpoint):
         if resume.checkpoint_meta(checkpoint).get("signature") != resume.json_normalize(signature):
             raise ValueError(f"checkpoint {checkpoint} was written by a different tally (other statistics, shapes "
                              f"or number of samples); remove {checkpoint_dir} or use another checkpoint_dir")
@@ -300,23 +369,33 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
                 position = min(total, position + global_batch)
                 since_drain += per_device
                 bar.update(int(valid.sum()))
-                stopping = stop_requested() and position < total
-                must_save = checkpoint is not None and position < total and (
-                    stopping or time.monotonic() - last_save >= checkpoint_every)
+                # several processes: every IN_FLIGHT steps they agree to stop (Ctrl-C on any) and to
+                # drain and save (a checkpoint due by process 0's clock)
+                if multi:
+                    stopping = must_save = False
+                    if steps_run % IN_FLIGHT == 0 and position < total:
+                        due = checkpoint is not None and time.monotonic() - last_save >= checkpoint_every
+                        stopping, must_save = distributed.agree(stop_requested(), due)
+                        must_save = must_save or stopping
+                else:
+                    stopping = stop_requested() and position < total
+                    must_save = checkpoint is not None and position < total and (
+                        stopping or time.monotonic() - last_save >= checkpoint_every)
                 if since_drain + per_device > limit or must_save:
-                    host = _drain(statistics, host, states)
+                    host = _drain(statistics, host, states, mesh)
                     del states
                     states, since_drain = init(), 0
-                    if must_save:
+                    if must_save and checkpoint is not None:
                         _save(checkpoint, host, signature, position)
                         last_save = time.monotonic()
                 if stopping:
                     raise Interrupted(desc, position, total, checkpoint)
             if states is not None:
-                host = _drain(statistics, host, states)
+                host = _drain(statistics, host, states, mesh)
                 if checkpoint:
                     _save(checkpoint, host, signature, total)
-            if stop_requested():  # Ctrl-C during the last batch: the pass is complete and saved
+            # Ctrl-C during the last batch: the pass is complete and saved
+            if distributed.any_process(stop_requested()) if multi else stop_requested():
                 raise Interrupted(desc, total, total, checkpoint)
     finally:
         bar.close()

@@ -27,6 +27,7 @@ import numbers
 import re
 from typing import Mapping, Sequence
 
+import jax
 import numpy as np
 
 HOST_FRACTION = 0.5  # of the host memory available at the start
@@ -248,13 +249,14 @@ def plan_dissection(source, layers: Sequence[str], *, num_labels: int, num_categ
     from .statistics import default_unit_chunk
 
     devices = list(mesh.devices.flat)
+    local = [d for d in devices if d.process_index == jax.process_index()]  # a multi-host mesh: this host's
     shapes = dissection_shapes(
         source, layers, num_labels=num_labels, num_categories=num_categories, threshold=threshold,
         search_iqr=search_iqr, topk=topk, per_device=per_device_batch(batch_size, len(devices),
                                                                       getattr(source, "micro_batch", None)),
         devices=len(devices), unit_chunk=unit_chunk or default_unit_chunk(),
-        shared=free_device_memory(devices) is None)
-    return plan_memory(shapes, Budget.default(devices, max_memory))
+        shared=free_device_memory(local) is None)
+    return plan_memory(shapes, Budget.default(local, max_memory))
 
 
 UnitGroup = tuple[tuple[str, int, int], ...]  # ((layer, first unit, end), ...)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import os
 import shutil
 from typing import Any, Mapping
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import engine
+from . import distributed, engine
 from . import statistics as st
 from .quantiles import RadixQuantiles, RadixStage, radix_histogram
 from .resume import atomic_file
@@ -197,7 +198,11 @@ def quantile_passes(source, plans: dict[str, QuantilePlan], seg_size, topk: int,
     """
     plan_path = settings.checkpoint_dir("plan.npz")
     stage_index, best = (0, {})
-    if plan_path and os.path.exists(plan_path):
+    if distributed.multiprocess():  # process 0 reads the plan; every process continues from it
+        data = distributed.leader_file(plan_path)
+        if data is not None:
+            stage_index, best = _load_plan(io.BytesIO(data), plans)
+    elif plan_path and os.path.exists(plan_path):
         stage_index, best = _load_plan(plan_path, plans)
     while stage_index == 0 or any(p is not None and not p.done for plan in plans.values() for _, p in plan.planners()):
         spec = _stage_spec(plans, seg_size, stage_index, topk, settings.unit_chunk, slices)

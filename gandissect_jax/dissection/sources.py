@@ -20,6 +20,7 @@ for the quantile passes, where a generator runs only ``h``) and ``visual_batch``
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any, Callable, Mapping, Sequence
 
@@ -77,7 +78,7 @@ def cast_floats(tree: Any, dtype) -> Any:
 
 def _in_dtype(head: Callable, tail: Callable, dtype) -> tuple[Callable, Callable]:
     """(head, tail) computing in ``dtype``: parameters and inputs cast to it, the layer's features
-    returned as float32 (the statistics stay float32), the image in ``dtype``."""
+    and the image returned as float32 (the statistics stay float32; the segmenter casts again)."""
 
     def low_head(params, z):
         r, side = head(cast_floats(params, dtype), z.astype(dtype))
@@ -151,6 +152,45 @@ class FeaturesOnly:
 
     def identity(self) -> dict:
         return self.source.identity()
+
+
+@functools.lru_cache(maxsize=16)
+def _zeros(shape: tuple[int, ...], sharding) -> Callable[[], jax.Array]:
+    return jax.jit(lambda: jnp.zeros(shape, jnp.int32), out_shardings=sharding)
+
+
+class Unlabelled:
+    """A dissection source whose segmentations are all 0 (no label), made on the devices: the view
+    of a dissection without labelling (``DissectConfig(make_labels=False)``, ``--no-labels``). The
+    wrapped source is asked for features only, so a generator's segmenter never runs."""
+
+    def __init__(self, source):
+        self.source = source
+        self.num_samples = source.num_samples
+        self.layers = tuple(source.layers)
+        self.feature_shapes = dict(source.feature_shapes)
+        self.seg_size = tuple(source.seg_size)
+        self.seg_channels = 1
+        self.batch_invariant = bool(getattr(source, "batch_invariant", False))
+        self.micro_batch = getattr(source, "micro_batch", None)
+
+    def fetch(self, indices: np.ndarray, sharding, labels: bool = True) -> dict[str, jax.Array]:
+        batch = dict(self.source.fetch(indices, sharding, labels=False))
+        if labels:
+            batch["labels"] = _zeros((len(indices), *self.seg_size, 1), sharding)()
+        return batch
+
+    def features_only(self) -> FeaturesOnly:
+        return FeaturesOnly(self)
+
+    def visual_batch(self, indices: np.ndarray, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.source.visual_batch(indices, layer)
+
+    def label_range(self) -> tuple[int, int]:
+        return 0, 0
+
+    def identity(self) -> dict:
+        return dict(self.source.identity(), labels="none")
 
 
 def _clip(indices: np.ndarray, count: int) -> np.ndarray:
@@ -548,5 +588,5 @@ class TfdsSource:
         return {"kind": "tfds", "num_samples": self.num_samples, **self._identity}
 
 
-__all__ = ["ArraySource", "GeneratorSource", "ModelSource", "TfdsSource", "FeaturesOnly", "split_at", "segment",
-           "segmenter_params", "micro_batched", "DEFAULT_MICRO_BATCH"]
+__all__ = ["ArraySource", "GeneratorSource", "ModelSource", "TfdsSource", "FeaturesOnly", "Unlabelled", "split_at",
+           "segment", "segmenter_params", "micro_batched", "DEFAULT_MICRO_BATCH"]

@@ -12,7 +12,8 @@ Pipeline for images ``x`` (NHWC RGB in [-1, 1]):
    numbering); parts of ``sky``/``building``/``person`` only where that owner wins the object
    argmax; with ``segdiv="quad"`` two more channels from :func:`quad.quad_divide`;
 4. ``class_score``: the probability of a class (object + owner-part probability for classes such
-   as ``door`` that are both), and the mask where it wins.
+   as ``door`` that are both), and the mask where it wins; ``class_scores``: the same score of
+   every class at once, from one pass of the network (one backward pass when differentiated).
 
 Label numbering (``mult`` = 1 undivided, 5 quad; ``N`` objects without ``-``): 0 ``-``, objects
 1..N, for quad 4 blocks of N divided objects (``-t``, ``-l``, ``-b``, ``-r``), materials
@@ -34,7 +35,7 @@ from .resize import adaptive_avg_pool, resize_bilinear
 from .upernet import HeadSizes, UnifiedParsingNetwork
 
 __all__ = ["UnifiedParsingSegmenter", "LabelScheme", "build_label_scheme", "Probabilities",
-           "check_images", "preprocess"]
+           "check_images", "preprocess", "class_scores_from_probabilities"]
 
 BGR_MEAN = (102.9801, 115.9465, 122.7717)
 PART_OWNERS = ("sky", "building", "person")  # hard-coded in the reference
@@ -281,6 +282,24 @@ def class_score_from_probabilities(probs: Probabilities, c: jax.Array,
     return score, mask
 
 
+@functools.partial(jax.jit, static_argnames=("scheme",))
+def class_scores_from_probabilities(probs: Probabilities, scheme: LabelScheme) -> jax.Array:
+    """float32 ``(N, h, w, L)``: column ``c`` is :func:`class_score_from_probabilities`'s score of
+    class ``c`` (object + material + owner-part probabilities, in that order of addition), for
+    every class at once by three gathers over the channel axis. Columns of classes without a score
+    (the divided quad classes ``-t``, ``-l``, ``-b``, ``-r``) are 0."""
+    obj_table, mat_table, part_table = _class_tables(scheme)
+
+    def gather(maps: jax.Array, table: np.ndarray) -> jax.Array:
+        picked = jnp.take(maps, jnp.asarray(np.maximum(table, 0)), axis=-1)
+        return jnp.where(jnp.asarray(table >= 0), picked, jnp.zeros((), maps.dtype))
+
+    score = gather(probs.object, obj_table) + gather(probs.material, mat_table)
+    for g, owner_probs in enumerate(probs.parts):
+        score = score + gather(owner_probs, part_table[g])
+    return score
+
+
 # ----------------------------------------------------------------------------------------------
 # the segmenter object
 
@@ -362,6 +381,25 @@ class UnifiedParsingSegmenter:
                     "not supported by class_score")
         probs = self.probabilities(params, images, downsample)
         return class_score_from_probabilities(probs, c, self.scheme)
+
+
+    def class_scores(self, params: Any, images: jax.Array, downsample: int = 1) -> jax.Array:
+        """Differentiable scores of every class from one pass of the network.
+
+        Args:
+          params: :attr:`params` (or other variables of the same network; may be traced).
+          images: float32 ``(N, H, W, 3)`` RGB in [-1, 1].
+          downsample: output stride (a static Python int).
+
+        Returns:
+          float32 ``(N, H // downsample, W // downsample, L)``: column ``c`` equals
+          ``class_score(params, images, c, downsample)[0]`` (the same part semantics: ``door``
+          scores its object probability plus its building-part probability); the columns of the
+          divided quad classes, which ``class_score`` refuses, are 0. Used by ACE optimization to
+          score several labels with one backward pass (``gandissect_jax.ace.label_scores``).
+        """
+        probs = self.probabilities(params, images, downsample)
+        return class_scores_from_probabilities(probs, self.scheme)
 
 
 def _check_downsample(downsample: Any, shape: tuple[int, ...]) -> int:

@@ -1,0 +1,164 @@
+"""``gandissect-jax insert``: switch units on at one place, and map where that works (the paper's Sec. 4.4).
+
+    gandissect-jax insert --outdir D --layer layer4 --concept door --top 20 --at 5,3 [--value K | --quantile 0.99]
+
+Forces the units to a value k (default: each unit's 0.99 quantile, the reference GANPaint's
+choice, from the dissection's exact quantiles) at feature-map position ``--at`` (row, column) of
+``--samples`` images and reports the concept's share before and after (the ACE of the insertion,
+with a bootstrap interval). Then the **context map** (the paper's Fig. 11): for every position of
+every one of ``--context-samples`` images, the change of the concept's share when the units are
+inserted there alone -- all positions in one jitted call (``vmap``) -- drawn as a heat map over
+the image, and averaged per *context*: the label that covers the position's cell in the unedited
+image (doors appear on buildings, not in the sky).
+
+Writes ``D/intervention/insert/<layer>/<name>/``: ``insert.json``, ``grid.png``, ``context.png``,
+``context_by_label.png`` and ``page.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from . import arguments
+from .intervention_common import (plain_help, activation, add_source_arguments, add_unit_arguments, batches, choose_units,
+                                  fraction, positive_int, seed, source_of, to_uint8)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``insert`` sub-command."""
+    parser = subparsers.add_parser("insert", help="insert units at a position; context map of where insertion works",
+                                   description=plain_help(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_arguments(parser)
+    add_unit_arguments(parser, concept_required=True)
+    run = parser.add_argument_group("insertion")
+    run.add_argument("--at", type=arguments.feature_position(), required=True, help="feature-map position ROW,COLUMN")
+    run.add_argument("--value", type=activation, help="the value k set for every unit (default: per-unit quantile)")
+    run.add_argument("--quantile", type=fraction, default=0.99,
+                     help="k = each unit's QUANTILE of its activations (default 0.99, the reference's)")
+    run.add_argument("--samples", type=positive_int, default=100, help="images measured at --at (default 100)")
+    run.add_argument("--seed", type=seed, default=4, help="their z seed (default 4)")
+    run.add_argument("--context-samples", type=positive_int, default=16, help="images of the context map (default 16)")
+    run.add_argument("--show", type=positive_int, default=8, help="images shown (default 8)")
+    run.add_argument("--resamples", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.set_defaults(func=run_command)
+    return parser
+
+
+def mark_cell(images: np.ndarray, at: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
+    """uint8 images with the feature cell ``at`` outlined in yellow."""
+    images = images.copy()
+    height, width = images.shape[1:3]
+    top, bottom = at[0] * height // grid[0], (at[0] + 1) * height // grid[0] - 1
+    left, right = at[1] * width // grid[1], (at[1] + 1) * width // grid[1] - 1
+    yellow = np.array([255, 230, 0], np.uint8)
+    images[:, top, left:right + 1] = yellow
+    images[:, bottom, left:right + 1] = yellow
+    images[:, top:bottom + 1, left] = yellow
+    images[:, top:bottom + 1, right] = yellow
+    return images
+
+
+def run_command(args) -> int:
+    import jax.numpy as jnp
+
+    from gandissect_jax import ace, effects, pages
+    from gandissect_jax.experiment import Experiment, register
+    from gandissect_jax.sampling import sample_z
+
+    source = source_of(args)
+    G, S = source.generator, source.segmenter
+    rows_, cols_, channels = ace.layer_shape(G, args.layer)
+    if not (0 <= args.at[0] < rows_ and 0 <= args.at[1] < cols_):
+        raise ValueError(f"--at {args.at[0]},{args.at[1]} is outside the {rows_}x{cols_} feature map of {args.layer}")
+    units, how, labels, concept = choose_units(args, source, channels, need_concept=True)
+    if args.value is not None:
+        value = np.full(channels, args.value, np.float32)
+        value_how = f"k = {args.value:g} for every unit"
+    else:
+        value = source.insertion_value(args.layer, args.quantile)
+        value_how = f"k = each unit's {args.quantile:g} quantile"
+    settings = {"layer": args.layer, "units": [int(u) for u in units], "labels": list(labels), "at": list(args.at),
+                "value": [round(float(v), 6) for v in value[units]], "samples": args.samples, "seed": args.seed,
+                "context_samples": args.context_samples, "resamples": args.resamples, "source": source.identity()}
+    name = args.name or f"{concept}-top{len(units)}-{args.rank if args.units is None else 'units'}-at{args.at[0]}_{args.at[1]}"
+    where = np.zeros((rows_, cols_), np.float32)
+    where[args.at] = 1.0
+    names = [n for n, _ in S.labels]
+    ds = source.seg_downsample
+    with Experiment(args.outdir, "insert", args.layer, name, settings) as experiment:
+        z = sample_z(args.samples, G.z_dim, args.seed)
+
+        # the concept's share without (count 0) and with the units (count K) inserted at --at
+        order = np.concatenate([units, np.setdiff1d(np.arange(channels), units)])
+
+        def measure():
+            shares = []
+            for _, batch, count in batches(z, args.batch_size, args.quiet, "insert"):
+                got = effects.ace_curve(G, S, G.params, S.params, batch, args.layer, order, (0, len(units)), labels,
+                                        mode="insert", value=value, where=where, downsample=ds)
+                shares.append(np.asarray(got)[:, :count])
+            return {"concept_share": np.concatenate(shares, 1)}
+
+        concept_before, concept_after = experiment.step("shares", measure)["concept_share"]
+        inserted = effects.bootstrap_mean(concept_after - concept_before, resamples=args.resamples)
+        zc = sample_z(args.context_samples, G.z_dim, args.seed + 1)
+
+        def context():
+            maps, cells = [], []
+            for _, batch, count in batches(zc, args.batch_size, args.quiet, "context map"):
+                maps.append(np.asarray(effects.context_map(G, S, G.params, S.params, batch, args.layer, units, value,
+                                                           labels, downsample=ds))[:count])
+                seg = S.segment(S.params, jnp.clip(G(jnp.asarray(batch)), -1, 1), ds)
+                cells.append(np.asarray(effects.cell_labels(seg, (rows_, cols_), len(names)))[:count])
+            return {"effect": np.concatenate(maps), "context": np.concatenate(cells)}
+
+        ctx = experiment.step("context", context)
+        effect, cell = ctx["effect"], ctx["context"]
+        by_label = []
+        for c in np.unique(cell):
+            values = effect[cell == c]
+            by_label.append({"label": names[c], "labelnum": int(c), "cells": int(values.size),
+                             "mean_effect": float(values.mean()), "fraction_positive": float((values > 0).mean())})
+        by_label.sort(key=lambda r: -r["mean_effect"])
+        shown = jnp.asarray(z[:args.show])
+        x0 = G(shown)
+        x1 = effects.insert(G, G.params, shown, args.layer, jnp.asarray(units), value, where=where)
+        grid = [("generated", mark_cell(to_uint8(x0), args.at, (rows_, cols_))),
+                ("segmentation", pages.colorize(np.asarray(S.segment(S.params, jnp.clip(x0, -1, 1))), S.labels)),
+                (f"{len(units)} units inserted\nat {args.at[0]},{args.at[1]}", mark_cell(to_uint8(x1), args.at, (rows_, cols_))),
+                ("segmentation", pages.colorize(np.asarray(S.segment(S.params, jnp.clip(x1, -1, 1))), S.labels))]
+        experiment.write_bytes("grid.png", pages.image_grid(grid))
+        k = min(args.show, len(zc))
+        experiment.write_bytes("context.png", pages.plot_context(
+            to_uint8(G(jnp.asarray(zc[:k]))), effect[:k], title=f"context map: inserting {concept} units at each position"))
+        experiment.write_bytes("context_by_label.png", pages.plot_bars(
+            [r["label"] for r in by_label], [r["mean_effect"] for r in by_label],
+            title=f"mean effect of inserting {concept}, by what is there", ylabel=f"change of {concept} share"))
+        summary = {"kind": "insert", "layer": args.layer, "units": [int(u) for u in units], "chosen": how,
+                   "concept": concept, "labels": list(labels), "at": list(args.at), "value": value_how,
+                   "samples": args.samples, "seed": args.seed,
+                   "concept_share_before": float(concept_before.mean()), "concept_share_after": float(concept_after.mean()),
+                   "ace": float(inserted.mean), "ci_low": float(inserted.low), "ci_high": float(inserted.high),
+                   "context_samples": args.context_samples, "context_effect_by_label": by_label,
+                   "context_effect_mean": float(effect.mean()), "settings": settings}
+        experiment.write_json("insert.json", summary)
+        body = (f"<p>{how} ({', '.join(map(str, units))}) of {args.layer}, {value_how}, inserted at position "
+                f"{args.at[0]},{args.at[1]} of the {rows_}x{cols_} feature map.</p>"
+                f"<p>{concept} share over {args.samples} samples: {concept_before.mean():.4f} before, "
+                f"{concept_after.mean():.4f} after; ACE {inserted.mean:+.4f} "
+                f"(95% CI {inserted.low:+.4f} to {inserted.high:+.4f}).</p>{pages.img('grid.png', 'insertion')}"
+                f"<h2>Context map</h2><p>Change of the {concept} share when the units are inserted at each position "
+                f"alone ({args.context_samples} samples), and its mean by the label covering the position's cell.</p>"
+                f"{pages.img('context.png', 'context map')}{pages.img('context_by_label.png', 'by label')}"
+                + pages.table(["context label", "cells", "mean effect", "fraction of cells gaining"],
+                              [[r["label"], r["cells"], r["mean_effect"], r["fraction_positive"]] for r in by_label])
+                + '<p class="note">Data: <a href="insert.json">insert.json</a>. '
+                '<a href="../../../index.html">All experiments</a></p>')
+        experiment.write_bytes("page.html", pages.page(f"Insertion: {how}, {args.layer}", body, summary).encode())
+        register(experiment, f"insert {how} at {args.at[0]},{args.at[1]}, {args.layer}", {"concept": concept})
+    print(f"{concept} at {args.at}: share {concept_before.mean():.4f} -> {concept_after.mean():.4f}; context: "
+          + ", ".join(f"{r['label']} {r['mean_effect']:+.4f}" for r in by_label[:6]))
+    print(f"page: {experiment.path('page.html')}")
+    return 0

@@ -1,0 +1,200 @@
+"""Multi-host dissection: start JAX's distributed runtime, and let process 0 decide and broadcast what it read.
+
+A dissection can run as N cooperating processes (one per host of a TPU pod slice or per node of
+a GPU cluster) on JAX's multi-controller runtime. Every process runs the same program over a
+global mesh of ``jax.devices()``; each computes the samples of its own devices, and the device
+states are reduced exactly across all hosts (:func:`gandissect_jax.dissection.engine.tally`).
+**Only process 0 touches the output directory**: it takes the lock, checks the run's identity,
+reads and writes checkpoints, and writes ``scores.npz``, ``dissect.json``, the strips and the
+report. What it reads there (the identity check's verdict, which layers are finished, a pass's
+checkpoint, the quantile plan) it broadcasts to the others with :func:`leader_bytes`, so every
+process agrees on what is finished; an error process 0 raises there is raised on every process.
+The other processes need no outdir, no shared file system, only the models and data.
+
+With one process (the default) nothing here changes what a dissection does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+ENV_COORDINATOR = "GANDISSECT_COORDINATOR"
+ENV_NUM_PROCESSES = "GANDISSECT_NUM_PROCESSES"
+ENV_PROCESS_ID = "GANDISSECT_PROCESS_ID"
+# Processes that finish wait at JAX's shutdown barrier while process 0 writes the strips and the
+# report alone (JAX's default, 300 s, is too short for a large run). A process that dies is found
+# by the heartbeat (100 s) long before, so this delays nothing when something fails.
+SHUTDOWN_TIMEOUT = 6 * 3600
+
+
+class RemoteError(OSError):
+    """An error raised on process 0 while it read or checked the output directory, re-raised on
+    the other processes (``kind`` is the original exception's class name)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"process 0: {kind}: {message}")
+        self.kind = kind
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               *, auto: bool = False) -> bool:
+    """Join JAX's distributed runtime (``jax.distributed.initialize``) before any JAX computation.
+
+    coordinator ("HOST:PORT" of process 0), num_processes, process_id: explicit settings; each
+    missing one is read from ``GANDISSECT_COORDINATOR`` / ``GANDISSECT_NUM_PROCESSES`` /
+    ``GANDISSECT_PROCESS_ID``. When none is given anywhere and ``auto`` is True,
+    ``jax.distributed.initialize()`` runs with no arguments (TPU pods, SLURM, Open MPI: JAX
+    detects the cluster). When none is given and ``auto`` is False, nothing happens (one process).
+    On CPU the cross-process collectives use gloo. Processes wait up to ``SHUTDOWN_TIMEOUT`` (6 h)
+    at exit for process 0 to write the outputs. Returns True when the runtime was joined.
+    ValueError naming the setting when only some are given or they are out of range.
+    """
+    coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
+    num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
+    process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
+    given = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
+    if all(value is None for value in given.values()):
+        if not auto:
+            return False
+        _cpu_collectives()
+        jax.distributed.initialize(shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
+        return True
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        raise ValueError(f"multi-host needs --coordinator, --num-processes and --process-id together "
+                         f"(or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); missing {missing}")
+    host, _, port = str(coordinator).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator must be HOST:PORT with a port in [1, 65535], got {coordinator!r}")
+    if not (isinstance(num_processes, int) and num_processes >= 1):
+        raise ValueError(f"--num-processes must be an integer >= 1, got {num_processes!r}")
+    if not (isinstance(process_id, int) and 0 <= process_id < num_processes):
+        raise ValueError(f"--process-id must be an integer in [0, {num_processes - 1}], got {process_id!r}")
+    _cpu_collectives()
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                               shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
+    return True
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def _cpu_collectives() -> None:
+    """Cross-process collectives on CPU devices need an implementation (gloo); harmless elsewhere."""
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except Exception:  # an older or newer jax without the option: its default applies
+        pass
+
+
+def multiprocess() -> bool:
+    """True when this program runs as one of several JAX processes."""
+    return jax.process_count() > 1
+
+
+def is_leader() -> bool:
+    """True on process 0, the one that reads and writes the output directory."""
+    return jax.process_index() == 0
+
+
+def _broadcast(array: np.ndarray) -> np.ndarray:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(array))
+
+
+def leader_bytes(read: Callable[[], bytes | None]) -> bytes | None:
+    """Process 0 runs ``read()`` (bytes or None); every process returns its result.
+
+    An exception raised by ``read`` on process 0 is raised there as it was and on every other
+    process as a ValueError (for ValueErrors, e.g. an identity mismatch or a busy outdir) or a
+    :class:`RemoteError`, both saying "process 0: ...", so that no process waits for one that
+    failed. With one process this is ``read()``.
+    """
+    if not multiprocess():
+        return read()
+    status, payload, error = 0, b"", None
+    if is_leader():
+        try:
+            value = read()
+            status, payload = (1, b"") if value is None else (2, bytes(value))
+        except Exception as err:  # told to every process, then raised here as it was
+            error = err
+            status, payload = 3, json.dumps([type(err).__name__, str(err)]).encode()
+    header = _broadcast(np.array([status, len(payload)], np.int64))
+    status, size = int(header[0]), int(header[1])
+    body = np.frombuffer(payload, np.uint8) if is_leader() else np.zeros(size, np.uint8)
+    if size:
+        body = _broadcast(body)
+    if error is not None:
+        raise error
+    if status == 3:
+        kind, message = json.loads(body.tobytes().decode())
+        if kind in ("ValueError", "IdentityMismatch", "MemoryBudgetError"):
+            raise ValueError(f"process 0: {message}")
+        raise RemoteError(kind, message)
+    return None if status == 1 else body.tobytes()
+
+
+def leader_json(decide: Callable[[], Any]) -> Any:
+    """Process 0 runs ``decide()`` (a JSON-able value); every process returns it (errors as :func:`leader_bytes`)."""
+    data = leader_bytes(lambda: json.dumps(decide()).encode())
+    return json.loads(data.decode())
+
+
+def leader_file(path: str | None) -> bytes | None:
+    """The bytes of ``path`` as process 0 reads them (None when process 0 has no such file)."""
+
+    def read():
+        if not path or not os.path.exists(path):
+            return None
+        with open(path, "rb") as handle:
+            return handle.read()
+
+    return leader_bytes(read)
+
+
+def any_process(flag: bool) -> bool:
+    """True when ``flag`` is True on any process (every process must call it)."""
+    if not multiprocess():
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.array([int(bool(flag))], np.int32))).any())
+
+
+def agree(stop: bool, due: bool) -> tuple[bool, bool]:
+    """(``stop`` on any process, process 0's ``due``), in one exchange (every process must call it)."""
+    if not multiprocess():
+        return bool(stop), bool(due)
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.array([int(bool(stop)), int(bool(due))], np.int32)))
+    flags = flags.reshape(-1, 2)
+    return bool(flags[:, 0].any()), bool(flags[0, 1])
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """A numpy copy of the whole of ``array``, also when its shards lie on other processes (every
+    process must call it then)."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+__all__ = ["initialize", "multiprocess", "is_leader", "leader_bytes", "leader_json", "leader_file", "any_process",
+           "agree", "to_host", "RemoteError", "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]

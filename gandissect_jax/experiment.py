@@ -1,0 +1,348 @@
+"""Intervention experiments on a dissection output directory: their inputs and their output folders.
+
+:class:`DissectionSource` reads what a dissection directory knows -- the model and segmenter it
+was run with (``dissect.json`` ``settings.source``), the segmentation stride, every layer's scores
+(``<layer>/scores.npz``: levels, IoU, raw quantiles) and unit rankings -- or takes the model and
+segmenter given directly (``--model/--segmenter``). :class:`Experiment` is one experiment's output
+folder, ``<outdir>/intervention/<kind>/<layer>/<name>/``:
+
+- its settings are recorded on the first run (``.progress/settings.json``); a rerun with the same
+  settings resumes (finished steps, marked in ``.progress``, are not redone); one with other
+  settings is refused with the first difference, before any work, and a new ``--name`` keeps both;
+- one process at a time writes it (a ``filelock`` lock, refused at once when taken);
+- files are written atomically; nothing outside ``<outdir>/intervention`` is written except the
+  rankings and links merged into ``dissect.json`` / ``dissect.html`` (:mod:`gandissect_jax.rankings`).
+
+``<outdir>/intervention/index.json`` lists the experiments (kind, layer, name, title, page) and
+``index.html`` links their pages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["DissectionSource", "Experiment", "intervention_lock", "register", "write_index"]
+
+INTERVENTION = "intervention"
+SETTINGS_VERSION = 1
+
+
+def _safe(name: str) -> str:
+    from gandissect_jax.dissection.report import safe_dir_name
+
+    return safe_dir_name(name)
+
+
+class DissectionSource:
+    """The generator, segmenter and per-layer dissection results an experiment works on.
+
+    Args:
+      outdir: the output directory (a dissection's, with ``dissect.json``, or a new one).
+      model, segmenter: override / supply the generator and segmenter (registry name, checkpoint
+        directory or .pth); without a dissection both are required.
+      segmenter_options: keyword arguments of ``load_segmenter`` (``segdiv``, ``segsizes``); by
+        default what ``dissect.json`` records under ``settings.source.segmenter_options``.
+
+    Raises:
+      ValueError / FileNotFoundError naming the file or flag: an unreadable ``dissect.json``, no
+      model or segmenter known.
+    """
+
+    def __init__(self, outdir: str, model: str | None = None, segmenter: str | None = None,
+                 segmenter_options: Mapping[str, Any] | None = None):
+        self.outdir = os.path.abspath(outdir)
+        self.document: dict | None = None
+        path = os.path.join(self.outdir, "dissect.json")
+        source: dict = {}
+        if os.path.exists(path):
+            from gandissect_jax.dissection.schema import read_dissect_json
+
+            self.document = read_dissect_json(path)
+            source = dict(self.document.get("settings", {}).get("source", {}) or {})
+        self.model_name = model or source.get("model")
+        self.segmenter_name = segmenter or source.get("segmenter")
+        if not self.model_name or not self.segmenter_name:
+            where = f"{path} does not name them (settings.source)" if self.document else f"{self.outdir} holds no dissect.json"
+            raise ValueError(f"give --model and --segmenter: {where}")
+        self.segmenter_options = dict(segmenter_options if segmenter_options is not None
+                                      else source.get("segmenter_options", {}) or {})
+        self.seg_downsample = int(source.get("seg_downsample", 1))
+        self._generator = None
+        self._segmenter = None
+        self._results: dict[str, Any] = {}
+
+    @property
+    def has_dissection(self) -> bool:
+        return self.document is not None
+
+    @property
+    def generator(self):
+        """The generator (loaded once)."""
+        if self._generator is None:
+            from gandissect_jax.proggan import load_generator
+
+            self._generator = load_generator(self.model_name)
+        return self._generator
+
+    @property
+    def segmenter(self):
+        """The segmenter (loaded once)."""
+        if self._segmenter is None:
+            from gandissect_jax.segmenter import load_segmenter
+
+            self._segmenter = load_segmenter(self.segmenter_name, **self.segmenter_options)
+        return self._segmenter
+
+    def identity(self) -> dict:
+        """What the experiment's results depend on besides its own settings (recorded with them)."""
+        return {"model": str(self.model_name), "segmenter": str(self.segmenter_name),
+                "segmenter_options": self.segmenter_options,
+                "dissection": None if self.document is None else self.document.get("settings", {})}
+
+    def layers(self) -> list[str]:
+        """The dissected layers ([] without a dissection)."""
+        return [] if self.document is None else [l["layer"] for l in self.document.get("layers", [])]
+
+    def check_layer(self, layer: str) -> None:
+        """ValueError naming the valid layers when ``layer`` is not one of the generator's."""
+        names = list(getattr(self.generator, "layer_names", ()))
+        if names and layer not in names:
+            raise ValueError(f"unknown layer {layer!r} (--layer); the generator has {', '.join(names)}")
+
+    def result(self, layer: str, required: bool = True):
+        """The layer's :class:`~gandissect_jax.dissection.LayerDissection`, or None (``required=False``)
+        when it was not dissected. ValueError naming the dissected layers otherwise."""
+        if layer in self._results:
+            return self._results[layer]
+        record = None
+        if self.document is not None:
+            record = next((l for l in self.document.get("layers", []) if l["layer"] == layer), None)
+        if record is None:
+            if not required:
+                return None
+            known = ", ".join(self.layers()) or "none"
+            raise ValueError(f"layer {layer!r} was not dissected in {self.outdir} (dissected: {known}); "
+                             f"run gandissect-jax dissect --layers {layer} first, or give --units")
+        from gandissect_jax.dissection import LayerDissection
+
+        path = os.path.join(self.outdir, record.get("dirname", _safe(layer)), "scores.npz")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: the dissection of {layer!r} is incomplete")
+        result = LayerDissection.load_npz(path)
+        if list(result.label_names) != [name for name, _ in self.segmenter.labels]:
+            raise ValueError(f"{path} was dissected with another label set than segmenter "
+                             f"{self.segmenter_name!r} has")
+        self._results[layer] = result
+        return result
+
+    def concept(self, concept: str) -> tuple[int, ...]:
+        """Label numbers of ``--concept`` (a name, or names joined by commas: their union)."""
+        from gandissect_jax.ace import concept_labels
+
+        names = [c.strip() for c in str(concept).split(",") if c.strip()]
+        if not names:
+            raise ValueError("--concept is empty; give a label name, e.g. --concept tree")
+        return concept_labels(self.segmenter, names)
+
+    def ace_ranking(self, layer: str, labels: Sequence[int]) -> dict | None:
+        """The latest ACE ranking record of these labels at ``layer`` (rankings.json), or None."""
+        from gandissect_jax.rankings import read_rankings
+
+        found = [r for r in read_rankings(self.outdir)["layers"].get(layer, [])
+                 if r.get("metric") == "ace" and sorted(r.get("labels", [])) == sorted(labels)]
+        return found[-1] if found else None
+
+    def insertion_value(self, layer: str, quantile: float = 0.99, samples: int = 200, seed: int = 1) -> np.ndarray:
+        """float32 (C,): each unit's ``quantile`` of its activations (the reference GANPaint's
+        insertion value is the 0.99 quantile): from the dissection's exact raw quantiles when it
+        recorded that quantile, else measured on ``samples`` z of ``seed``."""
+        result = self.result(layer, required=False)
+        if result is not None and result.raw_quantile_q is not None:
+            q = np.asarray(result.raw_quantile_q, np.float64)
+            hit = np.flatnonzero(np.isclose(q, quantile))
+            if hit.size:
+                return np.asarray(result.raw_quantiles[:, hit[0]], np.float32)
+        from gandissect_jax.ace import representations
+        from gandissect_jax.sampling import sample_z
+
+        r, _ = representations(self.generator, layer, sample_z(samples, self.generator.z_dim, seed), 32)
+        flat = np.asarray(r).reshape(-1, np.shape(r)[-1])
+        return np.quantile(flat, quantile, axis=0).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _lock(path: str, what: str, timeout: float) -> Iterator[None]:
+    from filelock import FileLock, Timeout
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise ValueError(f"{what} is in use by another run (it holds {path}); wait for it to finish") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def intervention_lock(outdir: str, timeout: float = 120.0):
+    """The lock of ``<outdir>/intervention``'s shared files (index, rankings); waits up to
+    ``timeout`` seconds."""
+    return _lock(os.path.join(outdir, INTERVENTION, ".index.lock"), f"{outdir}/{INTERVENTION}", timeout)
+
+
+class Experiment:
+    """One experiment's output folder (see the module docstring).
+
+    Args:
+      outdir: the dissection / output directory.
+      kind: the command (``"ace"``, ``"ablate"``, ...).
+      layer: the layer (its directory name is made safe).
+      name: the experiment's name within the layer (made safe).
+      settings: everything the results depend on (JSON-able); recorded, compared on reruns.
+
+    Use as a context manager: the folder is locked while open.
+    """
+
+    def __init__(self, outdir: str, kind: str, layer: str, name: str, settings: Mapping[str, Any]):
+        from gandissect_jax.dissection.resume import json_normalize
+
+        self.outdir = os.path.abspath(outdir)
+        self.kind, self.layer, self.name = kind, layer, name
+        self.relative = "/".join([INTERVENTION, kind, _safe(layer), _safe(name)])
+        self.directory = os.path.join(self.outdir, *self.relative.split("/"))
+        self.settings = json_normalize(dict(settings, version=SETTINGS_VERSION))
+        self._lock = None
+
+    def __enter__(self) -> "Experiment":
+        from gandissect_jax.dissection.resume import first_difference
+
+        os.makedirs(os.path.join(self.directory, ".progress"), exist_ok=True)
+        self._lock = _lock(os.path.join(self.directory, ".progress", "lock"), self.directory, 0)
+        self._lock.__enter__()
+        try:
+            path = os.path.join(self.directory, ".progress", "settings.json")
+            if os.path.exists(path):
+                try:
+                    with open(path) as handle:
+                        previous = json.load(handle)
+                except (OSError, json.JSONDecodeError) as err:
+                    raise ValueError(f"{path} is unreadable ({err}); give another --name") from err
+                if previous != self.settings:
+                    raise ValueError(
+                        f"{self.directory} holds a {self.kind} experiment with other settings "
+                        f"({first_difference(previous, self.settings)}); give another --name to keep both")
+            else:
+                self.write_json(os.path.join(".progress", "settings.json"), self.settings)
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.__exit__(*exc)
+            self._lock = None
+
+    def path(self, name: str) -> str:
+        """``<experiment>/<name>``."""
+        return os.path.join(self.directory, name)
+
+    def done(self, step: str) -> bool:
+        return os.path.exists(self.path(os.path.join(".progress", step + ".done")))
+
+    def mark(self, step: str) -> None:
+        self.write_json(os.path.join(".progress", step + ".done"), {"step": step})
+
+    def write_json(self, name: str, payload: Any) -> None:
+        from gandissect_jax.dissection.resume import atomic_file
+
+        with atomic_file(self.path(name), "w") as handle:
+            json.dump(payload, handle, indent=1, allow_nan=False)
+
+    def write_bytes(self, name: str, payload: bytes) -> None:
+        from gandissect_jax.dissection.resume import atomic_file
+
+        with atomic_file(self.path(name)) as handle:
+            handle.write(payload)
+
+    def save_arrays(self, name: str, **arrays: Any) -> None:
+        from gandissect_jax.dissection.resume import atomic_file
+
+        with atomic_file(self.path(name)) as handle:
+            np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
+
+    def load_arrays(self, name: str) -> dict[str, np.ndarray] | None:
+        path = self.path(name)
+        if not os.path.exists(path):
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k].copy() for k in data.files}
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"{path} is unreadable ({err}); remove it to compute it again") from err
+
+    def step(self, name: str, compute, *, progress_label: str | None = None) -> dict[str, np.ndarray]:
+        """Arrays of step ``name``: loaded when a previous run finished it, else ``compute()``d
+        (a dict of arrays), saved as ``<name>.npz`` and marked done."""
+        if self.done(name):
+            loaded = self.load_arrays(name + ".npz")
+            if loaded is not None:
+                return loaded
+        arrays = compute()
+        self.save_arrays(name + ".npz", **arrays)
+        self.mark(name)
+        return {k: np.asarray(v) for k, v in arrays.items()}
+
+
+def register(experiment: Experiment, title: str, summary: Mapping[str, Any] | None = None) -> None:
+    """Add (or update) the experiment in ``<outdir>/intervention/index.json`` and ``index.html``,
+    then refresh the dissection report's rankings and links (:func:`gandissect_jax.rankings.
+    refresh_report`)."""
+    from gandissect_jax.dissection.resume import atomic_write_json
+    from gandissect_jax.rankings import refresh_report
+
+    outdir = experiment.outdir
+    with intervention_lock(outdir):
+        path = os.path.join(outdir, INTERVENTION, "index.json")
+        index = {"experiments": []}
+        if os.path.exists(path):
+            try:
+                with open(path) as handle:
+                    index = json.load(handle)
+            except (OSError, json.JSONDecodeError):
+                index = {"experiments": []}
+        entry = {"kind": experiment.kind, "layer": experiment.layer, "name": experiment.name,
+                 "title": title, "page": experiment.relative + "/page.html",
+                 "json": experiment.relative + f"/{experiment.kind}.json", **(dict(summary) if summary else {})}
+        kept = [e for e in index.get("experiments", []) if isinstance(e, dict) and e.get("page") != entry["page"]]
+        index = {"experiments": sorted(kept + [entry], key=lambda e: (e["kind"], e["layer"], e["name"]))}
+        atomic_write_json(path, index)
+        write_index(outdir, index)
+        refresh_report(outdir)
+
+
+def write_index(outdir: str, index: Mapping[str, Any]) -> None:
+    """``<outdir>/intervention/index.html``: a table of the experiments linking their pages."""
+    from gandissect_jax.dissection.resume import atomic_file
+    from gandissect_jax.pages import page
+
+    rows = "".join(
+        f"<tr><td>{html.escape(e['kind'])}</td><td>{html.escape(e['layer'])}</td>"
+        f"<td><a href=\"{html.escape(e['page'][len(INTERVENTION) + 1:], quote=True)}\">{html.escape(e['title'])}</a></td></tr>"
+        for e in index["experiments"])
+    report = ('<p><a href="../dissect.html">dissection report</a></p>'
+              if os.path.exists(os.path.join(outdir, "dissect.html")) else "")
+    body = f"{report}<table><tr><th>experiment</th><th>layer</th><th>page</th></tr>{rows}</table>"
+    with atomic_file(os.path.join(outdir, INTERVENTION, "index.html"), "w") as handle:
+        handle.write(page("Intervention experiments", body))

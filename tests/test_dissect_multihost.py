@@ -1,0 +1,122 @@
+"""Multi-host dissection on JAX's distributed runtime: 2 processes x 4 CPU devices on localhost give
+the 1-process, 1-device result array for array (scores.npz, dissect.json, strips), only process 0
+writes, and a run whose process was killed fails and resumes when both are relaunched.
+
+Each process is a ``gandissect-jax dissect`` subprocess (``--coordinator 127.0.0.1:PORT
+--num-processes 2 --process-id I``, ``XLA_FLAGS=--xla_force_host_platform_device_count=4``, gloo
+collectives), on the shipped demo model (layer4, 16 samples)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ARGS = ["dissect", "--size", "16", "--topk", "3", "--layers", "layer4", "--quiet", "--batch-size", "16"]
+TIMEOUT = 600  # seconds per run, far above what it takes (a hung collective must not hang the suite)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    for name in ("GANDISSECT_COORDINATOR", "GANDISSECT_NUM_PROCESSES", "GANDISSECT_PROCESS_ID"):
+        env.pop(name, None)
+    return env
+
+
+def _command(outdir, extra=()) -> list[str]:
+    return [sys.executable, "-m", "gandissect_jax.cli", *ARGS, "--outdir", str(outdir), *extra]
+
+
+def _launch(outdirs, port: int, extra=()) -> list[subprocess.Popen]:
+    """Both processes of a 2-process run; process i writes (if at all) into outdirs[i]."""
+    return [subprocess.Popen(_command(outdirs[i], ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                                   "--process-id", str(i), *extra]),
+                             env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+
+
+def _finish(processes) -> list[tuple[int, str]]:
+    out = []
+    for process in processes:
+        try:
+            stdout, stderr = process.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            raise
+        out.append((process.returncode, stdout + stderr))
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    """The 1-process, 1-device dissection."""
+    outdir = tmp_path_factory.mktemp("single") / "out"
+    done = subprocess.run(_command(outdir), env=_env(1), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return outdir
+
+
+def _assert_same_results(single: Path, outdir: Path) -> None:
+    with np.load(single / "layer4" / "scores.npz") as a, np.load(outdir / "layer4" / "scores.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+            assert a[name].tobytes() == b[name].tobytes(), f"scores.npz {name} differs"
+    assert (single / "dissect.json").read_bytes() == (outdir / "dissect.json").read_bytes()
+    strips = sorted(p.name for p in (single / "layer4" / "image").iterdir())
+    assert len(strips) == json.loads((single / "dissect.json").read_text())["layers"][0]["num_units"]
+    for name in strips:
+        assert (single / "layer4" / "image" / name).read_bytes() == (outdir / "layer4" / "image" / name).read_bytes()
+
+
+def test_two_processes_of_four_devices_equal_one_device_and_only_process_0_writes(single, tmp_path):
+    outdirs = [tmp_path / "out0", tmp_path / "out1"]
+    results = _finish(_launch(outdirs, _free_port()))
+    for rank, (code, log) in enumerate(results):
+        assert code == 0, f"process {rank}: {log[-3000:]}"
+    _assert_same_results(single, outdirs[0])
+    assert not outdirs[1].exists()  # process 1 needs no outdir and writes nothing
+    assert "interpretable" in results[0][1] and "interpretable" not in results[1][1]  # the summary: process 0
+
+
+def test_killed_process_fails_the_run_and_a_relaunch_resumes(single, tmp_path):
+    outdirs = [tmp_path / "out0", tmp_path / "out1"]
+    processes = _launch(outdirs, _free_port(), ["--checkpoint-every", "0", "--keep-progress"])
+    deadline = time.monotonic() + TIMEOUT
+    # kill process 1 once process 0 has saved the first quantile stage
+    while not glob.glob(str(outdirs[0] / ".progress" / "passes-*" / "plan.npz")):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes), _finish(processes)
+        time.sleep(0.2)
+    processes[1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    (code0, log0), (code1, _) = _finish(processes)
+    assert code1 == -signal.SIGKILL
+    assert code0 == 1, log0[-3000:]  # the survivor fails (its collective loses its peer) and says how to go on
+    assert "error: process 0 of 2" in log0 and "relaunch every process with the same command" in log0
+    assert "Traceback" not in log0
+    assert time.monotonic() - killed_at < 60  # at once, not after JAX's heartbeat timeout (100 s)
+    with np.load(glob.glob(str(outdirs[0] / ".progress" / "passes-*" / "plan.npz"))[0]) as plan:
+        saved_stage = int(plan["stage_index"])
+    assert saved_stage >= 1
+
+    results = _finish(_launch(outdirs, _free_port(), ["--checkpoint-every", "0", "--keep-progress"]))
+    for rank, (code, log) in enumerate(results):
+        assert code == 0, f"process {rank}: {log[-3000:]}"
+    _assert_same_results(single, outdirs[0])
+    assert not outdirs[1].exists()
