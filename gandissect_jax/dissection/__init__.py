@@ -18,7 +18,8 @@ from .moments import running_covariance, running_moments, sample_ordered
 from .results import LayerDissection
 from .schema import read_dissect_json
 from .scoring import chance_iou, score_counts, significance
-from .sources import ArraySource, GeneratorSource, ModelSource, TfdsSource
+from .datasets import ModelSource, TfdsSource
+from .sources import ArraySource, GeneratorSource
 from .statistics import StreamingStatistic, label_statistics, level_counts, top_k
 from .threshold_search import IQR_FRACTIONS, search_iqr_thresholds
 from .upsample import bilinear_matrix, upsample_bilinear

@@ -37,7 +37,8 @@ from .progress import COUNT_PASS_COST, RunProgress
 from .report import safe_dir_name, write_report
 from .results import LayerDissection
 from .resume import RunDirectory, digest, outdir_lock
-from .sources import DEFAULT_MICRO_BATCH, ArraySource, GeneratorSource, ModelSource, Unlabelled
+from .datasets import ModelSource
+from .sources import DEFAULT_MICRO_BATCH, ArraySource, GeneratorSource, Unlabelled
 from .strips import write_strips
 
 LAYOUTS = ("nhwc", "nchw")
@@ -438,7 +439,7 @@ def dissect_model(model, data, layers: Sequence[str], labels, config: DissectCon
 
     model: a Generator-protocol object whose input is an image batch, such as
     ``split_module(module, params, at=..., input_shape=(H, W, 3))``; data: a source of
-    ``{"image", "label"}`` by example number such as :class:`~.sources.TfdsSource`; labels /
+    ``{"image", "label"}`` by example number such as :class:`~.datasets.TfdsSource`; labels /
     categories: the names of the data's label numbers (label 0 = none), as
     :func:`dissect_features`. config / overrides: :class:`DissectConfig` settings (``threshold``
     defaults to 'quantile', the Network Dissection rule). The run's identity holds a sha256 of the

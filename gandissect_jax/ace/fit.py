@@ -1,0 +1,379 @@
+"""Fitting ACE unit weights alpha with optax through f and the segmenter (prepare_ace, ace_step, optimize_ace) and ranking units by them."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gandissect_jax._structure import Static
+from .corpus import AceCorpus, _location_map, _padded, layer_shape
+from .scores import OBJECTIVES, _pool_to_grid, label_scores
+from .projections import ace_optimizer, project_to_budget
+
+
+# ============================================================================================
+# the fit
+
+
+class AceFit(NamedTuple):
+    """Result of :func:`optimize_ace`.
+
+    Attributes:
+      alpha: float32 (C,) unit weights in [0, 1]; large means causal for the concept.
+      eval_loss: float64 (epochs + 1,) held-out objective (without the L2 term) before training
+        and after every epoch.
+    """
+
+    alpha: np.ndarray
+    eval_loss: np.ndarray
+
+
+class AceSpec(NamedTuple):
+    """Everything static about one ACE program (hashable: a ``jax.jit`` static argument)."""
+
+    f: Any  # the generator's f (jitted; shared by every generator of one architecture)
+    segmenter: Static
+    labels: tuple[int, ...]
+    others: tuple[int, ...]
+    grid: tuple[int, int]
+    downsample: int
+    objective: str
+    optimizer: Any  # an optax GradientTransformation
+
+
+class AceConsts(NamedTuple):
+    """What the objectives read besides alpha and the batch (a pytree of arrays passed to jit)."""
+
+    gparams: Any  # generator parameters
+    sparams: Any  # segmenter parameters
+    value: jax.Array  # float32 (C,) insertion value
+    reference: jax.Array  # float32 (len(others),) reference shares of the other labels
+    l2: jax.Array  # float32 (): weight of |alpha|^2
+    specificity: jax.Array  # float32 (): weight of the side-effect term of specific_removal
+
+
+class AceData(NamedTuple):
+    """Precomputed representations of corpus samples (device arrays, leading axis = sample)."""
+
+    present_r: jax.Array
+    present_side: Any
+    present_location: jax.Array
+    candidate_r: jax.Array
+    candidate_side: Any
+    candidate_location: jax.Array
+    before: jax.Array  # (P, 1 + len(others)) unedited shares of the present samples, or (P, 0)
+
+
+def _shares(spec: AceSpec, sparams, images):
+    """Image-mean scores (N, 1 + len(others)): the concept's, then every other label's."""
+    K = len(spec.labels)
+    means = label_scores(spec.segmenter.obj, sparams, images, spec.labels + spec.others,
+                         spec.downsample).mean((1, 2))
+    return jnp.concatenate([means[:, :K].sum(-1, keepdims=True), means[:, K:]], -1)
+
+
+def _score_at(spec: AceSpec, sparams, images, locations):
+    rows, cols = spec.grid
+    score = label_scores(spec.segmenter.obj, sparams, images, spec.labels, spec.downsample).sum(-1)
+    pooled = _pool_to_grid(score, spec.grid).reshape(len(images), rows * cols)
+    return jnp.take_along_axis(pooled, locations[:, None], 1)[:, 0]
+
+
+def _objective(alpha, c: AceConsts, batch: AceData, spec: AceSpec):
+    f, grid = spec.f, spec.grid
+    if spec.objective == "ace":
+        mp = alpha * _location_map(batch.present_location, grid)
+        erased = _score_at(spec, c.sparams, f(c.gparams, batch.present_r * (1 - mp), batch.present_side),
+                           batch.present_location)
+        mc = alpha * _location_map(batch.candidate_location, grid)
+        added = _score_at(spec, c.sparams,
+                          f(c.gparams, batch.candidate_r * (1 - mc) + c.value * mc, batch.candidate_side),
+                          batch.candidate_location)
+        return erased.mean() - added.mean()
+    images = f(c.gparams, batch.present_r * (1 - alpha), batch.present_side)
+    if spec.objective == "removal":
+        score = label_scores(spec.segmenter.obj, c.sparams, images, spec.labels, spec.downsample).sum(-1)
+        return _pool_to_grid(score, grid).sum((1, 2)).mean()
+    after = _shares(spec, c.sparams, images)  # specific_removal
+    before = batch.before
+    remaining = after[:, 0].mean() / jnp.maximum(before[:, 0].mean(), 1e-12)
+    side = ((after[:, 1:].mean(0) - before[:, 1:].mean(0)) / c.reference) ** 2
+    return remaining + c.specificity * side.sum()
+
+
+def _take(data: AceData, ip, ic) -> AceData:
+    """The batch of samples ``ip`` (present) and ``ic`` (candidate), gathered on the device."""
+    def rows(tree, idx):
+        return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), tree)
+
+    return AceData(rows(data.present_r, ip), rows(data.present_side, ip), rows(data.present_location, ip),
+                   rows(data.candidate_r, ic), rows(data.candidate_side, ic),
+                   rows(data.candidate_location, ic), rows(data.before, ip))
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def ace_step(alpha, opt_state, ramp, consts: AceConsts, data: AceData, ip, ic, *, spec: AceSpec):
+    """One optimization step on the batch ``ip``/``ic`` of ``data``: returns (alpha, opt_state, loss).
+
+    The loss is the objective plus ``l2 |alpha|^2`` and ``ramp * sum(alpha (1 - alpha))``; the
+    gradient is taken with respect to ``alpha`` only; the updated alpha is clipped to [0, 1] (the
+    optimizer's projection already lands there, up to one float32 rounding)."""
+    import optax
+
+    batch = _take(data, ip, ic)
+
+    def loss_fn(a):
+        return (_objective(a, consts, batch, spec) + consts.l2 * jnp.sum(a**2)
+                + ramp * jnp.sum(a * (1 - a)))
+
+    loss, grad = jax.value_and_grad(loss_fn)(alpha)
+    updates, opt_state = spec.optimizer.update(grad, opt_state, alpha)
+    return jnp.clip(optax.apply_updates(alpha, updates), 0.0, 1.0), opt_state, loss
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _evaluate(alpha, consts: AceConsts, data: AceData, ip, ic, *, spec: AceSpec):
+    return _objective(alpha, consts, _take(data, ip, ic), spec)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _unedited_shares(consts: AceConsts, r, side, *, spec: AceSpec):
+    return _shares(spec, consts.sparams, spec.f(consts.gparams, r, side))
+
+
+@functools.partial(jax.jit, static_argnames=("h",))
+def _representation(gparams, z, *, h):
+    return h(gparams, z)
+
+
+def representations(generator: Any, layer: str, z: np.ndarray, batch_size: int) -> tuple[jax.Array, Any]:
+    """``(r, side) = h(z)`` for every row of ``z``, in padded batches, concatenated on the device.
+
+    Returns ``r`` (N, H, W, C) and ``side`` (a pytree whose leaves have a leading sample axis, or
+    ``()``)."""
+    h, _ = generator.split(layer)
+    z = np.asarray(z, np.float32)
+    parts = []
+    for start in range(0, len(z), batch_size):
+        batch, count = _padded(z, start, batch_size)
+        r, side = _representation(generator.params, jnp.asarray(batch), h=h)
+        parts.append(jax.tree_util.tree_map(lambda a, n=count: a[:n], (r, side)))
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, 0), *parts)
+
+
+class AceProblem(NamedTuple):
+    """Everything one ACE fit runs on, ready for :func:`ace_step` (made by :func:`prepare_ace`).
+
+    Attributes:
+      spec: the static :class:`AceSpec` (keys the compiled programs).
+      consts: :class:`AceConsts`, the parameters and constants (arrays).
+      train, held: :class:`AceData` of the training and held-out samples (``r = h(z)`` computed
+        once, on the device).
+      alpha: float32 (C,) the starting weights (projected).
+      opt_state: the optimizer's state for ``alpha``.
+    """
+
+    spec: AceSpec
+    consts: AceConsts
+    train: AceData
+    held: AceData
+    alpha: jax.Array
+    opt_state: Any
+
+
+def prepare_ace(generator: Any, segmenter: Any, corpus: AceCorpus, *, init: Any = None, l2: float = 0.005,
+                learning_rate: float = 0.01, batch_size: int = 20, seg_downsample: int = 1,
+                objective: str = "ace", specificity: float = 1.0, max_units: float | None = None,
+                optimizer: Any = None) -> AceProblem:
+    """The :class:`AceProblem` of a fit (arguments as :func:`optimize_ace`): checks the arguments,
+    computes ``r = h(z)`` of every corpus sample once (and, for ``specific_removal``, the unedited
+    shares), and initialises the optimizer. ``ace_step(problem.alpha, problem.opt_state, ramp,
+    problem.consts, problem.train, ip, ic, spec=problem.spec)`` then runs one step.
+
+    Raises:
+      ValueError naming the argument (see :func:`optimize_ace`).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be 'ace', 'removal' or 'specific_removal', got {objective!r}")
+    if max_units is not None and not max_units > 0:
+        raise ValueError(f"max_units must be positive or None, got {max_units}")
+    rows, cols, channels = layer_shape(generator, corpus.layer)
+    labels = tuple(int(c) for c in corpus.labels)
+    value = jnp.asarray(corpus.insertion_value)
+    if value.shape != (channels,):
+        raise ValueError(
+            f"corpus insertion value has shape {value.shape}; {corpus.layer} has {channels} channels"
+        )
+    n_train = min(len(corpus.present_z), len(corpus.candidate_z))
+    if batch_size < 1 or n_train < batch_size:
+        raise ValueError(f"batch_size = {batch_size} needs 1..{n_train} (the training samples)")
+    if init is None:
+        alpha = jnp.zeros(channels, jnp.float32)
+    else:
+        alpha = jnp.asarray(init, jnp.float32)
+        if alpha.shape != (channels,):
+            raise ValueError(f"init has shape {alpha.shape}; expected ({channels},)")
+        alpha = project_to_budget(alpha, max_units)
+    if optimizer is None:
+        optimizer = ace_optimizer(float(learning_rate), None if max_units is None else float(max_units))
+    _, f = generator.split(corpus.layer)
+    others = (tuple(l for l in range(1, len(segmenter.labels)) if l not in labels)
+              if objective == "specific_removal" else ())
+    spec = AceSpec(f=f, segmenter=Static(segmenter), labels=labels, others=others, grid=(rows, cols),
+                   downsample=int(seg_downsample), objective=objective, optimizer=optimizer)
+    consts = AceConsts(generator.params, segmenter.params, value, jnp.ones((len(others),), jnp.float32),
+                       jnp.float32(l2), jnp.float32(specificity))
+
+    # r = h(z) does not depend on alpha: computed once per sample, kept on the device
+    def data_of(pz, pl, cz, cl):
+        pr, ps = representations(generator, corpus.layer, pz, batch_size)
+        cr, cs = representations(generator, corpus.layer, cz, batch_size)
+        return AceData(pr, ps, jnp.asarray(pl, jnp.int32), cr, cs, jnp.asarray(cl, jnp.int32),
+                       jnp.zeros((len(pz), 0), jnp.float32))
+
+    train = data_of(corpus.present_z, corpus.present_location, corpus.candidate_z, corpus.candidate_location)
+    held = data_of(corpus.eval_present_z, corpus.eval_present_location, corpus.eval_candidate_z,
+                   corpus.eval_candidate_location)
+    if objective == "specific_removal":
+        # the unedited shares do not depend on alpha either: computed once
+        def unedited(data: AceData) -> jax.Array:
+            n = len(data.present_r)
+            out = []
+            for start in range(0, n, batch_size):
+                idx = jnp.asarray(np.minimum(np.arange(start, start + batch_size), n - 1))
+                rows_ = jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0),
+                                               (data.present_r, data.present_side))
+                out.append(_unedited_shares(consts, *rows_, spec=spec)[: min(batch_size, n - start)])
+            return jnp.concatenate(out, 0)
+
+        train = train._replace(before=unedited(train))
+        held = held._replace(before=unedited(held))
+        consts = consts._replace(reference=jnp.maximum(train.before[:, 1:].mean(0), 1e-3))
+
+    return AceProblem(spec, consts, train, held, alpha, optimizer.init(alpha))
+
+
+def optimize_ace(
+    generator: Any,
+    segmenter: Any,
+    corpus: AceCorpus,
+    *,
+    init: Any = None,
+    l2: float = 0.005,
+    learning_rate: float = 0.01,
+    epochs: int = 10,
+    batch_size: int = 20,
+    seed: int = 0,
+    seg_downsample: int = 1,
+    objective: str = "ace",
+    specificity: float = 1.0,
+    max_units: float | None = None,
+    binarize: float = 0.0,
+    optimizer: Any = None,
+    progress: bool = False,
+) -> AceFit:
+    """Fit the per-unit ablation weights alpha (see the module docstring for the objective; the
+    reference's ``train_ablation`` of ``netdissect.aceoptimize``).
+
+    Args:
+      generator, segmenter: as for :func:`build_ace_corpus`; their parameters are arguments of
+        the jitted step, not constants in it.
+      corpus: from :func:`build_ace_corpus`.
+      init: float (C,) starting alpha, e.g. the units' IoU with the concept divided by its
+        maximum (the reference's start); None starts at zero. Projected onto the feasible set.
+      l2: weight of ``|alpha|^2`` (the reference's default 0.005).
+      learning_rate: Adam step size of the default optimizer (the reference's 0.01).
+      epochs: passes over the training samples; each step uses ``batch_size`` present and as
+        many candidate samples (the last ``len % batch_size`` of each shuffled pass are skipped).
+      seed: shuffling seed.
+      seg_downsample: segmentation stride.
+      objective: ``"ace"``, the objective of the module docstring; or ``"removal"``, the
+        reference's ``_fia`` variant: ablate alpha at every position of the present samples and
+        minimise the concept's score summed over the whole image (per location, as the ace
+        objective), with no insertion term; or ``"specific_removal"``: ablate alpha at every
+        position of the present samples and minimise, per batch, the concept's share after
+        ablation over its share before (so 1 means nothing removed), plus ``specificity`` times
+        the sum over every other label l >= 1 of ``((share_l after - share_l before) / ref_l)^2``,
+        where ``ref_l`` is label l's mean share in the unedited present training samples (at
+        least 1e-3). Shares are the segmenter's class scores averaged over the image.
+      specificity: weight of the side-effect term of ``"specific_removal"``.
+      max_units: keep ``sum(alpha) <= max_units`` (see :func:`project_to_budget`), e.g. the
+        number of units that will be ablated; None for no budget. Used by the default optimizer
+        and to project ``init``.
+      binarize: weight of ``sum(alpha * (1 - alpha))``, ramped up linearly from 0 in the first
+        epoch to ``binarize`` in the last, to push alpha to 0 or 1 so that the fitted weights
+        are the set of units that will be ablated whole (with ``max_units=k``: k units at 1).
+      optimizer: any optax ``GradientTransformation`` (default :func:`ace_optimizer`
+        ``(learning_rate, max_units)``: Adam chained with the projection). End a chain of your own
+        with :func:`project_unit_budget` or :func:`project_unit_interval` to keep alpha feasible;
+        alpha is clipped to [0, 1] after every update in any case. Pass the same object again to
+        reuse the compiled step.
+      progress: show tqdm bars.
+
+    Returns:
+      An :class:`AceFit`.
+
+    Raises:
+      ValueError naming the argument for an unknown objective, a non-positive max_units, an
+      init of the wrong shape, a batch size larger than the training samples, or a corpus whose
+      insertion value does not fit the layer.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    problem = prepare_ace(generator, segmenter, corpus, init=init, l2=l2, learning_rate=learning_rate,
+                          batch_size=batch_size, seg_downsample=seg_downsample, objective=objective,
+                          specificity=specificity, max_units=max_units, optimizer=optimizer)
+    spec, consts, train, held = problem.spec, problem.consts, problem.train, problem.held
+    alpha, opt_state = problem.alpha, problem.opt_state
+    n_train = min(len(corpus.present_z), len(corpus.candidate_z))
+
+    def eval_loss(alpha):
+        n = min(len(corpus.eval_present_z), len(corpus.eval_candidate_z))
+        total = 0.0
+        for start in range(0, n, batch_size):
+            idx = jnp.arange(start, min(start + batch_size, n))
+            total += float(_evaluate(alpha, consts, held, idx, idx, spec=spec)) * len(idx)
+        return total / n
+
+    history = [eval_loss(alpha)]
+    key = jax.random.key(seed)
+    epoch_range = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epoch_range = tqdm(epoch_range, desc=f"ACE {corpus.layer}", unit="epoch")
+    for epoch in epoch_range:
+        ramp = jnp.float32(binarize * epoch / max(epochs - 1, 1))
+        key, key_p, key_c = jax.random.split(key, 3)
+        order_p = jax.random.permutation(key_p, len(corpus.present_z))
+        order_c = jax.random.permutation(key_c, len(corpus.candidate_z))
+        for b in range(n_train // batch_size):
+            ip = order_p[b * batch_size : (b + 1) * batch_size]
+            ic = order_c[b * batch_size : (b + 1) * batch_size]
+            alpha, opt_state, _ = ace_step(alpha, opt_state, ramp, consts, train, ip, ic, spec=spec)
+        history.append(eval_loss(alpha))
+        if progress:
+            epoch_range.set_postfix(eval_loss=f"{history[-1]:.4f}")
+    return AceFit(alpha=np.asarray(alpha, np.float32), eval_loss=np.asarray(history, np.float64))
+
+
+def ace_ranking(alpha: Any, tie_break: Any = None) -> np.ndarray:
+    """Units ordered by alpha, largest first; equal alphas (e.g. several at 1) by ``tie_break``
+    (e.g. IoU), largest first, then by unit number (the reference's ``fullablate`` ordering).
+
+    Args:
+      alpha: float (C,).
+      tie_break: float (C,) or None.
+
+    Returns:
+      int64 (C,) unit numbers.
+    """
+    alpha = np.asarray(alpha, np.float64).reshape(-1)
+    tie = np.zeros_like(alpha) if tie_break is None else np.asarray(tie_break, np.float64).reshape(-1)
+    if tie.shape != alpha.shape:
+        raise ValueError(f"tie_break has shape {tie.shape}; alpha has {alpha.shape}")
+    return np.lexsort((np.arange(len(alpha)), -tie, -alpha)).astype(np.int64)
