@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from .server import create_app
-
-__all__ = ["create_app", "MAX_MASK_SIDE", "MAX_BODY_BYTES"]
-
-logger = logging.getLogger("gandissect_jax.paint")
 
 
 MAX_MASK_SIDE = 4096  # pixels per side of a mask or photo
