@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,72 +45,11 @@ from _outputs import SHIPPED, add_output_arguments, output_dir
 from gandissect_jax.checkpoints import load_checkpoint, save_checkpoint
 from gandissect_jax.proggan import GeneratorConfig, ProgressiveGenerator, init_params, save_generator
 from gandissect_jax.scenes import world
+from gandissect_jax.scenes.discriminator import D_CHANNELS
+from gandissect_jax.scenes.discriminator import SceneDiscriminator as Discriminator  # the network the demo ships
 
 Z_DIM = 128
 CHANNELS = (128, 128, 64, 32, 16)
-D_CHANNELS = (16, 32, 64, 128, 128)  # at 64, 32, 16, 8, 4
-
-
-class EqualizedConv(nn.Module):
-    """Conv with equalized learning rate: N(0,1) kernel scaled by sqrt(2 / fan_in) at run time."""
-
-    features: int
-    kernel: int = 3
-    gain: float = float(np.sqrt(2.0))
-
-    @nn.compact
-    def __call__(self, x):
-        fan_in = x.shape[-1] * self.kernel * self.kernel
-        w = self.param("kernel", nn.initializers.normal(1.0), (self.kernel, self.kernel, x.shape[-1], self.features))
-        b = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y * (self.gain / np.sqrt(fan_in)) + b
-
-
-class EqualizedDense(nn.Module):
-    """Dense layer with equalized learning rate."""
-
-    features: int
-    gain: float = float(np.sqrt(2.0))
-
-    @nn.compact
-    def __call__(self, x):
-        w = self.param("kernel", nn.initializers.normal(1.0), (x.shape[-1], self.features))
-        b = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return x @ w * (self.gain / np.sqrt(x.shape[-1])) + b
-
-
-def lrelu(x):
-    return jnp.where(x >= 0, x, 0.2 * x)
-
-
-def minibatch_stddev(x, group: int = 4):
-    """Append the mean over features of the per-group standard deviation as one channel (NHWC)."""
-    n, h, w, c = x.shape
-    g = min(group, n)
-    y = x.reshape(g, n // g, h, w, c)
-    y = jnp.sqrt(jnp.var(y, axis=0) + 1e-8).mean(axis=(1, 2, 3))  # (n // g,)
-    y = jnp.tile(y, g).reshape(n, 1, 1, 1)
-    return jnp.concatenate([x, jnp.broadcast_to(y, (n, h, w, 1))], -1)
-
-
-class Discriminator(nn.Module):
-    """A small ProGAN-style discriminator: (N, 64, 64, 3) images -> (N,) logits."""
-
-    channels: tuple = D_CHANNELS
-
-    @nn.compact
-    def __call__(self, x):
-        h = lrelu(EqualizedConv(self.channels[0], 1, name="from_rgb")(x))
-        for i, (c_in, c_out) in enumerate(zip(self.channels[:-1], self.channels[1:])):
-            h = lrelu(EqualizedConv(c_in, name=f"b{i}_conv1")(h))
-            h = lrelu(EqualizedConv(c_out, name=f"b{i}_conv2")(h))
-            n, hh, ww, c = h.shape
-            h = h.reshape(n, hh // 2, 2, ww // 2, 2, c).mean((2, 4))
-        h = minibatch_stddev(h)
-        h = lrelu(EqualizedConv(self.channels[-1], name="final_conv")(h))
-        h = lrelu(EqualizedDense(self.channels[-1], name="final_dense")(h.reshape(h.shape[0], -1)))
-        return EqualizedDense(1, gain=1.0, name="logit")(h)[:, 0]
 
 
 def make_training(args, g_config: GeneratorConfig):

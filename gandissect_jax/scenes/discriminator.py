@@ -78,8 +78,8 @@ def _minibatch_stddev(x, group: int = GROUP):
 
 
 class SceneDiscriminator(nn.Module):
-    """(N, 64, 64, 3) images in [-1, 1] -> (N,) logits; the architecture of
-    ``scripts/train_demo_gan.py`` (``Discriminator``), parameter names included."""
+    """(N, 64, 64, 3) images in [-1, 1] -> (N,) logits; the demo GAN's discriminator, trained by
+    ``scripts/train_demo_gan.py`` (which imports it)."""
 
     channels: tuple = D_CHANNELS
 
