@@ -20,16 +20,7 @@ dataset's images; ``input_shape`` says which). ``z_dim`` is the number of input 
 Any object with ``params``, ``layer_names``, ``z_dim``, ``apply`` and ``split`` is a
 :class:`Generator`; :func:`verify_split` checks a split numerically.
 :func:`gandissect_jax.flax_split.split_module` gives such an object for any ``flax.linen`` or
-``flax.nnx`` module without rewriting it::
-
-    G = split_module(StyleGenerator(), variables, z_dim=64)   # linen: module + variables
-    G.layer_names                          # ('mapping', 'mapping/Dense_0', ..., 'torgb')
-    h, f = G.split("conv8")                # verified: f(h(z)) == G(z) on a probe batch
-    r, side = h(G.params, z)               # r (N, 8, 8, 32); side = z
-    x = f(G.params, edit.apply(r), side)   # the edited images
-
-    C = split_module(classifier, variables, input_shape=(64, 64, 3))   # a model of images
-    features, _ = C.split("block2").h(C.params, images)
+``flax.nnx`` module without rewriting it (examples in its module docstring).
 """
 
 from __future__ import annotations
