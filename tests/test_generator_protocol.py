@@ -5,7 +5,6 @@ for a second set of weights."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import flax.linen as nn
@@ -19,28 +18,9 @@ import gandissect_jax as gd
 from gandissect_jax.flax_split import split_module
 from gandissect_jax.generator import Generator, Split, SplitError, verify_split
 from toy_models import W_DIM, Z_DIM, Classifier, Mapping, ModConv, StyleGenerator, modulated_conv, pixel_norm, random_like, style_variables  # noqa: F401
+from compilations import compilations
 
 FIXTURES = Path(__file__).parent / "fixtures" / "proggan"
-
-
-@contextlib.contextmanager
-def compilations():
-    """Collects one entry per XLA compilation made inside the block."""
-    events = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        # public from jax 0.8.1; the declared minimum (0.6.1) has only the private function
-        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
-        if unregister is None:
-            from jax._src.monitoring import _unregister_event_duration_listener_by_callback as unregister
-        unregister(listener)
 
 
 @pytest.fixture(scope="module")

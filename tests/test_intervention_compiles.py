@@ -3,7 +3,6 @@ maps, curves and artifact rankings compile nothing more, and neither does a seco
 the same generator, segmenter and discriminator architectures (their parameters are arguments of
 the programs, never constants in them)."""
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -16,22 +15,7 @@ from gandissect_jax.intervention import ablation_edit, label_shares
 from gandissect_jax.proggan import GeneratorConfig, ProgressiveGenerator
 from gandissect_jax.sampling import sample_z
 from gandissect_jax.scenes.demo_segmenter import DemoSegmenter, UNet
-
-
-@contextlib.contextmanager
-def compilations():
-    """One entry per XLA compilation made inside the block."""
-    events = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+from compilations import compilations
 
 
 def random_like(shapes, seed, scale=0.5):

@@ -8,13 +8,11 @@ temporary directory and shared with ``test_paint_browser.py``.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import shutil
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,6 +24,7 @@ import gandissect_jax as gd
 from gandissect_jax.paint import Stroke, apply_strokes, encode_strokes, invert, load_rankings, paint, pool_mask
 from gandissect_jax.paint.edits import region_mask, resize_mask
 from gandissect_jax.paint.invert import blend, psnr
+from compilations import compilations
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient` is deprecated")
 
@@ -83,22 +82,6 @@ def client(model):
     from gandissect_jax.paint.server import create_app
 
     return TestClient(create_app([model]), raise_server_exceptions=False)
-
-
-@contextlib.contextmanager
-def compilations():
-    """One entry per XLA compilation made inside the block."""
-    events = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def png_url(array: np.ndarray) -> str:
