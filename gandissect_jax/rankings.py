@@ -10,7 +10,8 @@ A **ranking** orders the units of a layer for one concept, most relevant first. 
 
 In JSON a ranking is ``{"name": "tree-iou", "label": "tree", "labels": [6], "metric": "iou",
 "units": [top units, best first], "score": [per-unit score, unit order]}`` (ACE rankings also
-carry ``"objective"`` and ``"experiment"``, the directory of the fit), the reference's
+carry ``"objective"``, ``"experiment"``, the directory of the fit, and ``"dissection"``, the
+:func:`dissection_digest` of the dissection it was fitted on), the reference's
 ``rankings`` entries (``netdissect.aceoptimize.add_ace_ranking_to_dissection``) with the units
 listed and the score's sign as measured (larger is better). ``<outdir>/intervention/
 rankings.json`` (``{"layers": {layer: [ranking...]}}``) holds the ACE rankings;
@@ -21,6 +22,7 @@ link to the intervention pages), and :func:`refresh_report` rewrites ``dissect.j
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -28,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 __all__ = ["iou_scores", "iou_ranking", "ranking_record", "layer_iou_rankings", "read_rankings",
-           "add_ranking", "augment_document", "refresh_report", "intervention_html", "units_by",
+           "add_ranking", "dissection_digest", "augment_document", "refresh_report", "intervention_html", "units_by",
            "RANKINGS_FILE", "INDEX_FILE"]
 
 RANKINGS_FILE = os.path.join("intervention", "rankings.json")
@@ -81,9 +83,30 @@ def layer_iou_rankings(result: Any, iou_threshold: float = 0.05) -> list[dict]:
     return records
 
 
-def read_rankings(outdir: str) -> dict:
+def dissection_digest(settings: Mapping[str, Any] | None) -> str | None:
+    """sha256 (hex) of a dissection's run identity (the ``settings`` of its ``dissect.json``), or
+    None without one. An ACE ranking records the digest of the dissection it was fitted on."""
+    if settings is None:
+        return None
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _current_settings(outdir: str) -> Mapping[str, Any] | None:
+    path = os.path.join(outdir, "dissect.json")
+    if not os.path.exists(path):
+        return None
+    from gandissect_jax.dissection.schema import read_dissect_json
+
+    return read_dissect_json(path).get("settings")
+
+
+def read_rankings(outdir: str, settings: Mapping[str, Any] | None = None, *, all_dissections: bool = False) -> dict:
     """``{"layers": {layer: [ranking...]}}`` from ``<outdir>/intervention/rankings.json`` (empty if
-    absent). ValueError naming the file when it is not such a document."""
+    absent), holding only the rankings fitted on the dissection whose identity is ``settings``
+    (default: that of ``<outdir>/dissect.json``): a ranking of an earlier dissection of the
+    directory (before a ``--restart``, or one that finished while the dissection was redone) is
+    never returned as this one's. ``all_dissections=True`` returns every record. ValueError naming
+    the file when it is not such a document."""
     path = os.path.join(outdir, RANKINGS_FILE)
     if not os.path.exists(path):
         return {"layers": {}}
@@ -94,7 +117,13 @@ def read_rankings(outdir: str) -> dict:
         raise ValueError(f"{path} is unreadable ({err}); remove it to rebuild it from the experiments") from err
     if not isinstance(document, dict) or not isinstance(document.get("layers"), dict):
         raise ValueError(f"{path} is not a rankings file (expected {{\"layers\": {{...}}}})")
-    return document
+    if all_dissections:
+        return document
+    current = dissection_digest(settings if settings is not None else _current_settings(outdir))
+    return {**document, "layers": {layer: [r for r in records if isinstance(r, Mapping)
+                                            and r.get("dissection") == current]
+                                   if isinstance(records, list) else records
+                                   for layer, records in document["layers"].items()}}
 
 
 def add_ranking(outdir: str, layer: str, record: Mapping[str, Any]) -> dict:
@@ -102,7 +131,7 @@ def add_ranking(outdir: str, layer: str, record: Mapping[str, Any]) -> dict:
     ranking of the same name (written atomically; the caller holds the intervention lock)."""
     from gandissect_jax.dissection.resume import atomic_write_json
 
-    document = read_rankings(outdir)
+    document = read_rankings(outdir, all_dissections=True)
     kept = [r for r in document["layers"].get(layer, []) if r.get("name") != record["name"]]
     document["layers"][layer] = kept + [dict(record)]
     os.makedirs(os.path.join(outdir, "intervention"), exist_ok=True)
@@ -136,7 +165,7 @@ def augment_document(document: dict, outdir: str | None, results: Mapping[str, A
     """
     document = json.loads(json.dumps(document))
     threshold = float(document.get("iou_threshold", 0.05) if iou_threshold is None else iou_threshold)
-    ace = read_rankings(outdir)["layers"] if outdir else {}
+    ace = read_rankings(outdir, document.get("settings"))["layers"] if outdir else {}
     for record in document.get("layers", []):
         layer = record["layer"]
         result = (results or {}).get(layer)

@@ -198,8 +198,17 @@ def test_ace_rankings_json_is_read_when_gandissect_jax_rankings_is_installed(out
     shutil.copytree(outdir, copy)
     alpha = _sparse_alpha(rankings.num_units, seed=1)
     order = ace_ranking(alpha, written.iou_scores(LayerDissection.load_npz(f"{copy}/{LAYER}/scores.npz"), [TREE]))
+    settings = json.loads((copy / "dissect.json").read_text())["settings"]
+    # a fit of another dissection of this directory (before a --restart) is never this one's
+    written.add_ranking(str(copy), LAYER, written.ranking_record("tree-ace", "tree", [TREE], "ace", order[::-1], alpha,
+                                                                 objective="ace", experiment="x",
+                                                                 dissection=written.dissection_digest({"other": 1})))
+    assert load_rankings(copy, LAYER).metric["tree"] == "iou"
+    assert written.augment_document(json.loads((copy / "dissect.json").read_text()), str(copy))["layers"][0][
+        "rankings"] == written.layer_iou_rankings(LayerDissection.load_npz(f"{copy}/{LAYER}/scores.npz"))
     written.add_ranking(str(copy), LAYER, written.ranking_record("tree-ace", "tree", [TREE], "ace", order, alpha,
-                                                                 objective="ace", experiment="x"))
+                                                                 objective="ace", experiment="x",
+                                                                 dissection=written.dissection_digest(settings)))
     got = load_rankings(copy, LAYER)
     assert got.metric["tree"] == "ace"
     np.testing.assert_array_equal(got.top_units("tree", rankings.num_units), order)

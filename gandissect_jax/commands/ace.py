@@ -146,7 +146,9 @@ def run_command(args) -> int:
         prefix = args.concept.replace(",", "+") + "-"
         variant = default_name(args)[len(prefix):] if args.name is None else f"ace-{args.name}"
         record = rankings.ranking_record(f"{concept_name}-{variant}", concept_name, labels, "ace", ace_order, alpha,
-                                         objective=args.objective, experiment=experiment.relative)
+                                         objective=args.objective, experiment=experiment.relative,
+                                         dissection=rankings.dissection_digest(
+                                             (source.document or {}).get("settings")))
         with intervention_lock(args.outdir):
             rankings.add_ranking(args.outdir, args.layer, record)
 
