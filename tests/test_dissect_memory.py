@@ -235,14 +235,16 @@ PEAK_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc to reset the peak RSS")
-@pytest.mark.parametrize("units, hw, seg, threshold, budget", [
-    (400, 1, 8, "quantile", "-"),      # 1x1 maps, one group
-    (800, 1, 8, "iqr", "400M"),        # both quantile streams, several groups under a budget
-    (48, 8, 64, "iqr", "-"),           # large step temporaries (upsampled 64x64 maps)
+@pytest.mark.parametrize("units, hw, seg, threshold, budget, devices", [
+    (400, 1, 8, "quantile", "-", 1),      # 1x1 maps, one group
+    (800, 1, 8, "iqr", "400M", 1),        # both quantile streams, several groups under a budget
+    (800, 1, 8, "iqr", "400M", 8),        # the same on 8 devices: more threads, more malloc arenas
+    (48, 8, 64, "iqr", "-", 1),           # large step temporaries (upsampled 64x64 maps)
 ])
-def test_peak_memory_estimate_bounds_the_measured_peak(units, hw, seg, threshold, budget):
+def test_peak_memory_estimate_bounds_the_measured_peak(units, hw, seg, threshold, budget, devices):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(units), str(hw), str(seg), threshold, budget],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                          capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert (budget == "-") == (result["groups"] == 1)
