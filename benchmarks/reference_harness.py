@@ -12,7 +12,10 @@ is not installed, and otherwise makes the 2018-era code run on a current CPU-onl
   ``align_corners=True``: ``torch.nn.functional.grid_sample`` is wrapped to default to it;
 - ``.cuda()`` calls are hard-coded: ``Tensor.cuda`` and ``Module.cuda`` become the identity;
 - CUDA-only extension modules (e.g. the PrRoI pooling of the segmenter) can be replaced by passing
-  ``extra_modules={"netdissect.upsegmodel.prroi_pool": cpu_module}``.
+  ``extra_modules={"netdissect.upsegmodel.prroi_pool": cpu_module}``;
+- ``scipy.misc.imresize`` (used by the reference's segmentation strips; removed in SciPy 1.3) is
+  given back as what it was, a Pillow resize of a uint8 array (``interp="nearest"`` etc.);
+- ``skimage`` (scikit-image) must be installed: ``netdissect.segmenter`` imports it.
 
 Usage in a benchmark::
 
@@ -113,12 +116,33 @@ def _patch_torch() -> None:
     torch.nn.Module.cuda = identity
 
 
+def _restore_imresize() -> None:
+    import scipy
+    import scipy.misc
+
+    if hasattr(scipy.misc, "imresize"):
+        return
+    from PIL import Image
+    import numpy as np
+
+    resamples = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                 "lanczos": Image.LANCZOS}
+
+    def imresize(arr, size, interp="bilinear", mode=None):
+        """SciPy <= 1.2's ``imresize`` for uint8 arrays with a (height, width) size."""
+        image = Image.fromarray(np.asarray(arr, dtype=np.uint8), mode=mode)
+        return np.asarray(image.resize((int(size[1]), int(size[0])), resample=resamples[interp]))
+
+    scipy.misc.imresize = imresize
+
+
 def install_shims(extra_modules: Mapping[str, types.ModuleType] | None = None) -> None:
     """Install the torchvision stub, the torch patches and ``extra_modules`` (idempotent)."""
     global _SHIMS_INSTALLED
     if not _SHIMS_INSTALLED:
         _stub_torchvision()
         _patch_torch()
+        _restore_imresize()
         _SHIMS_INSTALLED = True
     for name, module in (extra_modules or {}).items():
         sys.modules[name] = module

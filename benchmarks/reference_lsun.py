@@ -21,6 +21,7 @@ reason when ``$GANDISSECT_REFERENCE`` is unset.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from typing import Callable
@@ -64,7 +65,8 @@ def reference_pipeline():
     network.categories = ["object", "part", "material"]
     segmenter_module.load_unified_parsing_segmentation_model = lambda *args: network
     segmenter = segmenter_module.UnifiedParsingSegmenter(segsizes=[256], segdiv="quad")
-    dissection.save_state_dict = lambda obj, path: None  # its numpy-2 cache writer fails; caches unused
+    # its numpy-2 cache writer fails and the caches are unused; it also made the layer directories
+    dissection.save_state_dict = lambda obj, path: os.makedirs(os.path.dirname(path), exist_ok=True)
 
     def run(samples: int, outdir: str) -> float:
         start = time.perf_counter()
