@@ -11,12 +11,11 @@ Data flows ``z -> h -> r -> (edit) -> f -> x -> segment -> tally -> report``:
 - :mod:`gandissect_jax.effects`       causal effects: ablate, insert, context maps, ablation curves
 - :mod:`gandissect_jax.artifacts`     artifact units ranked with the discriminator
 - :mod:`gandissect_jax.unitseg`       unit segmentation (each pixel: its most active unit's concept)
-- :mod:`gandissect_jax.rankings`      per-label unit rankings (IoU, ACE) in dissect.json
 - :mod:`gandissect_jax.pth`           torch-free reader of PyTorch ``.pth`` checkpoints
 - :mod:`gandissect_jax.checkpoints`   orbax checkpoints (params + architecture JSON)
 - :mod:`gandissect_jax.weights`       registry of downloadable weights, fetch and convert
 - :mod:`gandissect_jax.segmenter`     the Segmenter protocol and the unified-parsing UPerNet
-- :mod:`gandissect_jax.dissection`    unit statistics, IoU / IQR scores and reports
+- :mod:`gandissect_jax.dissection`    unit statistics, IoU / IQR scores, per-label unit rankings (IoU, ACE) and reports
 - :mod:`gandissect_jax.scenes`        the procedural scene world and its shipped demo models
 
 Public names are imported lazily, so ``import gandissect_jax`` is cheap.

@@ -11,7 +11,7 @@ folder, ``<outdir>/intervention/<kind>/<layer>/<name>/``:
   settings is refused with the first difference, before any work, and a new ``--name`` keeps both;
 - one process at a time writes it (a ``filelock`` lock, refused at once when taken);
 - files are written atomically; nothing outside ``<outdir>/intervention`` is written except the
-  rankings and links merged into ``dissect.json`` / ``dissect.html`` (:mod:`gandissect_jax.rankings`).
+  rankings and links merged into ``dissect.json`` / ``dissect.html`` (:mod:`gandissect_jax.dissection.rankings`).
 
 ``<outdir>/intervention/index.json`` lists the experiments (kind, layer, name, title, page) and
 ``index.html`` links their pages.
@@ -152,7 +152,7 @@ class DissectionSource:
 
     def ace_ranking(self, layer: str, labels: Sequence[int]) -> dict | None:
         """The latest ACE ranking record of these labels at ``layer`` (rankings.json), or None."""
-        from gandissect_jax.rankings import read_rankings
+        from gandissect_jax.dissection.rankings import read_rankings
 
         found = [r for r in read_rankings(self.outdir)["layers"].get(layer, [])
                  if r.get("metric") == "ace" and sorted(r.get("labels", [])) == sorted(labels)]
@@ -307,10 +307,10 @@ class Experiment:
 
 def register(experiment: Experiment, title: str, summary: Mapping[str, Any] | None = None) -> None:
     """Add (or update) the experiment in ``<outdir>/intervention/index.json`` and ``index.html``,
-    then refresh the dissection report's rankings and links (:func:`gandissect_jax.rankings.
+    then refresh the dissection report's rankings and links (:func:`gandissect_jax.dissection.rankings.
     refresh_report`)."""
     from gandissect_jax.dissection.resume import atomic_write_json
-    from gandissect_jax.rankings import refresh_report
+    from gandissect_jax.dissection.rankings import refresh_report
 
     outdir = experiment.outdir
     with intervention_lock(outdir):

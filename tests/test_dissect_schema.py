@@ -61,7 +61,7 @@ def test_schema_1_dissect_json_reads_as_schema_2(fresh):
     assert old_source.pop("digest") and set(new_source.pop("content")) == {"features", "segmentations"}
     assert new_source.pop("layout") == "nhwc" and old_source == new_source
     layer = current["layers"][0]
-    # added with the intervention commands: the layer's per-label unit rankings (gandissect_jax.rankings)
+    # added with the intervention commands: the layer's per-label unit rankings (gandissect_jax.dissection.rankings)
     rankings = layer.pop("rankings")
     assert isinstance(rankings, list) and all(r["metric"] == "iou" and r["units"] for r in rankings)
     assert upgraded["layers"][0]["label_rule"] == layer["label_rule"] == "reference"

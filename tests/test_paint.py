@@ -22,7 +22,7 @@ from PIL import Image
 
 import gandissect_jax as gd
 from gandissect_jax.paint import Stroke, apply_strokes, encode_strokes, invert, load_rankings, paint, pool_mask
-from gandissect_jax.paint.edits import region_mask, resize_mask
+from gandissect_jax.paint.edits import resize_mask
 from gandissect_jax.paint.invert import blend, psnr
 from compilations import compilations
 
@@ -143,7 +143,7 @@ def test_ace_rankings_in_dissect_json_take_precedence(outdir, tmp_path, rankings
         {"name": "door-ace", "units": [5, 3, 9]},  # an explicit order, concept and metric from the name
         {"name": "grass-iou", "concept": "grass", "metric": "iou", "score": [0.0] * num_units},
         {"name": "max iou", "metric": "iou", "score": [0.0] * num_units},  # not a concept ranking
-        # gandissect_jax.rankings' form: top units listed, score per unit, larger first
+        # gandissect_jax.dissection.rankings' form: top units listed, score per unit, larger first
         {"name": "road-ace", "label": "road", "labels": [5], "metric": "ace", "units": order[:3],
          "score": alpha.tolist(), "objective": "specific_removal"},
     ]
@@ -166,7 +166,7 @@ def _sparse_alpha(num_units: int, seed: int = 0) -> np.ndarray:
 
 
 def _written_record(label: str, number: int, alpha: np.ndarray, order: np.ndarray) -> dict:
-    """A ranking record exactly as gandissect_jax.rankings.ranking_record writes it (intervention
+    """A ranking record exactly as gandissect_jax.dissection.rankings.ranking_record writes it (intervention
     branch): the top 64 units listed, the score per unit rounded to 6 digits, larger first."""
     return {"name": f"{label}-ace", "label": label, "labels": [number], "metric": "ace",
             "units": [int(u) for u in order[:64]], "score": [round(float(v), 6) for v in alpha],
@@ -187,10 +187,10 @@ def test_written_ace_ranking_is_read_in_the_writers_full_order(outdir, tmp_path,
     assert not np.array_equal(expected[64:], rankings.top_units("tree", rankings.num_units)[64:])  # IoU alone differs
 
 
-def test_ace_rankings_json_is_read_when_gandissect_jax_rankings_is_installed(outdir, tmp_path, rankings):
+def test_ace_rankings_json_and_dissect_json_rankings_are_read(outdir, tmp_path, rankings):
     """The intervention module's own writer: an ACE fit recorded in intervention/rankings.json (dissect.json
     not refreshed) and the rankings augment_document puts into dissect.json are both paint's rankings."""
-    written = pytest.importorskip("gandissect_jax.rankings")
+    from gandissect_jax.dissection import rankings as written
     from gandissect_jax.ace import ace_ranking
     from gandissect_jax.dissection import LayerDissection
 
@@ -222,25 +222,6 @@ def test_ace_rankings_json_is_read_when_gandissect_jax_rankings_is_installed(out
     assert again.metric["tree"] == "ace" and again.metric["sky"] == "iou"
     np.testing.assert_array_equal(again.top_units("tree", rankings.num_units), order)
     np.testing.assert_array_equal(again.top_units("sky", 64), rankings.top_units("sky", 64))
-
-
-def test_without_the_intervention_module_paint_ranks_by_iou(outdir, tmp_path, rankings, monkeypatch):
-    """Main before intervention is merged: no gandissect_jax.rankings; a rankings.json left there
-    is not read, and every concept is ranked by IoU from the dissection."""
-    import sys
-
-    monkeypatch.setitem(sys.modules, "gandissect_jax.rankings", None)  # import raises ImportError
-    copy = tmp_path / "copy"
-    shutil.copytree(outdir, copy)
-    alpha = _sparse_alpha(rankings.num_units)
-    (copy / "intervention").mkdir()
-    (copy / "intervention" / "rankings.json").write_text(json.dumps(
-        {"layers": {LAYER: [_written_record("tree", TREE, alpha, np.argsort(-alpha, kind="stable"))]}}))
-    got = load_rankings(copy, LAYER)
-    assert set(got.metric.values()) == {"iou"} and got.concepts == rankings.concepts
-    for concept in ("tree", "building", "sky"):
-        np.testing.assert_array_equal(got.top_units(concept, rankings.num_units),
-                                      rankings.top_units(concept, rankings.num_units))
 
 
 @pytest.mark.parametrize("record, message", [

@@ -75,7 +75,8 @@ def run_command(args) -> int:
     """Fit, rank, measure the curves, write the page."""
     import jax.numpy as jnp
 
-    from gandissect_jax import ace, effects, pages, rankings
+    from gandissect_jax import ace, effects, pages
+    from gandissect_jax.dissection import rankings
     from gandissect_jax.experiment import Experiment, intervention_lock, register
     from gandissect_jax.sampling import sample_z
 

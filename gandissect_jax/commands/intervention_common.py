@@ -116,7 +116,7 @@ def add_unit_arguments(parser: argparse.ArgumentParser, *, concept_required: boo
 def choose_units(args, source, channels: int, *, need_concept: bool = False):
     """``(units int64 (K,), how they were chosen, concept label numbers or None, concept name or None)``
     from --units or --concept/--top/--rank. ValueError naming the flag when they cannot be had."""
-    from gandissect_jax import rankings
+    from gandissect_jax.dissection import rankings
 
     labels = source.concept(args.concept) if args.concept else None
     name = "+".join(source.segmenter.labels[c][0] for c in labels) if labels else None

@@ -29,8 +29,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .report_page import render_html
+from .results import LayerDissection
+from .resume import atomic_file, atomic_write_json, outdir_lock
+from .schema import read_dissect_json
+
 __all__ = ["iou_scores", "iou_ranking", "ranking_record", "layer_iou_rankings", "read_rankings",
-           "add_ranking", "dissection_digest", "augment_document", "refresh_report", "intervention_html", "units_by",
+           "add_ranking", "dissection_digest", "augment_document", "refresh_report", "units_by",
            "RANKINGS_FILE", "INDEX_FILE"]
 
 RANKINGS_FILE = os.path.join("intervention", "rankings.json")
@@ -95,7 +100,6 @@ def _current_settings(outdir: str) -> Mapping[str, Any] | None:
     path = os.path.join(outdir, "dissect.json")
     if not os.path.exists(path):
         return None
-    from gandissect_jax.dissection.schema import read_dissect_json
 
     return read_dissect_json(path).get("settings")
 
@@ -129,7 +133,6 @@ def read_rankings(outdir: str, settings: Mapping[str, Any] | None = None, *, all
 def add_ranking(outdir: str, layer: str, record: Mapping[str, Any]) -> dict:
     """Put ``record`` into ``<outdir>/intervention/rankings.json`` under ``layer``, replacing a
     ranking of the same name (written atomically; the caller holds the intervention lock)."""
-    from gandissect_jax.dissection.resume import atomic_write_json
 
     document = read_rankings(outdir, all_dissections=True)
     kept = [r for r in document["layers"].get(layer, []) if r.get("name") != record["name"]]
@@ -172,7 +175,6 @@ def augment_document(document: dict, outdir: str | None, results: Mapping[str, A
         if result is None and outdir:
             path = os.path.join(outdir, record.get("dirname", layer), "scores.npz")
             if os.path.exists(path):
-                from gandissect_jax.dissection import LayerDissection
 
                 result = LayerDissection.load_npz(path)
         rankings = layer_iou_rankings(result, threshold) if result is not None else []
@@ -185,27 +187,11 @@ def augment_document(document: dict, outdir: str | None, results: Mapping[str, A
     return document
 
 
-def intervention_html(document: Mapping[str, Any]) -> str:
-    """The report's link block to the intervention pages ('' when there are none)."""
-    import html
-
-    intervention = document.get("intervention")
-    if not intervention:
-        return ""
-    items = "".join(
-        f'<li><a href="{html.escape(e["page"], quote=True)}">{html.escape(e.get("title", e["page"]))}</a></li>'
-        for e in intervention.get("experiments", []) if isinstance(e, dict) and e.get("page"))
-    return (f'<h2>Interventions</h2><p><a id="intervention-index" href="{intervention["index"]}">'
-            f'all intervention experiments</a></p><ul class="interventions">{items}</ul>')
-
-
 def refresh_report(outdir: str) -> bool:
     """Rewrite ``<outdir>/dissect.json`` and ``dissect.html`` with the rankings and intervention
     links (:func:`augment_document`), keeping everything else. Returns False (and changes nothing)
     when the directory holds no dissection report, or a dissection is writing into it right now
     (its own report will include them)."""
-    from gandissect_jax.dissection import report
-    from gandissect_jax.dissection.resume import atomic_file, outdir_lock
 
     path = os.path.join(outdir, "dissect.json")
     if not os.path.exists(path):
@@ -228,7 +214,7 @@ def refresh_report(outdir: str) -> bool:
         with atomic_file(path, "w") as handle:
             json.dump(document, handle, indent=1)
         with atomic_file(os.path.join(outdir, "dissect.html"), "w") as handle:
-            handle.write(report.render_html(document, bargraphs, comparison))
+            handle.write(render_html(document, bargraphs, comparison))
     finally:
         lock.__exit__(None, None, None)
     return True

@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 
 from .results import LayerDissection
 from .resume import atomic_file
+from .rankings import augment_document
 from .report_page import readable, render_html
 from .schema import SCHEMA
 
@@ -273,9 +274,7 @@ def write_report(outdir: str, results: Mapping[str, LayerDissection], *, iou_thr
         "settings": settings or {},
         "layers": [r for r, _ in records],
     }
-    # hook: per-label unit rankings and links to the intervention pages (gandissect_jax.rankings)
-    from gandissect_jax.rankings import augment_document
-
+    # per-label unit rankings (IoU; ACE once fitted) and links to the intervention pages
     document = augment_document(document, outdir, results, iou_threshold)
     _atomic_bytes(os.path.join(outdir, "dissect.json"), json.dumps(document, indent=1).encode())
     page = render_html(document, {r["layer"]: svg for r, svg in records}, comparison)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import json
 import re
-from typing import Mapping
+from typing import Any, Mapping
 
 
 def readable(label: str) -> str:
@@ -287,8 +287,6 @@ def render_html(document: dict, bargraphs: Mapping[str, str], comparison_svg: st
     a legend; layer tabs; units sorted by IoU / label / unit with their best and second-best
     concepts; bar graphs and the cross-layer comparison. The data is embedded, so the page works
     from file:// without a server."""
-    from gandissect_jax.rankings import intervention_html  # hook: links to the intervention pages
-
     payload = json.dumps(document).replace("</", "<\\/")
     graphs = "".join(f'<div class="bargraph">{_svg_image(svg, f"interpretable units per concept in {layer}")}</div>'
                      for layer, svg in bargraphs.items())
@@ -328,3 +326,15 @@ def render_html(document: dict, bargraphs: Mapping[str, str], comparison_svg: st
 </body>
 </html>
 """
+
+
+def intervention_html(document: Mapping[str, Any]) -> str:
+    """The report's link block to the intervention pages ('' when there are none)."""
+    intervention = document.get("intervention")
+    if not intervention:
+        return ""
+    items = "".join(
+        f'<li><a href="{html.escape(e["page"], quote=True)}">{html.escape(e.get("title", e["page"]))}</a></li>'
+        for e in intervention.get("experiments", []) if isinstance(e, dict) and e.get("page"))
+    return (f'<h2>Interventions</h2><p><a id="intervention-index" href="{intervention["index"]}">'
+            f'all intervention experiments</a></p><ul class="interventions">{items}</ul>')

@@ -16,7 +16,7 @@ units of c's ranking inside the stroke. Two rankings exist:
   IoU record in ``dissect.json``'s ``"rankings"`` is used if present.
 
 Ranking records are read in both forms in use: the reference's (``"score"``: lower ranks first,
-e.g. ``-alpha``) and gandissect-jax's (``gandissect_jax.rankings``: ``{"name": "tree-ace",
+e.g. ``-alpha``) and gandissect-jax's (``gandissect_jax.dissection.rankings``: ``{"name": "tree-ace",
 "label": "tree", "labels": [6], "metric": "ace", "units": [best first, top 64], "score": [per
 unit, larger is better, null where not finite]}``). Listed ``"units"`` come first, in their
 order; the other units follow by ``"score"`` in the direction the listed units agree with (lower
@@ -25,11 +25,10 @@ The concept is the record's ``"label"`` (or ``"concept"``, or the name before ``
 rankings of a union of labels (``"tree+grass"``) are not offered as paint concepts.
 
 Where records are read: the layer's ``"rankings"`` in ``dissect.json`` (the reference's place, and
-where ``gandissect_jax.rankings.augment_document`` puts them), then -- when the
-``gandissect_jax.rankings`` module is installed -- ``<outdir>/intervention/rankings.json``, which
-``gandissect-jax ace`` writes and which is newer when ``dissect.json`` could not be refreshed.
-Without that module (or without fitted rankings) every concept is ranked by IoU from
-``<layer>/scores.npz``, the same ranking that module writes as ``"<label>-iou"``.
+where ``gandissect_jax.dissection.rankings.augment_document`` puts them), then
+``<outdir>/intervention/rankings.json``, which ``gandissect-jax ace`` writes and which is newer
+when ``dissect.json`` could not be refreshed. Without fitted rankings every concept is ranked by
+IoU from ``<layer>/scores.npz``, the same ranking that module writes as ``"<label>-iou"``.
 
 ACE is taken when a fitted ranking exists for (layer, concept), IoU otherwise; of several fitted
 rankings of one concept (objectives, budgets), the last read (the latest fit) is used. Ties go to
@@ -247,21 +246,15 @@ def layer_rankings(scores, layer_record: Mapping[str, Any] | None = None, *, whe
 
 def intervention_rankings(outdir: str | os.PathLike) -> tuple[dict[str, list], str]:
     """``({layer: [ranking record...]}, path)`` of ``<outdir>/intervention/rankings.json`` as
-    ``gandissect_jax.rankings.read_rankings`` reads it (the ACE fits of ``gandissect-jax ace``);
-    ``({}, path)`` when there is no such file or that module is not installed (then paint ranks
-    by IoU, from the dissection alone).
+    :func:`gandissect_jax.dissection.rankings.read_rankings` reads it (the ACE fits of
+    ``gandissect-jax ace``); ``({}, path)`` when there is no such file (then paint ranks by IoU,
+    from the dissection alone).
 
     Raises:
       ValueError naming the file when it is not a rankings document.
     """
-    import importlib
+    from gandissect_jax.dissection import rankings as written
 
-    try:
-        written = importlib.import_module("gandissect_jax.rankings")
-    except ModuleNotFoundError as err:
-        if err.name != "gandissect_jax.rankings":
-            raise  # the module is there but something it needs is not: say so, not rank silently by IoU
-        return {}, os.path.join(os.fspath(outdir), "intervention", "rankings.json")
     path = os.path.join(os.fspath(outdir), written.RANKINGS_FILE)
     layers = written.read_rankings(os.fspath(outdir))["layers"]
     for layer, records in layers.items():
@@ -291,8 +284,8 @@ def load_rankings(outdir: str | os.PathLike, layer: str | None = None,
 
     Args:
       outdir: a directory written by ``gandissect-jax dissect`` (``dissect.json`` and
-        ``<layer>/scores.npz``; the layer directory is the record's ``dirname``), and, when
-        ``gandissect_jax.rankings`` is installed, its ``intervention/rankings.json`` (ACE fits).
+        ``<layer>/scores.npz``; the layer directory is the record's ``dirname``), and its
+        ``intervention/rankings.json`` (ACE fits) when there is one.
       layer: one layer's name, or None for every dissected layer.
       insertion_quantile: the raw-activation quantile inserted by "add" (0.99, the reference's).
 
