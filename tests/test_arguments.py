@@ -112,13 +112,14 @@ def test_ranges_reject_non_finite_and_huge_values_and_accept_the_edges():
 
 
 def test_api_ranges_equal_the_command_line_ranges():
-    from gandissect_jax.dissection import config
+    from gandissect_jax.dissection import analysis, config
 
     assert config.MAX_BATCH == arguments.MAX_BATCH
     assert config.MAX_TOPK == arguments.MAX_TOPK
     assert config.MAX_CHECKPOINT_SECONDS == arguments.MAX_CHECKPOINT_SECONDS
     assert config.MAX_SAMPLES == arguments.MAX_SAMPLES
     assert config.MAX_SEED == arguments.MAX_SEED
+    assert config.LABEL_RULES == arguments.LABEL_RULES == analysis.LABEL_RULES
 
 
 @pytest.mark.parametrize("argument, value, message", [

@@ -98,7 +98,8 @@ def test_quantile_mode_uses_exact_quantiles(data):
 
 
 def numpy_exact_iqr_search(up, segs, label_category, num_labels, num_categories, fractions):
-    """Independent exact-count version of the reference's collect_iqr (steps 3-7 of the README)."""
+    """Independent exact-count version of the reference's collect_iqr (steps 3-7 of the README);
+    also every candidate's unguarded IoU (L, U, F), the reference's collect_maxiou (NaN -> 0, row 0 = 0)."""
     n, H, W, U = up.shape
     pixels = n * H * W
     flat = up.reshape(-1, U)
@@ -115,6 +116,7 @@ def numpy_exact_iqr_search(up, segs, label_category, num_labels, num_categories,
     best_iqr = np.zeros((num_labels, U))
     best_f = np.zeros((num_labels, U), np.int64)
     second = np.zeros((num_labels, U))
+    iou = np.zeros((num_labels, U, len(fractions)))
     for u in range(U):
         above = (flat[:, u, None] > levels[u][None, :]).astype(np.float64)  # (P, F)
         isect_counts = label_masks.astype(np.float64) @ above  # (L, F)
@@ -138,20 +140,27 @@ def numpy_exact_iqr_search(up, segs, label_category, num_labels, num_categories,
             mi[truth < 1e-3] = 0
             mi[0] = 0  # label 0 is not a concept
             iqr = np.nan_to_num(mi / je)
+            iou[:, u] = np.nan_to_num(isects / unions, nan=0.0, posinf=np.inf)
+        iou[0, u] = 0
         agreement = isects + arr[1, 1]
         iqr[agreement <= 0.8] = 0
         iqr[:, levels[u] <= 0] = 0
         best_f[:, u] = np.argmax(iqr, axis=1)
         best_iqr[:, u] = iqr.max(1)
         second[:, u] = np.sort(iqr, axis=1)[:, -2]
-    return levels, best_iqr, best_f, second
+    return levels, best_iqr, best_f, second, iou
 
 
-def test_iqr_search_matches_independent_exact_numpy(data, iqr_result):
-    golden = data["golden"]
+@pytest.fixture(scope="module")
+def numpy_search(data):
     up = np.asarray(jax.jit(lambda f: upsample_bilinear(f, (32, 32)))(data["features"]))
     label_category = np.array(data["labels"]["label_category"])
-    levels, best_iqr, best_f, second = numpy_exact_iqr_search(up, data["segs"], label_category, 13, 3, IQR_FRACTIONS)
+    return numpy_exact_iqr_search(up, data["segs"], label_category, 13, 3, IQR_FRACTIONS)
+
+
+def test_iqr_search_matches_independent_exact_numpy(data, iqr_result, numpy_search):
+    golden = data["golden"]
+    levels, best_iqr, best_f, second, _ = numpy_search
     # the candidate levels are the exact hazen quantiles of the upsampled activations
     np.testing.assert_array_equal(iqr_result.candidate_levels, levels)
     np.testing.assert_allclose(iqr_result.max_iqr, best_iqr, atol=1e-6, rtol=1e-5)
@@ -164,6 +173,21 @@ def test_iqr_search_matches_independent_exact_numpy(data, iqr_result):
     # against the reference's own exact-quantile run (interpolated CDFs instead of counts): within 2e-3
     assert np.abs(iqr_result.max_iqr - golden["exactq_max_iqr"]).max() < 2e-3
     np.testing.assert_array_equal(iqr_result.unit_label, golden["exactq_iqrmode_label"])
+
+
+def test_max_iou_matches_independent_exact_numpy(iqr_result, numpy_search):
+    """The reference's collect_maxiou (no golden output of it exists) from pixel masks in numpy: the
+    largest IoU over the candidates, exact in float64 wherever the best candidate is clear."""
+    levels, _, _, _, iou = numpy_search
+    best_f, best_iou = iou.argmax(2), iou.max(2)
+    np.testing.assert_allclose(iqr_result.max_iou, best_iou, rtol=1e-6, atol=0)
+    clear = best_iou - np.sort(iou, axis=2)[:, :, -2] > 1e-6 * best_iou
+    assert clear[1:].sum() >= 200  # of 12 labels x 24 units
+    np.testing.assert_array_equal(iqr_result.max_iou[clear], best_iou[clear])
+    np.testing.assert_array_equal(iqr_result.max_iou_level[clear], levels[np.nonzero(clear)[1], best_f[clear]])
+    np.testing.assert_array_equal(iqr_result.max_iou_quantile[clear], IQR_FRACTIONS[best_f[clear]])
+    assert (iqr_result.max_iou >= iqr_result.max_iqr_iou).all()  # the IQR's candidate is one of them
+    assert 0.5 < iqr_result.max_iou.max() <= 1
 
 
 def test_iqr_mode_levels_and_scores(data, iqr_result):
@@ -187,7 +211,7 @@ def test_top_units_rank_a_concepts_units_by_score(iqr_result):
     # the label with the most interpretable units has a meaningful ranking to check
     label = int(np.bincount(result.unit_label[result.unit_label > 0]).argmax())
     name = result.label_names[label]
-    for score in ("iou", "iqr", "max_iqr_iou", "max_iqr"):
+    for score in ("iou", "iqr", "max_iqr_iou", "max_iqr", "max_iou"):
         values = getattr(result, score)[label]
         top = result.top_units(name, k=7, score=score)
         assert top.dtype == np.int64 and top.shape == (7,)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gandissect_jax.dissection import LayerDissection, dissect_features, read_dissect_json
-from gandissect_jax.dissection.schema import SCHEMA, upgrade
+from gandissect_jax.dissection.schema import SCHEMA, UNIT_MAX_IOU, upgrade
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dissect"
 V1 = FIXTURES / "schema1"
@@ -36,9 +36,11 @@ def test_schema_1_scores_load_and_equal_todays_numbers(fresh):
     old = LayerDissection.load_npz(str(V1 / "scores.npz"))
     with np.load(V1 / "scores.npz") as v1, np.load(outdir / "features" / "scores.npz") as v2:
         assert "schema" not in v1.files and int(v2["schema"]) == SCHEMA
-        # added since: the schema number, and the label rule with the chance IoU and significance arrays
+        # added since: the schema number, the label rule with the chance IoU and significance arrays, and
+        # the IQR search's max IoU
         assert set(v2.files) - set(v1.files) == {"schema", "label_rule", "fdr", "category_images", "chance_iou",
-                                                 "p_value", "q_value", "significant"}
+                                                 "p_value", "q_value", "significant", "max_iou", "max_iou_level",
+                                                 "max_iou_quantile"}
         for name in v1.files:
             assert v1[name].dtype == v2[name].dtype and np.array_equal(v1[name], v2[name]), name
     for field in ("levels", "iou", "iqr", "unit_label", "max_iqr", "topk_indices", "candidate_levels"):
@@ -55,7 +57,7 @@ def test_schema_1_dissect_json_reads_as_schema_2(fresh):
     assert upgraded["schema"] == current["schema"] == 2
     # the same document, field for field, except the run format's version, the source's identity
     # (version 3 records a sha256 of all the data and the layout instead of a digest of two samples)
-    # and the statistics added with label rules, which a schema-1 document reads as null
+    # and the statistics added with label rules and the max IoU fields, which a schema-1 document reads as null
     assert upgraded["settings"].pop("version") == 1 and current["settings"].pop("version") == 3
     old_source, new_source = upgraded["settings"].pop("source"), current["settings"].pop("source")
     assert old_source.pop("digest") and set(new_source.pop("content")) == {"features", "segmentations"}
@@ -70,6 +72,8 @@ def test_schema_1_dissect_json_reads_as_schema_2(fresh):
     for unit in layer["units"]:
         assert 0 <= unit["chance_iou"] <= 1 and 0 <= unit["q_value"] <= 1 and isinstance(unit["significant"], bool)
         unit.update(chance_iou=None, p_value=None, q_value=None, significant=None, second=None)
+        assert 0 <= unit["max_iou"] <= 1 and unit["max_iou_label"] == current["labels"][unit["max_iou_labelnum"]][0]
+        unit.update(UNIT_MAX_IOU)
     assert upgraded == current
     unit = upgraded["layers"][0]["units"][3]
     assert unit["level"] == raw["layers"][0]["units"][3]["threshold"]

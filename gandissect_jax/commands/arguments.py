@@ -32,6 +32,8 @@ MAX_TOPK = 10000
 MIN_THUMBSIZE, MAX_THUMBSIZE = 16, 1024  # pixels per side of a strip thumbnail (as DissectConfig)
 # Checkpoint intervals are at most a day.
 MAX_CHECKPOINT_SECONDS = 86400.0
+# How units get their concept (--label-rule; DissectConfig.label_rule).
+LABEL_RULES = ("significant", "reference", "maxiou")
 
 
 def int_in_range(low: int, high: int) -> Callable[[str], int]:
@@ -182,4 +184,5 @@ def is_range_checked(type_function) -> bool:
 __all__ = ["int_in_range", "float_in_range", "positive_int", "non_negative_int", "batch_size", "seed",
            "open_unit_interval", "unit_interval", "positive_finite_float", "seconds", "memory_size", "unit_list",
            "feature_position", "is_range_checked", "MAX_UNIT",
-           "MAX_BATCH", "MAX_TOPK", "MAX_SAMPLES", "MAX_SEED", "MAX_CHECKPOINT_SECONDS", "MAX_MEMORY"]
+           "MAX_BATCH", "MAX_TOPK", "MAX_SAMPLES", "MAX_SEED", "MAX_CHECKPOINT_SECONDS", "MAX_MEMORY",
+           "LABEL_RULES"]

@@ -84,10 +84,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     scoring.add_argument("--levels", help="float .npy (U,) of fixed per-unit thresholds (--features only)")
     scoring.add_argument("--iou-threshold", type=arguments.unit_interval(), default=0.05,
                          help="a unit is interpretable when its concept's IoU is >= this, in [0, 1] (default 0.05)")
-    scoring.add_argument("--label-rule", choices=("significant", "reference"), default="significant",
+    scoring.add_argument("--label-rule", choices=arguments.LABEL_RULES, default="significant",
                          help="how units get their concept: significant (default: the concept's IoU must beat "
-                              "chance at false-discovery rate 0.05; large concepts are never hidden) or reference "
-                              "(the reference's rule, to reproduce the paper's numbers)")
+                              "chance at false-discovery rate 0.05; large concepts are never hidden), reference "
+                              "(the reference's rule, to reproduce the paper's numbers) or maxiou (the reference's "
+                              "--maxiou: the concept with the largest IoU over the IQR search's candidate levels; "
+                              "needs --threshold iqr)")
     scoring.add_argument("--no-labels", action="store_true",
                          help="do not label the units (the segmenter never runs): each unit's levels, quantiles, "
                          "top-k samples and strips only; needs --threshold quantile (the default then) or --levels")
@@ -173,8 +175,26 @@ def _summary(results, outdir: str, iou_threshold: float, report: bool = True) ->
     for layer, result in results.items():
         count = int(result.interpretable(iou_threshold).sum())
         chance = f", beating chance at FDR {result.fdr:g}" if result.label_rule == "significant" else ""
-        print(f"{layer}: {count} of {result.num_units} units interpretable (IoU >= {iou_threshold}{chance})")
+        measure = "max IoU" if result.label_rule == "maxiou" else "IoU"
+        print(f"{layer}: {count} of {result.num_units} units interpretable ({measure} >= {iou_threshold}{chance})")
     print(f"report: {os.path.join(outdir, 'dissect.html')}" if report else f"scores: {outdir}/<layer>/scores.npz")
+
+
+def _check_label_rule(args) -> None:
+    """Refuse --label-rule maxiou without the IQR search, before anything is loaded."""
+    if args.label_rule != "maxiou":
+        return
+    if args.no_labels:
+        got = "--no-labels"
+    elif args.levels:
+        got = "--levels"
+    else:
+        threshold = args.threshold or ("quantile" if args.features else "iqr")
+        if threshold == "iqr":
+            return
+        got = f"--threshold {threshold}" + ("" if args.threshold else " (the default with --features)")
+    raise ValueError(f"--label-rule maxiou needs the IQR search's candidate levels, --threshold iqr (the default with "
+                     f"--model), not {got}; with {got}, --label-rule must be significant or reference")
 
 
 def run_command(args) -> int:
@@ -184,6 +204,7 @@ def run_command(args) -> int:
                          "(with --segmentations and --labels), not both")
     if args.features and (args.segdiv or args.segsizes):
         raise ValueError("--segdiv and --segsizes choose how --segmenter segments; they need --model, not --features")
+    _check_label_rule(args)
     from gandissect_jax.dissection import distributed
 
     # before any JAX computation: join the other processes (a no-op when no multi-host flag is given)

@@ -26,6 +26,7 @@ from .resume import atomic_file
 from .rankings import augment_document
 from .report_page import readable, render_html
 from .schema import SCHEMA
+from .threshold_search import best_label_by_max_iou
 
 CATEGORY_COLORS = ("#4B4CBF", "#55B05B", "#D4A024", "#D92E2B", "#50BDAC", "#AB6BC6", "#F0883B", "#81C679")
 
@@ -180,6 +181,7 @@ def layer_record(result: LayerDissection, iou_threshold: float, has_images: bool
     per_category = {c: 0 for c in result.categories}
     for _, category, units in concepts:
         per_category[category] = per_category.get(category, 0) + len(units)
+    max_iou_label = None if result.max_iou is None else best_label_by_max_iou(result.max_iou)
     units = []
     for u in range(result.num_units):
         label = int(result.unit_label[u])
@@ -208,6 +210,14 @@ def layer_record(result: LayerDissection, iou_threshold: float, has_images: bool
         if result.max_iqr is not None:
             record["max_iqr"] = _finite(result.max_iqr[label, u])
             record["max_iqr_quantile"] = _finite(result.max_iqr_quantile[label, u])
+        if max_iou_label is not None:  # the reference's maxiou fields: the label with the largest max_iou
+            best_label = int(max_iou_label[u])
+            record.update({
+                "max_iou": _finite(result.max_iou[best_label, u]),
+                "max_iou_label": result.label_names[best_label], "max_iou_labelnum": best_label,
+                "max_iou_category": result.label_categories[best_label],
+                "max_iou_level": _finite(result.max_iou_level[best_label, u]),
+                "max_iou_quantile": _finite(result.max_iou_quantile[best_label, u])})
         if has_images:
             record["image"] = f"{dirname}/image/{u}-top.jpg"
         units.append(record)

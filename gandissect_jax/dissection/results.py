@@ -20,7 +20,10 @@ class LayerDissection:
     every label against every unit at those levels (row 0, no label, is 0 / meaningless).
     ``unit_label`` is each unit's concept, chosen by ``label_rule`` (:meth:`concept_ranking`);
     ``unit_iou``/``unit_iqr`` are its scores at ``levels``. The ``max_iqr*`` arrays (L, U) hold the
-    IQR threshold search when it ran (else None).
+    IQR threshold search when it ran (else None); ``max_iou`` float64, ``max_iou_level`` float32
+    and ``max_iou_quantile`` float32 (L, U) the largest IoU over the same candidates, its level and
+    its target top fraction (the reference's ``collect_maxiou``; computed by the same search, None
+    without it and in files written before they existed).
 
     Chance and significance (:func:`~.scoring.significance`; None in files written before they
     existed): ``category_images`` (C,) int64 images where each category is present (the test's
@@ -35,8 +38,10 @@ class LayerDissection:
     threshold; 'reference' is
     the reference's rule: the largest ``max_iqr`` (threshold rule 'iqr', whose search zeroes
     concepts that agree with the unit on <= 0.8 of the pixels) or the largest IoU, and a unit is
-    interpretable when its IoU >= the IoU threshold. Files without a rule were labelled by the
-    reference rule.
+    interpretable when its IoU >= the IoU threshold; 'maxiou' (the reference's ``--maxiou``
+    selection, needs the IQR search) is the label with the largest ``max_iou`` (each label at its
+    own best candidate level), and a unit is interpretable when that ``max_iou`` >= the IoU
+    threshold. Files without a rule were labelled by the reference rule.
     """
 
     layer: str
@@ -71,6 +76,9 @@ class LayerDissection:
     max_iqr_fraction: np.ndarray | None = None
     max_iqr_iou: np.ndarray | None = None
     max_iqr_agreement: np.ndarray | None = None
+    max_iou: np.ndarray | None = None
+    max_iou_level: np.ndarray | None = None
+    max_iou_quantile: np.ndarray | None = None
     category_images: np.ndarray | None = None
     chance_iou: np.ndarray | None = None
     p_value: np.ndarray | None = None
@@ -88,9 +96,15 @@ class LayerDissection:
         """float64 (L, U): the score by which ``label_rule`` ranks concepts (row 0 set to 0).
 
         'significant': IQR at ``levels`` under threshold rule 'iqr', else IoU at ``levels``;
-        'reference': ``max_iqr`` (the IQR search's guarded maximum) under 'iqr', else IoU.
+        'reference': ``max_iqr`` (the IQR search's guarded maximum) under 'iqr', else IoU;
+        'maxiou': ``max_iou`` (under any threshold rule; ValueError without the IQR search).
         """
-        if self.threshold == "iqr":
+        if self.label_rule == "maxiou":
+            if self.max_iou is None:
+                raise ValueError(f"layer {self.layer}: label rule 'maxiou' needs max_iou, from the IQR threshold "
+                                 "search (threshold='iqr' or search_iqr=True); this record has none")
+            scores = self.max_iou
+        elif self.threshold == "iqr":
             scores = self.iqr if self.label_rule == "significant" else self.max_iqr
         else:
             scores = self.iou
@@ -109,8 +123,8 @@ class LayerDissection:
         a unit with no concept above chance gets none); then the labels at or below chance, the
         least avoided first (by IoU - chance IoU; IQR is positive for anti-correlation too, so it
         cannot rank these). Ties go to the lower label number.
-        'reference': by :meth:`label_scores`, then by label number (so label 0, no concept, comes
-        first when every score is 0, as the reference's argmax).
+        'reference' and 'maxiou': by :meth:`label_scores`, then by label number (so label 0, no
+        concept, comes first when every score is 0, as the reference's argmax).
         """
         scores = self.label_scores()
         number = np.broadcast_to(np.arange(scores.shape[0])[:, None], scores.shape)
@@ -125,9 +139,14 @@ class LayerDissection:
         return np.lexsort((number, -within, group), axis=0).astype(np.int64)
 
     def interpretable(self, iou_threshold: float = 0.05) -> np.ndarray:
-        """bool (U,): units whose concept is a real label with IoU >= iou_threshold, and, under the
-        'significant' label rule, whose IoU with it beats chance at the false-discovery rate."""
-        chosen = (self.unit_label > 0) & (self.unit_iou >= iou_threshold)
+        """bool (U,): units whose concept is a real label with IoU >= iou_threshold (under the
+        'maxiou' label rule: its ``max_iou``, the IoU at the concept's own best candidate level),
+        and, under the 'significant' label rule, whose IoU with it beats chance at the
+        false-discovery rate."""
+        iou = self.unit_iou
+        if self.label_rule == "maxiou":
+            iou = np.asarray(self.label_scores())[self.unit_label, np.arange(self.num_units)]
+        chosen = (self.unit_label > 0) & (iou >= iou_threshold)
         if self.label_rule == "significant":
             if self.significant is None:
                 raise ValueError("label rule 'significant' needs the significance arrays; use label_units")
@@ -150,7 +169,8 @@ class LayerDissection:
 
         ``score`` names an (L, U) score array of this record: "iou" or "iqr" (at ``levels``, each
         unit's own threshold), or, when the IQR search ran, "max_iqr_iou" (IoU at the threshold
-        that maximizes IQR for this concept and unit: the paper's IoU_{u,c}) or "max_iqr". Ties go
+        that maximizes IQR for this concept and unit: the paper's IoU_{u,c}), "max_iqr" or
+        "max_iou" (the largest IoU over the candidate thresholds, the reference's maxiou). Ties go
         to the lower unit number. ValueError for an unknown label or score.
         """
         if label not in self.label_names:
@@ -159,11 +179,11 @@ class LayerDissection:
             close = difflib.get_close_matches(label, self.label_names, n=5)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"unknown concept {label!r} in the dissection of {self.layer}{hint}")
-        scores = ("iou", "iqr", "max_iqr_iou", "max_iqr")
+        scores = ("iou", "iqr", "max_iqr_iou", "max_iqr", "max_iou")
         if score not in scores:
             raise ValueError(f"score must be one of {scores}, not {score!r}")
         if getattr(self, score) is None:
-            raise ValueError(f"score {score!r} needs the IQR threshold search (threshold='iqr')")
+            raise ValueError(f"score {score!r} needs the IQR threshold search (threshold='iqr' or search_iqr=True)")
         if not 1 <= k <= self.num_units:
             raise ValueError(f"k={k} outside 1..{self.num_units} (units of {self.layer})")
         values = getattr(self, score)[self.label_names.index(label)]

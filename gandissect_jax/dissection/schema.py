@@ -19,6 +19,14 @@ that chose its units' concepts and interpretability ('significant' or 'reference
 ``second`` concept; the settings record ``label_rule``. Documents written before have none of
 these; :func:`upgrade` adds them as the reference rule with null statistics (those documents were
 labelled by the reference's rule).
+
+Max IoU (added within schema 2, no meaning changed): the label rule 'maxiou' (the reference's
+``--maxiou``), and, in every unit of a run with the IQR search (the units that carry ``max_iqr``),
+the reference's ``maxiou`` fields under the project's names: ``max_iou``, ``max_iou_label``,
+``max_iou_labelnum``, ``max_iou_category``, ``max_iou_level``, ``max_iou_quantile``
+(``scores.npz``: ``max_iou``, ``max_iou_level``, ``max_iou_quantile`` (L, U)). Such units of
+documents written before get them as null (:data:`UNIT_MAX_IOU`); ``scores.npz`` files written
+before read them as None.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ UNIT_RENAMED = {"threshold": "level", "quantile": "activation_fraction"}  # sche
 SETTINGS_RENAMED = {"k": "topk"}
 LAYER_ADDED = {"label_rule": "reference", "fdr": None}  # value for documents written before label rules
 UNIT_ADDED = {"chance_iou": None, "p_value": None, "q_value": None, "significant": None, "second": None}
+UNIT_MAX_IOU = {"max_iou": None, "max_iou_label": None, "max_iou_labelnum": None, "max_iou_category": None,
+                "max_iou_level": None, "max_iou_quantile": None}  # units of IQR runs written before max IoU
 
 
 def schema_of(document: dict) -> int:
@@ -50,7 +60,8 @@ def _rename(record: dict, renames: dict) -> dict:
 
 def upgrade(document: dict) -> dict:
     """A schema-2 copy of a schema-1 or schema-2 ``dissect.json`` document (top-level or per-layer),
-    with the label-rule fields (:data:`LAYER_ADDED`, :data:`UNIT_ADDED`) filled in where absent."""
+    with the label-rule fields (:data:`LAYER_ADDED`, :data:`UNIT_ADDED`) and, in units of IQR runs,
+    the max IoU fields (:data:`UNIT_MAX_IOU`) filled in where absent."""
     if not isinstance(document, dict) or not isinstance(document.get("layers"), list):
         raise ValueError('not a dissect.json document (no "layers" list)')
     upgraded = copy.deepcopy(document)
@@ -68,6 +79,9 @@ def upgrade(document: dict) -> dict:
             for unit in layer.get("units", []):
                 for key, value in UNIT_ADDED.items():
                     unit.setdefault(key, value)
+        for unit in layer.get("units", []) if isinstance(layer, dict) else []:
+            if isinstance(unit, dict) and "max_iqr" in unit and "max_iou" not in unit:  # written before max IoU
+                unit.update(UNIT_MAX_IOU)
     return upgraded
 
 
@@ -81,5 +95,5 @@ def read_dissect_json(path: str) -> dict:
         raise ValueError(f"{path}: {err}") from err
 
 
-__all__ = ["SCHEMA", "UNIT_RENAMED", "SETTINGS_RENAMED", "LAYER_ADDED", "UNIT_ADDED", "schema_of", "upgrade",
-           "read_dissect_json"]
+__all__ = ["SCHEMA", "UNIT_RENAMED", "SETTINGS_RENAMED", "LAYER_ADDED", "UNIT_ADDED", "UNIT_MAX_IOU", "schema_of",
+           "upgrade", "read_dissect_json"]

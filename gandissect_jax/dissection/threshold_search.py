@@ -19,8 +19,13 @@ are kept: MI = 0 at the last candidate (frac = 1) and for labels with ``truth < 
 where ``isects + table[1, 1] <= 0.8`` or where the level is <= 0; the first maximal candidate
 wins. Row 0 (no label) is not a concept and always scores 0.
 
+The same pass also finds, per label and unit, the candidate with the largest IoU, the reference's
+``--maxiou`` selection (``collect_maxiou``, netdissect/dissection.py): ``iou = isects / unions``
+over the same candidates and fractions, with none of the IQR guards (NaN -> 0; row 0 scores 0;
+the first maximal candidate wins). The reference reads it off its sketches; we count exactly.
+
 The search runs in float32 under jit, vmapped over labels (chunked to bound memory). The
-winning candidate's numbers are then recomputed from the exact counts in float64 on the host.
+winning candidates' numbers are then recomputed from the exact counts in float64 on the host.
 """
 
 from __future__ import annotations
@@ -40,12 +45,16 @@ MIN_AGREEMENT = 0.8
 
 
 class IQRSearchResult(NamedTuple):
-    """Per label and unit (L, U): the best candidate and the scores there.
+    """Per label and unit (L, U): the best candidate by IQR and by IoU, and the scores there.
 
-    max_iqr float64, candidate int64 (index into the fractions), level float32, quantile float32
-    (the candidate's target top fraction, as the reference's max_iqr_quantile), fraction float64
-    (the exact fraction of all pixels above the level), iou float64 (isects / unions at the
-    candidate, NaN -> 0), agreement float64 (isects + table[1, 1]).
+    By IQR (the paper's threshold): max_iqr float64, candidate int64 (index into the fractions),
+    level float32, quantile float32 (the candidate's target top fraction, as the reference's
+    max_iqr_quantile), fraction float64 (the exact fraction of all pixels above the level), iou
+    float64 (isects / unions at the candidate, NaN -> 0), agreement float64 (isects + table[1, 1]).
+
+    By IoU (the reference's ``collect_maxiou``): max_iou float64 (isects / unions at the candidate
+    with the largest IoU, unguarded, NaN -> 0, row 0 = 0), max_iou_candidate int64, max_iou_level
+    float32, max_iou_quantile float32 (as the reference's max_iou, max_iou_level, max_iou_quantile).
     """
 
     max_iqr: np.ndarray
@@ -55,6 +64,10 @@ class IQRSearchResult(NamedTuple):
     fraction: np.ndarray
     iou: np.ndarray
     agreement: np.ndarray
+    max_iou: np.ndarray
+    max_iou_candidate: np.ndarray
+    max_iou_level: np.ndarray
+    max_iou_quantile: np.ndarray
 
 
 def _table(xp, isects, preds, truth):
@@ -64,11 +77,14 @@ def _table(xp, isects, preds, truth):
 
 
 @jax.jit
-def _search_chunk(isects, preds, truth, enabled, level_ok):
-    """float32 isects/preds (Lc, U, F), truth (Lc,), enabled (Lc,), level_ok (U, F) -> best (Lc, U)."""
+def _search_chunk(isects, preds, truth, enabled, is_label, level_ok):
+    """float32 isects/preds (Lc, U, F), truth (Lc,), enabled (Lc,) (IQR scored), is_label (Lc,)
+    (IoU scored: not row 0, not padding), level_ok (U, F) -> int32 best by IQR, best by IoU (Lc, U)."""
 
-    def one_label(isects, preds, truth, enabled):
-        table, _ = _table(jnp, isects, preds, truth)
+    def one_label(isects, preds, truth, enabled, is_label):
+        table, unions = _table(jnp, isects, preds, truth)
+        iou = isects / unions
+        iou = jnp.where(jnp.isnan(iou) | ~is_label, 0.0, iou)
         mi, je = mi_and_je(table, jnp)
         mi = mi.at[:, -1].set(0.0)
         mi = jnp.where(enabled, mi, 0.0)
@@ -76,9 +92,9 @@ def _search_chunk(isects, preds, truth, enabled, level_ok):
         iqr = jnp.where(jnp.isnan(iqr), 0.0, iqr)
         agreement = isects + table[1][1]
         iqr = jnp.where((agreement > MIN_AGREEMENT) & level_ok, iqr, 0.0)
-        return jnp.argmax(iqr, axis=-1).astype(jnp.int32)
+        return jnp.argmax(iqr, axis=-1).astype(jnp.int32), jnp.argmax(iou, axis=-1).astype(jnp.int32)
 
-    return jax.vmap(one_label)(isects, preds, truth, enabled)
+    return jax.vmap(one_label)(isects, preds, truth, enabled, is_label)
 
 
 def iqr_table_float64(isect_count, pred_count, label_count, label_pixel_count, total_count, pixels):
@@ -98,7 +114,7 @@ def iqr_table_float64(isect_count, pred_count, label_count, label_pixel_count, t
 def search_iqr_thresholds(label_above, category_above, label_counts, label_pixels, total_counts,
                           label_category, pixels: int, levels: np.ndarray, fractions=IQR_FRACTIONS,
                           label_chunk: int = 64) -> IQRSearchResult:
-    """Find, per label and unit, the candidate level with the largest IQR.
+    """Find, per label and unit, the candidate level with the largest IQR and the one with the largest IoU.
 
     label_above: int (U, L, F) or a callable ``(first, last) -> int (U, last - first, F)``, the
       number of pixels above each candidate level carrying each label (any channel);
@@ -107,6 +123,8 @@ def search_iqr_thresholds(label_above, category_above, label_counts, label_pixel
       label_pixels: int (L,) pixels carrying each label; total_counts: int (C + 1,) pixels of the
       images where each category is present; label_category: (L,) category index per label;
       pixels: N * H * W; levels: float32 (U, F) candidate levels, in the order of ``fractions``.
+    Returns an :class:`IQRSearchResult` (source: the reference's ``collect_iqr`` and
+    ``collect_maxiou``, netdissect/dissection.py).
     """
     label_counts = np.asarray(label_counts, np.int64)
     label_pixels = np.asarray(label_pixels, np.int64)
@@ -119,11 +137,14 @@ def search_iqr_thresholds(label_above, category_above, label_counts, label_pixel
     num_units, num_candidates = levels.shape
     get_above = label_above if callable(label_above) else (lambda a, b: np.asarray(label_above)[:, a:b])
     truth_all = label_counts / float(pixels)
-    enabled_all = (truth_all >= MIN_LABEL_FRACTION) & (np.arange(num_labels) > 0)
+    is_label_all = np.arange(num_labels) > 0
+    enabled_all = (truth_all >= MIN_LABEL_FRACTION) & is_label_all
     level_ok = jnp.asarray(levels > 0)
 
     candidate = np.zeros((num_labels, num_units), np.int64)
     isect_at = np.zeros((num_labels, num_units), np.int64)
+    iou_candidate = np.zeros((num_labels, num_units), np.int64)
+    iou_isect_at = np.zeros((num_labels, num_units), np.int64)
     for first in range(0, num_labels, label_chunk):
         last = min(first + label_chunk, num_labels)
         above = np.moveaxis(np.asarray(get_above(first, last), np.int64), 1, 0)  # (Lc, U, F)
@@ -136,13 +157,17 @@ def search_iqr_thresholds(label_above, category_above, label_counts, label_pixel
         def padded(x, fill=0):
             return np.concatenate([x, np.full((pad,) + x.shape[1:], fill, x.dtype)]) if pad else x
 
-        best = _search_chunk(jnp.asarray(padded(isects.astype(np.float32))),
-                             jnp.asarray(padded(preds.astype(np.float32))),
-                             jnp.asarray(padded(truth[:, 0, 0].astype(np.float32))),
-                             jnp.asarray(padded(enabled_all[first:last], False)), level_ok)
+        best, best_iou = _search_chunk(jnp.asarray(padded(isects.astype(np.float32))),
+                                       jnp.asarray(padded(preds.astype(np.float32))),
+                                       jnp.asarray(padded(truth[:, 0, 0].astype(np.float32))),
+                                       jnp.asarray(padded(enabled_all[first:last], False)),
+                                       jnp.asarray(padded(is_label_all[first:last], False)), level_ok)
         best = np.asarray(best, np.int64)[: last - first]
+        best_iou = np.asarray(best_iou, np.int64)[: last - first]
         candidate[first:last] = best
         isect_at[first:last] = np.take_along_axis(above, best[:, :, None], 2)[:, :, 0]
+        iou_candidate[first:last] = best_iou
+        iou_isect_at[first:last] = np.take_along_axis(above, best_iou[:, :, None], 2)[:, :, 0]
 
     units = np.arange(num_units)[None, :]
     pred_at = category_above[label_category[:, None], units, candidate]
@@ -162,10 +187,33 @@ def search_iqr_thresholds(label_above, category_above, label_counts, label_pixel
     iqr = np.where((agreement > MIN_AGREEMENT) & (level > 0), iqr, 0.0)
     iou = np.where(np.isnan(iou), 0.0, iou)
     fraction = category_above[-1][units, candidate] / float(pixels)
-    return IQRSearchResult(iqr, candidate, level.astype(np.float32), fractions[candidate], fraction, iou, agreement)
+    max_iou = _iou_at(iou_isect_at, category_above[label_category[:, None], units, iou_candidate], label_counts,
+                      label_pixels, total_counts[label_category], pixels)
+    max_iou[~is_label_all] = 0.0
+    return IQRSearchResult(iqr, candidate, level.astype(np.float32), fractions[candidate], fraction, iou, agreement,
+                           max_iou, iou_candidate, levels[units, iou_candidate].astype(np.float32),
+                           fractions[iou_candidate])
+
+
+def _iou_at(isect_count, pred_count, label_count, label_pixel_count, total_count, pixels) -> np.ndarray:
+    """float64 (L, U) isects / unions of the search's table from integer counts (L, U), (L,), NaN -> 0."""
+    isects, preds, truth = iqr_table_float64(isect_count, pred_count, label_count[:, None],
+                                             label_pixel_count[:, None], total_count[:, None], pixels)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = isects / (truth + preds - isects)
+    return np.where(np.isnan(iou), 0.0, iou)
 
 
 def best_label_by_iqr(max_iqr: np.ndarray) -> np.ndarray:
     """Per unit, the label whose best candidate has the largest IQR (first on ties, so label 0
     when every IQR is 0): int64 (U,) from float64 (L, U)."""
     return np.argmax(np.asarray(max_iqr), axis=0)
+
+
+def best_label_by_max_iou(max_iou: np.ndarray) -> np.ndarray:
+    """Per unit, the label with the largest ``max_iou`` (row 0 and non-finite values count as 0, as
+    in ``LayerDissection.label_scores``; first on ties, so label 0 when every max_iou is 0): int64
+    (U,) from float64 (L, U). The reference's ``maxiou_label``."""
+    scores = np.array(max_iou, np.float64, copy=True)
+    scores[0] = 0.0
+    return np.argmax(np.where(np.isfinite(scores), scores, 0.0), axis=0).astype(np.int64)
