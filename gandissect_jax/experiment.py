@@ -201,6 +201,18 @@ def intervention_lock(outdir: str, timeout: float = 120.0):
     return _lock(os.path.join(outdir, INTERVENTION, ".index.lock"), f"{outdir}/{INTERVENTION}", timeout)
 
 
+# How messages and pages name each kind of experiment ("an ACE experiment", not "a ace experiment").
+KIND_NAMES = {"ace": "ACE", "ablate": "ablation", "insert": "insertion", "artifacts": "artifact-unit",
+              "segment-units": "unit-segmentation"}
+
+
+def experiment_phrase(kind: str) -> str:
+    """``'an ACE experiment'``, ``'an ablation experiment'``, ``'a unit-segmentation experiment'``:
+    the kind's name with its article (a/an by the sound of the name's first letter)."""
+    name = KIND_NAMES.get(kind, kind)
+    return f"{'an' if name[:1].lower() in 'aeio' else 'a'} {name} experiment"
+
+
 class Experiment:
     """One experiment's output folder (see the module docstring).
 
@@ -240,7 +252,7 @@ class Experiment:
                     raise ValueError(f"{path} is unreadable ({err}); give another --name") from err
                 if previous != self.settings:
                     raise ValueError(
-                        f"{self.directory} holds a {self.kind} experiment with other settings "
+                        f"{self.directory} holds {experiment_phrase(self.kind)} with other settings "
                         f"({first_difference(previous, self.settings)}); give another --name to keep both")
             else:
                 self.write_json(os.path.join(".progress", "settings.json"), self.settings)
