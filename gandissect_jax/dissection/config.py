@@ -146,7 +146,8 @@ class DissectConfig:
         if self.topk is None:
             return min(DEFAULT_TOPK, int(num_samples))
         if self.topk > num_samples:
-            raise ValueError(f"topk ({self.topk}) must be at most the number of samples ({num_samples})")
+            raise ValueError(f"topk ({self.topk}) must be at most the number of samples ({num_samples}): "
+                             f"--topk in [1, {num_samples}]")
         return int(self.topk)
 
     def resolved_threshold(self, default: str, has_levels: bool) -> tuple[str, bool]:

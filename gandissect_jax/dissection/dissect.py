@@ -421,9 +421,6 @@ def dissect_generator(generator, segmenter, layers: Sequence[str], config: Disse
     layers = _check_generator_arguments(layers, size, seed, seg_downsample)
     source = GeneratorSource(generator, segmenter, layers, size, seed, seg_downsample, identity, micro_batch,
                              compute_dtype)
-    if min(source.seg_size) < 1:
-        raise ValueError(f"seg_downsample {seg_downsample} is larger than the generated images "
-                         f"({source.image_size[0]}x{source.image_size[1]})")
     if levels is not None and not isinstance(levels, Mapping):
         if len(source.layers) != 1:
             raise ValueError("with several layers, levels must be a dict layer -> (U,) array")

@@ -52,18 +52,35 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     detects the cluster). When none is given and ``auto`` is False, nothing happens (one process).
     On CPU the cross-process collectives use gloo. Processes wait up to ``SHUTDOWN_TIMEOUT`` (6 h)
     at exit for process 0 to write the outputs. Returns True when the runtime was joined.
-    ValueError naming the setting when only some are given or they are out of range.
+    ValueError naming the setting when only some are given or they are out of range
+    (:func:`process_settings`).
     """
-    coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
-    num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
-    process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
-    given = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
-    if all(value is None for value in given.values()):
+    settings = process_settings(coordinator, num_processes, process_id)
+    if settings is None:
         if not auto:
             return False
         _cpu_collectives()
         jax.distributed.initialize(shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
         return True
+    coordinator, num_processes, process_id = settings
+    _cpu_collectives()
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                               shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
+    return True
+
+
+def process_settings(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> tuple[str, int, int] | None:
+    """``(coordinator, num_processes, process_id)`` of a multi-host run, each missing one read from
+    its environment variable (see :func:`initialize`), or None when none is given anywhere.
+    Nothing is started. ValueError naming the setting when only some are given, the coordinator
+    is not HOST:PORT with a port in [1, 65535], or the numbers are out of range."""
+    coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
+    num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
+    process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
+    given = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
+    if all(value is None for value in given.values()):
+        return None
     missing = [name for name, value in given.items() if value is None]
     if missing:
         raise ValueError(f"multi-host needs --coordinator, --num-processes and --process-id together "
@@ -75,10 +92,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise ValueError(f"--num-processes must be an integer >= 1, got {num_processes!r}")
     if not (isinstance(process_id, int) and 0 <= process_id < num_processes):
         raise ValueError(f"--process-id must be an integer in [0, {num_processes - 1}], got {process_id!r}")
-    _cpu_collectives()
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
-                               shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
-    return True
+    return str(coordinator), int(num_processes), int(process_id)
 
 
 def _env_int(name: str) -> int | None:

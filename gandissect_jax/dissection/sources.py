@@ -369,9 +369,18 @@ class GeneratorSource:
         probe = jax.eval_shape(features_and_images, generator.params, jax.ShapeDtypeStruct((1, self.z_dim), jnp.float32))
         self.image_size = (int(probe[1].shape[1]), int(probe[1].shape[2]))
         self.seg_size = (self.image_size[0] // self.seg_downsample, self.image_size[1] // self.seg_downsample)
+        if min(self.seg_size) < 1:
+            raise ValueError(f"seg_downsample {self.seg_downsample} is larger than the generated images "
+                             f"({self.image_size[0]}x{self.image_size[1]}): --seg-downsample in "
+                             f"[1, {min(self.image_size)}]")
         self.feature_shapes = {layer: tuple(int(s) for s in probe[0][layer].shape[1:]) for layer in self.layers}
-        labels = jax.eval_shape(features_and_labels, generator.params, segmenter_params(segmenter),
-                                jax.ShapeDtypeStruct((1, self.z_dim), jnp.float32))[1]
+        try:
+            labels = jax.eval_shape(features_and_labels, generator.params, segmenter_params(segmenter),
+                                    jax.ShapeDtypeStruct((1, self.z_dim), jnp.float32))[1]
+        except ValueError as err:  # the segmenter refuses these images or this stride: say which setting
+            raise ValueError(f"the segmenter cannot segment the generated {self.image_size[0]}x{self.image_size[1]} "
+                             f"images at 1/{self.seg_downsample} of their size (seg_downsample, --seg-downsample): "
+                             f"{err}") from err
         self.seg_channels = int(labels.shape[3]) if labels.ndim == 4 else 1
 
     def _z(self, indices: np.ndarray) -> np.ndarray:
