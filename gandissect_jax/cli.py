@@ -4,6 +4,12 @@ Each sub-command lives in its own module under ``gandissect_jax.commands`` and e
 ``add_parser(subparsers)``, which registers an ``argparse`` parser whose ``func`` default is
 called with the parsed arguments. Sub-command modules are imported lazily so that
 ``gandissect-jax --help`` stays fast and a broken optional feature cannot break the others.
+
+Faults (gandissect_jax.commands.arguments): a usage fault, decided by the command line alone
+(a value out of range, flags that do not go together), prints the command's usage line and one
+error line naming the flag, exit status 2; an input fault, decided by a file or a model
+(``--units`` beyond the layer's units), prints one line ``gandissect-jax COMMAND: error: ...``,
+exit status 1. Ctrl-C: one line, exit status 130.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from gandissect_jax.commands.arguments import CommandParser
 
 # (command name, module under gandissect_jax.commands)
 _COMMANDS = (
@@ -32,7 +40,7 @@ EXIT_INTERRUPTED = 130
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every available sub-command registered."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="gandissect-jax",
         description="GAN Dissection in JAX: generate, convert weights, list layers, dissect; "
                     "intervene: ace, ablate, insert, artifacts, segment-units; paint (GANPaint).",
@@ -56,16 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    command = " ".join(word for word in (args.command, getattr(args, "action", None)) if word)
     try:
         result = args.func(args)
     except KeyboardInterrupt as err:  # Ctrl-C: one line, no traceback (a dissection says where it resumes)
         message = str(err) if str(err).startswith("interrupted") else "interrupted" + (
             "; rerun the same command to resume from the last saved progress" if args.command == "dissect" else "")
         start = "\r" if sys.stderr.isatty() else ""  # over the terminal's "^C"
-        print(f"{start}gandissect-jax {args.command}: {message}", file=sys.stderr)
+        print(f"{start}gandissect-jax {command}: {message}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, FileNotFoundError, KeyError, OSError) as err:
-        print(f"gandissect-jax {args.command}: error: {err}", file=sys.stderr)
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"gandissect-jax {command}: error: {message}", file=sys.stderr)
         return 1
     return int(result or 0)
 

@@ -33,10 +33,11 @@ def _commands(parser=None, prefix=()):
 
 
 def _typed_flags():
-    """(command words, flag, type function) of every option with a type= of every command."""
+    """(command words, flag, type function) of every option with a numeric type= of every command
+    (names and paths have the non-empty text type, tests/test_cli_usage.py)."""
     for words, parser in _commands():
         for action in parser._actions:
-            if action.option_strings and action.type is not None:
+            if action.option_strings and action.type is not None and not arguments.is_text(action.type):
                 yield words, action.option_strings[-1], action.type
 
 

@@ -82,10 +82,13 @@ def test_cli_writes_strips_and_resumes(cli_run, capsys):
 
 
 def test_cli_refuses_bad_arguments(tmp_path, capsys):
-    assert main(["dissect", "--model", "scenes64", "--features", "f.npy", "--outdir", str(tmp_path)]) == 1
-    assert "not both" in capsys.readouterr().err
-    assert main(["dissect", "--features", "f.npy", "--outdir", str(tmp_path)]) == 1
-    assert "--segmentations and --labels" in capsys.readouterr().err
+    for argv, message in [(["--model", "scenes64", "--features", "f.npy"], "not both"),
+                          (["--features", "f.npy"], "--segmentations and --labels")]:
+        with pytest.raises(SystemExit) as stop:  # usage errors: decided by the command line alone
+            main(["dissect", *argv, "--outdir", str(tmp_path)])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("usage: gandissect-jax dissect") and message in err.strip().splitlines()[-1]
     assert main(["dissect", "--features", str(tmp_path / "missing.npy"), "--segmentations", "x", "--labels", "y",
                  "--outdir", str(tmp_path)]) == 1
     assert "not found" in capsys.readouterr().err

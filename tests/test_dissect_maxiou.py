@@ -261,8 +261,10 @@ def test_maxiou_without_the_search_is_refused_before_any_work(tmp_path, capsys):
                       (["--model", "no-such-model", "--threshold", "quantile"], "--threshold quantile"),
                       (["--no-labels"], "--no-labels")]:
         out = tmp_path / "out"
-        assert main(["dissect", *argv, "--label-rule", "maxiou", "--outdir", str(out), "--quiet"]) == 1
-        [line] = capsys.readouterr().err.strip().splitlines()
+        with pytest.raises(SystemExit) as stop:  # a usage error: the command line alone decides
+            main(["dissect", *argv, "--label-rule", "maxiou", "--outdir", str(out), "--quiet"])
+        assert stop.value.code == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
         assert line.startswith("gandissect-jax dissect: error: --label-rule maxiou needs the IQR search's candidate "
                                "levels, --threshold iqr"), line
         assert f"not {got};" in line and "--label-rule must be significant or reference" in line, line

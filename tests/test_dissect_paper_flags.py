@@ -51,21 +51,30 @@ def test_paper_segmenter_flags_reach_the_segmenter_the_identity_and_the_config(m
     assert "dissect.html" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--features", "f.npy", "--segdiv", "quad"], "--segdiv and --segsizes choose how --segmenter segments"),
-    (["--features", "f.npy", "--segsizes", "256"], "--segdiv and --segsizes choose how --segmenter segments"),
-    (["--segdiv", "quad"], "has no 'quad' division"),
-    (["--segsizes", "256"], "--segdiv and --segsizes apply to the unified-parsing segmenter"),
-    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2"], r"missing \['--process-id'\]"),
-    (["--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "0"], "--coordinator must be HOST:PORT"),
-    (["--coordinator", "h:1234", "--num-processes", "2", "--process-id", "2"],
+@pytest.mark.parametrize("argv, status, message", [
+    (["--features", "f.npy", "--segdiv", "quad"], 2, "--segdiv and --segsizes choose how --segmenter segments"),
+    (["--features", "f.npy", "--segsizes", "256"], 2, "--segdiv and --segsizes choose how --segmenter segments"),
+    (["--segdiv", "quad"], 1, "has no 'quad' division"),
+    (["--segsizes", "256"], 1, "--segdiv and --segsizes apply to the unified-parsing segmenter"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2"], 2, r"missing \['--process-id'\]"),
+    (["--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "0"], 2, "--coordinator must be HOST:PORT"),
+    (["--coordinator", "h:1234", "--num-processes", "2", "--process-id", "2"], 2,
      r"--process-id must be an integer in \[0, 1\]"),
 ])
-def test_flags_are_refused_with_a_clear_error_before_any_work(argv, message, tmp_path, capsys):
+def test_flags_are_refused_with_a_clear_error_before_any_work(argv, status, message, tmp_path, capsys):
+    """Status 2 with the usage line when the command line alone decides (flags that do not go
+    together), 1 when the segmenter must be loaded to know."""
     outdir = tmp_path / "out"
-    assert main(["dissect", *argv, "--quiet", "--outdir", str(outdir)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    if status == 2:
+        with pytest.raises(SystemExit) as stop:
+            main(["dissect", *argv, "--quiet", "--outdir", str(outdir)])
+        assert stop.value.code == 2
+    else:
+        assert main(["dissect", *argv, "--quiet", "--outdir", str(outdir)]) == 1
+    text = capsys.readouterr().err
+    err = text.strip().splitlines()[-1]
     assert err.startswith("gandissect-jax dissect: error: ")
+    assert ("usage: gandissect-jax dissect" in text) == (status == 2)
     assert __import__("re").search(message, err), err
     assert not outdir.exists()
 

@@ -154,7 +154,6 @@ def test_artifacts_and_unit_segmentation(outdir, models):
     (["ablate", "--layer", "layer4", "--concept", "trees"], "unknown concept 'trees'"),
     (["ablate", "--layer", "layer4", "--concept", "tree", "--top", "200"], "--top 200 exceeds"),
     (["ablate", "--layer", "layer4", "--concept", "sky", "--rank", "ace"], "no ACE ranking of sky"),
-    (["ablate", "--layer", "layer4"], "give --units, or --concept"),
     (["insert", "--layer", "layer4", "--concept", "tree", "--at", "8,0"], "outside the 8x8 feature map"),
     (["artifacts", "--layer", "layer4", "--discriminator", "no-such-discriminator"], "no-such-discriminator"),
     (["segment-units", "--layer", "layer6"], "layer 'layer6' was not dissected"),

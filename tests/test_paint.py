@@ -575,7 +575,9 @@ def test_paint_command_is_registered_and_checks_its_flags(capsys, tmp_path):
         main(["paint", "--port", "0", "--outdir", str(tmp_path)])
     assert stop.value.code == 2
     assert "argument --port: must be an integer in [1, 65535], got '0'" in capsys.readouterr().err
-    assert main(["paint", "--outdir", str(tmp_path / "a"), str(tmp_path / "b" / "a")]) == 1
+    with pytest.raises(SystemExit) as stop:  # decided by the command line alone: a usage error
+        main(["paint", "--outdir", str(tmp_path / "a"), str(tmp_path / "b" / "a")])
+    assert stop.value.code == 2
     assert "distinct names" in capsys.readouterr().err
     assert main(["paint", "--outdir", str(tmp_path / "missing")]) == 1
     assert "is not a directory" in capsys.readouterr().err

@@ -19,8 +19,9 @@ import argparse
 
 import numpy as np
 
-from .intervention_common import (plain_help, add_source_arguments, add_unit_arguments, batches, choose_units, fraction,
-                                  label_names, positive_int, seed, source_of, to_uint8)
+from . import arguments
+from .intervention_common import (plain_help, add_source_arguments, add_unit_arguments, batches, check_units_or_concept,
+                                  choose_units, fraction, label_names, positive_int, seed, source_of, to_uint8)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -30,11 +31,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_source_arguments(parser)
     add_unit_arguments(parser)
     run = parser.add_argument_group("measurement")
-    run.add_argument("--samples", type=positive_int, default=200, help="images measured (default 200)")
-    run.add_argument("--seed", type=seed, default=2, help="their z seed (default 2, as the reference's evalablate)")
-    run.add_argument("--show", type=positive_int, default=8, help="images shown in grid.png (default 8)")
-    run.add_argument("--resamples", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
-    run.add_argument("--level", type=fraction, default=0.95, help="confidence level (default 0.95)")
+    run.add_argument("--samples", type=positive_int, default=200,
+                     help=f"images measured, in {positive_int.interval} (default %(default)s)")
+    run.add_argument("--seed", type=seed, default=2,
+                     help=f"their z seed, in {seed.interval} (default %(default)s, as the reference's evalablate)")
+    run.add_argument("--show", type=positive_int, default=8,
+                     help=f"images shown in grid.png, in {positive_int.interval}; --samples at most are shown "
+                          "(default %(default)s)")
+    run.add_argument("--resamples", type=positive_int, default=1000,
+                     help=f"bootstrap resamples, in {positive_int.interval} (default %(default)s)")
+    run.add_argument("--level", type=fraction, default=0.95,
+                     help=f"confidence level, in {fraction.interval} (default %(default)s)")
+    arguments.add_check(parser, check_units_or_concept)
     parser.set_defaults(func=run_command)
     return parser
 

@@ -24,6 +24,7 @@ import argparse
 
 import numpy as np
 
+from . import arguments
 from .intervention_common import (plain_help, add_source_arguments, batches, check_units, positive_float, positive_int, seed,
                                   source_of, to_uint8, weight)
 
@@ -35,26 +36,48 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=plain_help(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
     fit = parser.add_argument_group("ACE fit")
-    fit.add_argument("--concept", required=True, help="label name, or names joined by commas (their union)")
+    fit.add_argument("--concept", required=True, type=arguments.text("a label name"),
+                     help="label name, or names joined by commas (their union)")
     fit.add_argument("--objective", choices=("ace", "removal", "specific_removal"), default="ace",
                      help="ace: ablate where present and insert where absent (default); removal: ablate everywhere "
                           "(the reference's _fia variant); specific_removal: remove the concept and nothing else")
-    fit.add_argument("--budget", type=positive_float, help="keep sum(alpha) <= BUDGET (the relaxation of ablating that many units)")
-    fit.add_argument("--l2", type=weight, default=0.005, help="L2 weight on alpha (default 0.005, the reference's)")
-    fit.add_argument("--specificity", type=weight, default=1.0, help="side-effect weight of specific_removal (default 1)")
-    fit.add_argument("--binarize", type=weight, default=0.0, help="final weight of the push of alpha to 0 or 1 (default 0)")
-    fit.add_argument("--learning-rate", type=positive_float, default=0.01, help="Adam step size (default 0.01)")
-    fit.add_argument("--epochs", type=positive_int, default=10, help="passes over the training samples (default 10)")
-    fit.add_argument("--train-batch", type=positive_int, default=20, help="present + candidate samples per step (default 20)")
-    fit.add_argument("--search-size", type=positive_int, default=10000, help="z searched for the corpus (default 10000)")
-    fit.add_argument("--train-size", type=positive_int, default=1000, help="training samples of each kind (default 1000)")
-    fit.add_argument("--eval-size", type=positive_int, default=200, help="held-out samples of each kind (default 200)")
-    fit.add_argument("--seed", type=seed, default=10, help="corpus seed (default 10, as the reference)")
+    fit.add_argument("--budget", type=positive_float,
+                     help=f"keep sum(alpha) <= BUDGET (the relaxation of ablating that many units), in "
+                          f"{positive_float.interval} (default: no budget)")
+    fit.add_argument("--l2", type=weight, default=0.005,
+                     help=f"L2 weight on alpha, in {weight.interval} (default %(default)s, the reference's)")
+    fit.add_argument("--specificity", type=weight, default=1.0,
+                     help=f"side-effect weight of specific_removal, in {weight.interval} (default %(default)s)")
+    fit.add_argument("--binarize", type=weight, default=0.0,
+                     help=f"final weight of the push of alpha to 0 or 1, in {weight.interval} (default %(default)s)")
+    fit.add_argument("--learning-rate", type=positive_float, default=0.01,
+                     help=f"Adam step size, in {positive_float.interval} (default %(default)s)")
+    fit.add_argument("--epochs", type=positive_int, default=10,
+                     help=f"passes over the training samples, in {positive_int.interval} (default %(default)s)")
+    fit.add_argument("--train-batch", type=positive_int, default=20,
+                     help=f"present + candidate samples per step, in {positive_int.interval} and at most "
+                          "--train-size (default %(default)s)")
+    fit.add_argument("--search-size", type=positive_int, default=10000,
+                     help=f"z searched for the corpus, in {positive_int.interval} and at least --train-size + "
+                          "--eval-size (default %(default)s)")
+    fit.add_argument("--train-size", type=positive_int, default=1000,
+                     help=f"training samples of each kind, in {positive_int.interval} (default %(default)s)")
+    fit.add_argument("--eval-size", type=positive_int, default=200,
+                     help=f"held-out samples of each kind, in {positive_int.interval} (default %(default)s)")
+    fit.add_argument("--seed", type=seed, default=10,
+                     help=f"corpus seed, in {seed.interval} (default %(default)s, as the reference)")
     curves = parser.add_argument_group("curves")
-    curves.add_argument("--curve-samples", type=positive_int, default=200, help="z measured for the curves (default 200)")
-    curves.add_argument("--curve-seed", type=seed, default=3, help="their seed (default 3, as the reference's fullablate)")
-    curves.add_argument("--curve-max", type=positive_int, default=64, help="largest number of units (default 64)")
-    curves.add_argument("--show-units", type=positive_int, default=20, help="units ablated in ablation.png (default 20)")
+    curves.add_argument("--curve-samples", type=positive_int, default=200,
+                        help=f"z measured for the curves, in {positive_int.interval} (default %(default)s)")
+    curves.add_argument("--curve-seed", type=seed, default=3,
+                        help=f"their seed, in {seed.interval} (default %(default)s, as the reference's fullablate)")
+    curves.add_argument("--curve-max", type=positive_int, default=64,
+                        help=f"largest number of units, in {positive_int.interval}; the layer's units at most are "
+                             "used (default %(default)s)")
+    curves.add_argument("--show-units", type=positive_int, default=20,
+                        help=f"units ablated in ablation.png, in {positive_int.interval}; the layer's units at most "
+                             "are shown (default %(default)s)")
+    arguments.add_check(parser, check)
     parser.set_defaults(func=run_command)
     return parser
 
@@ -71,6 +94,17 @@ def default_name(args) -> str:
     return name
 
 
+def check(args) -> None:
+    """Usage checks: the corpus sizes fit together."""
+    if args.train_size + args.eval_size > args.search_size:
+        raise arguments.UsageError(
+            f"--train-size {args.train_size} + --eval-size {args.eval_size} = {args.train_size + args.eval_size} "
+            f"exceeds --search-size {args.search_size}; give --search-size >= {args.train_size + args.eval_size}")
+    if args.train_batch > args.train_size:
+        raise arguments.UsageError(f"--train-batch {args.train_batch} exceeds --train-size {args.train_size}; "
+                                   f"allowed [1, {args.train_size}]")
+
+
 def run_command(args) -> int:
     """Fit, rank, measure the curves, write the page."""
     import jax.numpy as jnp
@@ -80,13 +114,6 @@ def run_command(args) -> int:
     from gandissect_jax.experiment import Experiment, intervention_lock, register
     from gandissect_jax.sampling import sample_z
 
-    if args.budget is not None and args.budget <= 0:
-        raise ValueError(f"--budget must be positive, got {args.budget}")
-    if args.train_size + args.eval_size > args.search_size:
-        raise ValueError(f"--train-size + --eval-size = {args.train_size + args.eval_size} exceeds "
-                         f"--search-size = {args.search_size}")
-    if args.train_batch > args.train_size:
-        raise ValueError(f"--train-batch {args.train_batch} exceeds --train-size {args.train_size}")
     source = source_of(args)
     G, S = source.generator, source.segmenter
     labels = source.concept(args.concept)

@@ -1,22 +1,37 @@
-"""Argument types of the command line: every numeric flag is range-checked when it is parsed.
+"""Argument types and checks of the command line: every usage fault is refused before any work.
 
-Each function here returns an ``argparse`` ``type=`` callable. A value outside its range is
-refused by argparse with one line naming the flag and the allowed range, e.g.::
+Two kinds of faults, two answers (``tests/test_cli_usage.py`` holds both for every command):
 
-    gandissect-jax dissect: error: argument --batch-size: must be an integer in [1, 65536], got '0'
+* A fault the command line alone decides -- a value out of range, an empty name, a combination
+  of flags that does not go together -- is a **usage error**: the command's usage line, then one
+  line naming the flag(s) and the allowed values, exit status 2 (argparse's own convention)::
 
-never a traceback from JAX or numpy later, and never a silent clamp. Every command uses these
-types for every numeric flag (``tests/test_arguments.py`` holds that for each command); the API
-checks the same ranges (:class:`gandissect_jax.dissection.DissectConfig` and the ``dissect_*``
-arguments) with ValueErrors naming the argument. ``inf``, ``nan`` and values that do not fit
-the range (``1e300``) are refused like any other.
+      gandissect-jax dissect: error: argument --batch-size: must be an integer in [1, 65536], got '0'
+      gandissect-jax dissect: error: --features needs --segmentations and --labels (missing: --labels)
+
+  Values are checked by the ``type=`` functions here when parsed; combinations by the checks a
+  command registers with :func:`add_check` (they raise :class:`UsageError`), run by
+  :class:`CommandParser` right after parsing, before the command's module imports JAX.
+* A fault that needs a file or a model to decide (``--units`` beyond the layer's units, ``--at``
+  outside its feature map, ``--outdir`` naming a file) is an **input error**: one line
+  ``gandissect-jax <command>: error: ...`` naming the flag, the value and the allowed range, exit
+  status 1, no traceback, raised (ValueError) before the long work starts.
+
+Every numeric flag of every command uses a range-checked type from here and its ``--help`` states
+the range and the default (tests/test_arguments.py and tests/test_cli_usage.py hold that for each
+command); the API checks the same ranges (:class:`gandissect_jax.dissection.DissectConfig` and the
+``dissect_*`` arguments) with ValueErrors naming the argument. ``inf``, ``nan`` and values that do
+not fit the range (``1e300``) are refused like any other, never clamped. Option values that begin
+with one dash (``--max-memory -5G``, ``--at -1,2``) reach the type function as with ``=``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
-from typing import Callable
+import os
+from typing import Callable, Iterator
 
 # The limits below are the API's too (gandissect_jax.dissection.config; a test holds them equal).
 # Largest batch any command accepts: far above what fits a device, small enough that a typo
@@ -50,6 +65,7 @@ def int_in_range(low: int, high: int) -> Callable[[str], int]:
         return value
 
     parse.__name__ = f"integer in [{low}, {high}]"
+    parse.interval = f"[{low}, {high}]"
     return parse
 
 
@@ -71,6 +87,7 @@ def float_in_range(low: float, high: float, *, low_open: bool = False, high_open
         return value
 
     parse.__name__ = f"{what} in {interval}"
+    parse.interval = interval
     return parse
 
 
@@ -137,6 +154,7 @@ def unit_list(high: int = MAX_UNIT) -> Callable[[str], list[int]]:
         return sorted(units)
 
     parse.__name__ = f"unit numbers in [0, {high}]"
+    parse.interval = f"[0, {high}]"
     return parse
 
 
@@ -151,14 +169,17 @@ def feature_position(high: int = MAX_UNIT) -> Callable[[str], tuple[int, int]]:
         return int(parts[0]), int(parts[1])
 
     parse.__name__ = f"position in [0, {high}]"
+    parse.interval = f"[0, {high}]"
     return parse
 
 
-MAX_MEMORY = 1 << 50  # bytes (1 PiB): larger budgets are typing errors
+MAX_MEMORY = 1 << 50  # bytes (1024T): larger budgets are typing errors
+MEMORY_FORMS = ("a size with a binary unit K, M, G or T (KB, KiB alike: powers of 1024) or a plain number of "
+                "bytes, e.g. 4G, 800M, 1.5GiB or 1073741824")
 
 
 def memory_size() -> Callable[[str], int]:
-    """A memory budget in bytes, written as 4G, 800M, 1.5GiB or 1073741824, in [1 MiB, 1 PiB]
+    """A memory budget in bytes, written as 4G, 800M, 1.5GiB or 1073741824, in [1M, 1024T]
     (gandissect_jax.dissection.memory.parse_memory)."""
 
     def parse(text: str) -> int:
@@ -169,20 +190,155 @@ def memory_size() -> Callable[[str], int]:
         except ValueError:
             value = None
         if value is None or value > MAX_MEMORY:
-            raise argparse.ArgumentTypeError(
-                f"must be a size such as 4G, 800M, 1.5GiB or a number of bytes in [{1 << 20}, {MAX_MEMORY}], got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {MEMORY_FORMS}, from 1M to 1024T: a number of bytes in "
+                                             f"[{1 << 20}, {MAX_MEMORY}], got {text!r}")
         return value
 
+    parse.__name__ = "memory size in [1M, 1024T]"
+    parse.interval = "[1M, 1024T]"
+    return parse
+
+
+def text(what: str = "a value") -> Callable[[str], str]:
+    """A string that is not empty nor only spaces (names, paths, titles): ``--name ""`` is refused,
+    never silently replaced by a default. The string is returned unchanged."""
+
+    def parse(value: str) -> str:
+        if not str(value).strip():
+            raise argparse.ArgumentTypeError(f"must be {what}, not empty, got {value!r}")
+        return value
+
+    parse.__name__ = what
     return parse
 
 
 def is_range_checked(type_function) -> bool:
-    """True when ``type_function`` was made by this module (``int`` or ``float`` are not)."""
-    return getattr(type_function, "__module__", None) == __name__ and type_function.__qualname__.endswith("parse")
+    """True when ``type_function`` is a range-checked type of this module (``int`` or ``float`` are
+    not); its ``interval`` attribute is the allowed range as written in --help texts."""
+    return (getattr(type_function, "__module__", None) == __name__ and type_function.__qualname__.endswith("parse")
+            and hasattr(type_function, "interval"))
+
+
+def is_text(type_function) -> bool:
+    """True when ``type_function`` was made by :func:`text`."""
+    return getattr(type_function, "__module__", None) == __name__ and type_function.__qualname__.startswith("text.")
+
+
+# ------------------------------------------------------------------------------- usage checks
+
+class UsageError(ValueError):
+    """A fault of the command line itself (flags that do not go together): :class:`CommandParser`
+    reports it as argparse reports a bad value, with the usage line and exit status 2."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that also runs its command's checks of flag combinations.
+
+    After parsing, every check registered with :func:`add_check` is called with the namespace; a
+    :class:`UsageError` it raises becomes ``self.error(message)`` (usage line, exit status 2).
+    Sub-command parsers made by ``add_subparsers`` are of the same class. Before parsing, an
+    option that takes one value and is followed by a word beginning with one dash (``-5G``,
+    ``-1,2``) is given that word as with ``--option=-5G``, so the value reaches its type function
+    and is refused there with the allowed values (argparse alone would take the word for an
+    unknown option and say only "expected one argument"). A word that is one of the command's
+    options (``--outdir --quiet``) is left alone: the missing value is reported as before.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checks: list[Callable[[argparse.Namespace], None]] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        import sys
+
+        args = self._join_dash_values(list(sys.argv[1:] if args is None else args))
+        namespace, extras = super().parse_known_args(args, namespace)
+        for check in self.checks:
+            try:
+                check(namespace)
+            except UsageError as err:
+                self.error(str(err))
+        return namespace, extras
+
+    def _one_value_option(self, word: str) -> bool:
+        """True when ``word`` names (exactly or as an unambiguous abbreviation) an option that takes
+        exactly one value."""
+        action = self._option_string_actions.get(word)
+        if action is None and word.startswith("--") and self.allow_abbrev:
+            found = {a for option, a in self._option_string_actions.items() if option.startswith(word)}
+            action = found.pop() if len(found) == 1 else None
+        return isinstance(action, (argparse._StoreAction, argparse._AppendAction)) and action.nargs is None
+
+    def _join_dash_values(self, words: list[str]) -> list[str]:
+        joined, i = [], 0
+        while i < len(words):
+            word = words[i]
+            if word == "--":  # everything after is positional
+                joined.extend(words[i:])
+                break
+            if self._subparsers is not None and self._is_command(word):
+                joined.extend(words[i:])  # the sub-command's parser handles its own words
+                break
+            following = words[i + 1] if i + 1 < len(words) else None
+            if (following is not None and following.startswith("-") and not following.startswith("--")
+                    and len(following) > 1 and following not in self._option_string_actions
+                    and "=" not in word and self._one_value_option(word)):
+                joined.append(f"{word}={following}")
+                i += 2
+                continue
+            joined.append(word)
+            i += 1
+        return joined
+
+    def _is_command(self, word: str) -> bool:
+        return any(isinstance(action, argparse._SubParsersAction) and word in action.choices
+                   for action in self._actions)
+
+
+def add_check(parser: argparse.ArgumentParser, check: Callable[[argparse.Namespace], None]) -> None:
+    """Run ``check(namespace)`` after ``parser`` parsed a command line; it raises
+    :class:`UsageError` naming the flags for combinations that do not go together. Checks decide
+    from the command line alone (and the environment): nothing is loaded, nothing is written."""
+    if not isinstance(parser, CommandParser):
+        raise TypeError(f"add_check needs a {CommandParser.__name__} (gandissect_jax.cli.build_parser makes one), "
+                        f"got {type(parser).__name__}")
+    parser.checks.append(check)
+
+
+# ------------------------------------------------------------------------------- input checks
+
+def check_directory(path: str, flag: str = "--outdir", *, must_exist: bool = False) -> None:
+    """ValueError naming ``flag`` when ``path``, or the nearest of its parents that exists, is not a
+    directory (a file, say): no output directory can be made there. With ``must_exist``,
+    FileNotFoundError naming ``flag`` when ``path`` does not exist. Called before any work starts."""
+    full = os.path.abspath(path)
+    probe = full
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        where = path if probe == full else f"{path}: {probe}"
+        what = "a file, not a directory" if os.path.isfile(probe) else "not a directory"
+        raise ValueError(f"{flag} {where} is {what}")
+    if must_exist and not os.path.isdir(full):
+        raise FileNotFoundError(f"{flag} {path} is not a directory: nothing exists there")
+
+
+@contextlib.contextmanager
+def naming(flag: str) -> Iterator[None]:
+    """Errors loading what ``flag`` names (a model, a file) are re-raised as one ValueError line
+    beginning with the flag, unless the message names it already."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, KeyError, OSError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        if str(message).startswith(flag):
+            raise
+        raise ValueError(f"{flag}: {message}") from err
 
 
 __all__ = ["int_in_range", "float_in_range", "positive_int", "non_negative_int", "batch_size", "seed",
            "open_unit_interval", "unit_interval", "positive_finite_float", "seconds", "memory_size", "unit_list",
-           "feature_position", "is_range_checked", "MAX_UNIT",
+           "feature_position", "text", "is_range_checked", "is_text", "MAX_UNIT", "MEMORY_FORMS",
+           "UsageError", "CommandParser", "add_check", "check_directory", "naming",
            "MAX_BATCH", "MAX_TOPK", "MAX_SAMPLES", "MAX_SEED", "MAX_CHECKPOINT_SECONDS", "MAX_MEMORY",
            "LABEL_RULES"]

@@ -21,8 +21,13 @@ import argparse
 
 import numpy as np
 
-from .intervention_common import (plain_help, add_source_arguments, batches, check_units, positive_int, seed, source_of,
+from . import arguments
+from .intervention_common import (plain_help, add_source_arguments, batches, check_units, positive_int, source_of,
                                   to_uint8, unit_list)
+
+
+# the measured z use seed + 1, which must be a seed too
+search_seed = arguments.int_in_range(0, arguments.MAX_SEED - 1)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,19 +36,39 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                    description=plain_help(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
     run = parser.add_argument_group("artifacts")
-    run.add_argument("--discriminator", required=True,
+    run.add_argument("--discriminator", required=True, type=arguments.text("a discriminator source"),
                      help="discriminator checkpoint or registry name, e.g. scenes64-discriminator")
-    run.add_argument("--units", type=unit_list, help="ablate these units (picked by eye) instead of the top ranked")
-    run.add_argument("--top", type=positive_int, default=10, help="top-ranked units ablated together (default 10)")
+    run.add_argument("--units", type=unit_list,
+                     help=f"ablate these units (picked by eye), each in {unit_list.interval} and below the layer's "
+                          "number of units (default: the --top ranked)")
+    run.add_argument("--top", type=positive_int, default=10,
+                     help=f"top-ranked units ablated together, in {positive_int.interval} and at most the layer's "
+                          "number of units (default %(default)s)")
     run.add_argument("--search-samples", type=positive_int, default=500,
-                     help="z searched for each unit's top samples (default 500)")
-    run.add_argument("--top-samples", type=positive_int, default=8, help="samples per unit (default 8)")
-    run.add_argument("--samples", type=positive_int, default=200, help="images measured before/after (default 200)")
-    run.add_argument("--seed", type=seed, default=5, help="seed of the search z (the measured z use seed + 1; default 5)")
-    run.add_argument("--show", type=positive_int, default=8, help="images shown (default 8)")
-    run.add_argument("--resamples", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
+                     help=f"z searched for each unit's top samples, in {positive_int.interval} (default %(default)s)")
+    run.add_argument("--top-samples", type=positive_int, default=8,
+                     help=f"samples per unit, in {positive_int.interval} and at most --search-samples "
+                          "(default %(default)s)")
+    run.add_argument("--samples", type=positive_int, default=200,
+                     help=f"images measured before/after, in {positive_int.interval} (default %(default)s)")
+    run.add_argument("--seed", type=search_seed, default=5,
+                     help=f"seed of the search z (the measured z use seed + 1), in {search_seed.interval} "
+                          "(default %(default)s)")
+    run.add_argument("--show", type=positive_int, default=8,
+                     help=f"images shown, in {positive_int.interval}; --samples at most are shown "
+                          "(default %(default)s)")
+    run.add_argument("--resamples", type=positive_int, default=1000,
+                     help=f"bootstrap resamples, in {positive_int.interval} (default %(default)s)")
+    arguments.add_check(parser, check)
     parser.set_defaults(func=run_command)
     return parser
+
+
+def check(args) -> None:
+    """Usage check: each unit's top samples come from the searched ones."""
+    if args.top_samples > args.search_samples:
+        raise arguments.UsageError(f"--top-samples {args.top_samples} exceeds --search-samples {args.search_samples}; "
+                                   f"allowed [1, {args.search_samples}]")
 
 
 def run_command(args) -> int:
@@ -56,12 +81,11 @@ def run_command(args) -> int:
 
     source = source_of(args)
     G = source.generator
-    D = load_discriminator(args.discriminator)
+    with arguments.naming("--discriminator"):
+        D = load_discriminator(args.discriminator)
     channels = ace.layer_shape(G, args.layer)[-1]
-    if args.top_samples > args.search_samples:
-        raise ValueError(f"--top-samples {args.top_samples} exceeds --search-samples {args.search_samples}")
     if args.units is None and args.top > channels:
-        raise ValueError(f"--top {args.top} exceeds the layer's {channels} units")
+        raise ValueError(f"--top {args.top} exceeds the layer's {channels} units; allowed [1, {channels}]")
     picked = None if args.units is None else check_units(args.units, channels)
     settings = {"layer": args.layer, "discriminator": str(args.discriminator),
                 "units": None if picked is None else [int(u) for u in picked], "top": args.top,

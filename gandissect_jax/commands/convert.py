@@ -15,6 +15,8 @@ import argparse
 import importlib
 from pathlib import Path
 
+from .arguments import text
+
 # kind -> "module:function" called as function(src, dest)
 CONVERTERS = {
     "generator": "gandissect_jax.proggan:convert_reference",
@@ -30,8 +32,10 @@ def add_parser(subparsers) -> None:
         description="Convert reference PyTorch weights (no torch needed) into an orbax "
         "checkpoint directory that gandissect-jax loads.",
     )
-    parser.add_argument("src", help="generator .pth, or a directory of reference weights")
-    parser.add_argument("dest", help="checkpoint directory to write (must not exist, or be empty)")
+    parser.add_argument("src", metavar="SRC", type=text("a file or directory"),
+                        help="generator .pth, or a directory of reference weights")
+    parser.add_argument("dest", metavar="DEST", type=text("a directory"),
+                        help="checkpoint directory to write (must not exist, or be empty)")
     parser.add_argument("--force", action="store_true",
                         help="replace DEST if it is a checkpoint written by gandissect-jax "
                              "(anything else at DEST is always refused and left untouched)")

@@ -37,53 +37,80 @@ before any work; --restart removes the earlier run's progress and outputs (nothi
 starts afresh. Outputs follow schema 2 (gandissect_jax/dissection/README.md)."""
 
 
+# Argument types (range-checked when parsed; the ranges are DissectConfig's and dissect_generator's)
+segment_size = arguments.int_in_range(32, 4096)
+samples = arguments.positive_int()
+z_seed = arguments.seed()
+downsample = arguments.int_in_range(1, 4096)
+quantile = arguments.open_unit_interval()
+iou_threshold = arguments.unit_interval()
+topk = arguments.int_in_range(1, arguments.MAX_TOPK)
+batch = arguments.batch_size()
+checkpoint_seconds = arguments.seconds()
+memory = arguments.memory_size()
+thumbsize = arguments.int_in_range(arguments.MIN_THUMBSIZE, arguments.MAX_THUMBSIZE)
+num_processes = arguments.int_in_range(1, 65536)
+process_id = arguments.int_in_range(0, 65535)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``dissect`` sub-command."""
     parser = subparsers.add_parser(
         "dissect", help="score every unit of a layer against segmentation concepts (IoU / IQR)",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_argument_group("generator source")
-    source.add_argument("--model", help="generator: registry name, .pth file or checkpoint directory "
+    source.add_argument("--model", type=arguments.text("a generator source"),
+                        help="generator: registry name, .pth file or checkpoint directory "
                         f"(default: the shipped demo {DEMO_MODEL!r} with {DEMO_SEGMENTER!r}, layers "
-                        f"{' '.join(DEMO_LAYERS)})")
-    source.add_argument("--segmenter", help="segmenter: registry name (the paper's: upp-resnet50-upernet), the "
+                        f"{' '.join(DEMO_LAYERS)}); needs --segmenter and --layers unless it is the demo")
+    source.add_argument("--segmenter", type=arguments.text("a segmenter source"),
+                        help="segmenter: registry name (the paper's: upp-resnet50-upernet), the "
                         "reference's weight directory or a checkpoint directory")
     source.add_argument("--segdiv", choices=("undivided", "quad"), default=None,
                         help="unified-parsing segmenter's label division: undivided (default) or quad (objects also "
                         "split into top/bottom and left/right quarters: the paper's GAN setting)")
-    source.add_argument("--segsizes", nargs="+", type=arguments.int_in_range(32, 4096), default=None, metavar="SIZE",
-                        help="unified-parsing segmenter's input sizes whose predictions vote, each in [32, 4096] "
-                        "(default 256, as the reference)")
-    source.add_argument("--layers", nargs="+",
+    source.add_argument("--segsizes", nargs="+", type=segment_size, default=None, metavar="SIZE",
+                        help=f"unified-parsing segmenter's input sizes whose predictions vote, each in "
+                        f"{segment_size.interval} (default 256, as the reference)")
+    source.add_argument("--layers", nargs="+", type=arguments.text("a layer name"),
                         help="layers to dissect, e.g. layer4 layer7 (list them with: gandissect-jax layers MODEL)")
-    source.add_argument("--size", type=arguments.positive_int(), default=10000,
-                        help="number of samples (default 10000)")
-    source.add_argument("--seed", type=arguments.seed(), default=1,
-                        help="z seed, in [0, 2**32 - 1] (default 1, as the reference)")
-    source.add_argument("--seg-downsample", type=arguments.int_in_range(1, 4096), default=2,
-                        help="segment at 1/N of the image size (default 2, as the reference)")
+    source.add_argument("--size", type=samples, default=10000,
+                        help=f"number of samples, in {samples.interval} (default %(default)s)")
+    source.add_argument("--seed", type=z_seed, default=1,
+                        help=f"z seed, in {z_seed.interval} (default %(default)s, as the reference)")
+    source.add_argument("--seg-downsample", type=downsample, default=2,
+                        help=f"segment at 1/N of the image size, N in {downsample.interval} and at most the image "
+                        "size (default %(default)s, as the reference)")
     source.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of the generator and the segmenter (default float32; bfloat16 is "
                         "faster where the hardware has it, labels may differ slightly: benchmarks/README.md)")
     arrays = parser.add_argument_group("precomputed source")
-    arrays.add_argument("--features", help="float .npy of activations, shape (N, h, w, U) (see --layout)")
-    arrays.add_argument("--segmentations", help="int .npy of segmentations, shape (N, H, W, D) or (N, H, W); "
+    arrays.add_argument("--features", type=arguments.text("a .npy file"),
+                        help="float .npy of activations, shape (N, h, w, U) (see --layout); needs --segmentations "
+                        "and --labels")
+    arrays.add_argument("--segmentations", type=arguments.text("a .npy file"),
+                        help="int .npy of segmentations, shape (N, H, W, D) or (N, H, W); "
                         "every entry a label number of --labels (0 = no label)")
-    arrays.add_argument("--labels", help='labels.json: {"labels": [[name, category], ...], "categories": [...]}')
-    arrays.add_argument("--images", help="optional .npy of images (N, H, W, 3) for the image strips")
-    arrays.add_argument("--layer-name", default="features", help="name of the layer in the outputs")
+    arrays.add_argument("--labels", type=arguments.text("a labels.json file"),
+                        help='labels.json: {"labels": [[name, category], ...], "categories": [...]}')
+    arrays.add_argument("--images", type=arguments.text("a .npy file"),
+                        help="optional .npy of images (N, H, W, 3) for the image strips")
+    arrays.add_argument("--layer-name", default="features", type=arguments.text("a layer name"),
+                        help="name of the layer in the outputs (default %(default)s)")
     arrays.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc",
                         help="axis order of --features: nhwc (N, h, w, U; default) or nchw (N, U, h, w, "
                         "channels first as PyTorch and Caffe save features)")
     scoring = parser.add_argument_group("thresholds and labels")
     scoring.add_argument("--threshold", choices=("iqr", "quantile"),
                          help="per-unit threshold rule (default: iqr with --model, quantile with --features)")
-    scoring.add_argument("--quantile", type=arguments.open_unit_interval(), default=0.005,
-                         help="top fraction of activations that is active with --threshold quantile, "
-                         "in (0, 1) (default 0.005)")
-    scoring.add_argument("--levels", help="float .npy (U,) of fixed per-unit thresholds (--features only)")
-    scoring.add_argument("--iou-threshold", type=arguments.unit_interval(), default=0.05,
-                         help="a unit is interpretable when its concept's IoU is >= this, in [0, 1] (default 0.05)")
+    scoring.add_argument("--quantile", type=quantile, default=0.005,
+                         help=f"top fraction of activations that is active with --threshold quantile, "
+                         f"in {quantile.interval} (default %(default)s)")
+    scoring.add_argument("--levels", type=arguments.text("a .npy file"),
+                         help="float .npy (U,) of fixed per-unit thresholds (--features only; replaces --threshold)")
+    scoring.add_argument("--iou-threshold", type=iou_threshold, default=0.05,
+                         help=f"a unit is interpretable when its concept's IoU is >= this, in {iou_threshold.interval} "
+                         "(default %(default)s)")
     scoring.add_argument("--label-rule", choices=arguments.LABEL_RULES, default="significant",
                          help="how units get their concept: significant (default: the concept's IoU must beat "
                               "chance at false-discovery rate 0.05; large concepts are never hidden), reference "
@@ -94,48 +121,52 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          help="do not label the units (the segmenter never runs): each unit's levels, quantiles, "
                          "top-k samples and strips only; needs --threshold quantile (the default then) or --levels")
     run = parser.add_argument_group("run")
-    run.add_argument("--outdir", required=True, help="output directory (reruns resume here)")
+    run.add_argument("--outdir", required=True, type=arguments.text("a directory"),
+                     help="output directory (reruns resume here)")
     run.add_argument("--restart", action="store_true",
                      help="remove what an earlier run wrote into --outdir (its progress and outputs, "
                      "nothing else) and start afresh")
-    run.add_argument("--topk", type=arguments.int_in_range(1, arguments.MAX_TOPK), default=None,
-                     help="top samples kept per unit and shown in its image strip, at most the number "
-                     "of samples (default 10)")
-    run.add_argument("--examples", type=arguments.int_in_range(1, arguments.MAX_TOPK), dest="topk", metavar="N",
-                     default=argparse.SUPPRESS, help="the reference's name for --topk")
-    run.add_argument("--batch-size", type=arguments.batch_size(), default=32,
-                     help=f"samples per step over all devices, in [1, {arguments.MAX_BATCH}] (default 32)")
-    run.add_argument("--checkpoint-every", type=arguments.seconds(), default=60.0, metavar="SECONDS",
-                     help="seconds between checkpoints of a running pass, in [0, 86400] (default 60; "
-                     "Ctrl-C also saves the running pass)")
+    run.add_argument("--topk", type=topk, default=None,
+                     help=f"top samples kept per unit and shown in its image strip, in {topk.interval} and at most "
+                     "the number of samples (default: 10, or every sample when there are fewer)")
+    run.add_argument("--examples", type=topk, dest="topk", metavar="N", default=argparse.SUPPRESS,
+                     help=f"the reference's name for --topk, in {topk.interval}")
+    run.add_argument("--batch-size", type=batch, default=32,
+                     help=f"samples per step over all devices, in {batch.interval} (default %(default)s)")
+    run.add_argument("--checkpoint-every", type=checkpoint_seconds, default=60.0, metavar="SECONDS",
+                     help=f"seconds between checkpoints of a running pass, in {checkpoint_seconds.interval} "
+                     "(default %(default)s; Ctrl-C also saves the running pass)")
     run.add_argument("--keep-progress", action="store_true",
                      help="keep the pass checkpoints in OUTDIR/.progress after the run completes")
-    run.add_argument("--max-memory", type=arguments.memory_size(),
-                     help="memory budget of the passes, e.g. 4G or 800M, in [1M, 1P] (default: half of the "
-                     "available RAM, 70%% of an accelerator's free memory); units are measured in groups that fit, "
-                     "with identical results")
+    run.add_argument("--max-memory", type=memory, metavar="SIZE",
+                     help=f"memory budget of the passes, e.g. 4G, 800M, 1.5GiB or a number of bytes (units K, M, G, "
+                     f"T: powers of 1024), in {memory.interval} (default: half of the available RAM, 70%% of an "
+                     "accelerator's free memory); units are measured in groups that fit, with identical results")
     run.add_argument("--no-images", action="store_true", help="skip the top-k image strips")
-    run.add_argument("--thumbsize", type=arguments.int_in_range(arguments.MIN_THUMBSIZE, arguments.MAX_THUMBSIZE),
-                     default=None, metavar="PIXELS",
-                     help="side of each thumbnail in the image strips, in [16, 1024] (default: the image size "
-                     "clamped to [96, 160])")
+    run.add_argument("--thumbsize", type=thumbsize, default=None, metavar="PIXELS",
+                     help=f"side of each thumbnail in the image strips, in {thumbsize.interval} (default: the image "
+                     "size clamped to [96, 160])")
     run.add_argument("--no-report", action="store_true",
                      help="skip dissect.json, the bar graphs and the HTML report (scores.npz and strips are written)")
-    run.add_argument("--title", help="title of the HTML report")
+    run.add_argument("--title", type=arguments.text("a title"),
+                     help="title of the HTML report (default: from the model or the data)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     hosts = parser.add_argument_group(
         "multi-host", "run as one of N cooperating processes (TPU pod slice, GPU cluster; the same command on\n"
         "every process); only process 0 reads and writes --outdir. Give the three flags below (or\n"
         "GANDISSECT_COORDINATOR, GANDISSECT_NUM_PROCESSES, GANDISSECT_PROCESS_ID), or --multi-host to let\n"
         "JAX detect the cluster (TPU pods, SLURM, Open MPI)")
-    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
-    hosts.add_argument("--num-processes", type=arguments.int_in_range(1, 65536), default=None,
-                       help="number of processes, in [1, 65536]")
-    hosts.add_argument("--process-id", type=arguments.int_in_range(0, 65535), default=None,
-                       help="this process's number, in [0, num-processes - 1]")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", type=arguments.text("HOST:PORT"),
+                       help="address of process 0's coordination service, the port in [1, 65535]")
+    hosts.add_argument("--num-processes", type=num_processes, default=None,
+                       help=f"number of processes, in {num_processes.interval} (default: one process, this one)")
+    hosts.add_argument("--process-id", type=process_id, default=None,
+                       help=f"this process's number, in {process_id.interval} and below --num-processes "
+                       "(default: none, one process)")
     hosts.add_argument("--multi-host", action="store_true",
                        help="jax.distributed.initialize() with no arguments: the cluster is detected (TPU pods, "
-                       "SLURM, Open MPI)")
+                       "SLURM, Open MPI); not with the three flags above")
+    arguments.add_check(parser, check)
     parser.set_defaults(func=run_command)
     return parser
 
@@ -144,7 +175,8 @@ def _load_array(path: str, what: str):
     import numpy as np
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} file not found: {path}")
+        raise FileNotFoundError(f"{what} file not found: {path}" if not os.path.exists(path) else
+                                f"{what} {path} is not a file")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
@@ -157,7 +189,8 @@ def _load_array(path: str, what: str):
 
 def _load_labels(path: str) -> dict:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"labels file not found: {path}")
+        raise FileNotFoundError(f"--labels file not found: {path}" if not os.path.exists(path) else
+                                f"--labels {path} is not a file")
     with open(path) as handle:
         try:
             document = json.load(handle)
@@ -180,8 +213,53 @@ def _summary(results, outdir: str, iou_threshold: float, report: bool = True) ->
     print(f"report: {os.path.join(outdir, 'dissect.html')}" if report else f"scores: {outdir}/<layer>/scores.npz")
 
 
+def check(args) -> None:
+    """Usage checks of ``dissect``: the flags of one source, not the other's; the label rule and the
+    thresholds go together; the multi-host flags are complete. From the command line alone (and,
+    for the multi-host flags, the GANDISSECT_* variables), before anything is loaded."""
+    fail = arguments.UsageError
+    if args.model and args.features:
+        raise fail("give either --model (with --segmenter and --layers) or --features "
+                   "(with --segmentations and --labels), not both")
+    _check_label_rule(args)
+    if args.features:
+        if args.segdiv or args.segsizes:
+            raise fail("--segdiv and --segsizes choose how --segmenter segments; they need --model, not --features")
+        generator_flags = [flag for flag, value in (("--segmenter", args.segmenter), ("--layers", args.layers))
+                           if value]
+        if generator_flags:
+            raise fail(f"{' and '.join(generator_flags)} belong to the generator source (--model); with --features "
+                       f"the segmentations are given (--segmentations) and the layer is --layer-name")
+        missing = [flag for flag, value in (("--segmentations", args.segmentations), ("--labels", args.labels))
+                   if not value]
+        if missing:
+            raise fail(f"--features needs --segmentations and --labels (missing: {' and '.join(missing)})")
+    else:
+        array_flags = [flag for flag, value in (("--segmentations", args.segmentations), ("--labels", args.labels),
+                                                 ("--images", args.images)) if value]
+        if args.levels:
+            raise fail("--levels works with --features only (the generator source searches the levels: "
+                       "--threshold iqr or quantile)")
+        if array_flags:
+            raise fail(f"{' and '.join(array_flags)} belong to the precomputed source: give --features too")
+        if args.model not in (None, DEMO_MODEL) and not (args.segmenter and args.layers):
+            missing = [flag for flag, value in (("--segmenter", args.segmenter), ("--layers", args.layers))
+                       if not value]
+            raise fail(f"--model needs --segmenter and --layers (missing: {' and '.join(missing)}; list the layers "
+                       f"with: gandissect-jax layers {args.model})")
+        if args.topk is not None and args.topk > args.size:
+            raise fail(f"--topk {args.topk} exceeds --size {args.size}, the number of samples; "
+                       f"allowed [1, {args.size}]")
+    if args.levels and args.threshold:
+        raise fail(f"--levels fixes each unit's threshold; --threshold {args.threshold} would be ignored: give one")
+    if args.no_labels and args.threshold == "iqr":
+        raise fail("--no-labels needs --threshold quantile (its default) or --levels, not --threshold iqr: the IQR "
+                   "rule chooses each unit's level by its agreement with the labels")
+    _check_hosts(args)
+
+
 def _check_label_rule(args) -> None:
-    """Refuse --label-rule maxiou without the IQR search, before anything is loaded."""
+    """Refuse --label-rule maxiou without the IQR search."""
     if args.label_rule != "maxiou":
         return
     if args.no_labels:
@@ -193,18 +271,31 @@ def _check_label_rule(args) -> None:
         if threshold == "iqr":
             return
         got = f"--threshold {threshold}" + ("" if args.threshold else " (the default with --features)")
-    raise ValueError(f"--label-rule maxiou needs the IQR search's candidate levels, --threshold iqr (the default with "
-                     f"--model), not {got}; with {got}, --label-rule must be significant or reference")
+    raise arguments.UsageError(
+        f"--label-rule maxiou needs the IQR search's candidate levels, --threshold iqr (the default with --model), "
+        f"not {got}; with {got}, --label-rule must be significant or reference")
+
+
+def _check_hosts(args) -> None:
+    """The multi-host flags, completed from the GANDISSECT_* variables, name a run (or none is given:
+    then the variables alone are checked when the run starts)."""
+    flags = [flag for flag, value in (("--coordinator", args.coordinator), ("--num-processes", args.num_processes),
+                                      ("--process-id", args.process_id)) if value is not None]
+    if not flags:
+        return
+    if args.multi_host:
+        raise arguments.UsageError(f"--multi-host lets JAX detect the cluster; give it without {', '.join(flags)} "
+                                   "(or give --coordinator, --num-processes and --process-id without --multi-host)")
+    from gandissect_jax.dissection import distributed
+
+    try:
+        distributed.process_settings(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as err:
+        raise arguments.UsageError(str(err)) from None
 
 
 def run_command(args) -> int:
-    """Run the dissection described by the parsed arguments."""
-    if args.model and args.features:
-        raise ValueError("give either --model (with --segmenter and --layers) or --features "
-                         "(with --segmentations and --labels), not both")
-    if args.features and (args.segdiv or args.segsizes):
-        raise ValueError("--segdiv and --segsizes choose how --segmenter segments; they need --model, not --features")
-    _check_label_rule(args)
+    """Run the dissection described by the parsed arguments (checked by :func:`check` when parsed)."""
     from gandissect_jax.dissection import distributed
 
     # before any JAX computation: join the other processes (a no-op when no multi-host flag is given)
@@ -244,6 +335,8 @@ def _leave_multiprocess_run(err: BaseException) -> None:
 def _run(args) -> int:
     from gandissect_jax.dissection import DissectConfig, dissect_features, dissect_generator, distributed
 
+    if distributed.is_leader():  # only process 0 writes --outdir
+        arguments.check_directory(args.outdir)
     if not args.features:  # generator source; the shipped demo pair fills what is not given
         if args.model in (None, DEMO_MODEL):
             args.model = DEMO_MODEL
@@ -257,21 +350,16 @@ def _run(args) -> int:
                            thumbsize=args.thumbsize, title=args.title,
                            keep_progress=args.keep_progress, max_memory=args.max_memory)
     if args.features:
-        if not args.segmentations or not args.labels:
-            raise ValueError("--features needs --segmentations and --labels")
-        features = _load_array(args.features, "features")
-        segmentations = _load_array(args.segmentations, "segmentations")
+        features = _load_array(args.features, "--features")
+        segmentations = _load_array(args.segmentations, "--segmentations")
         labels = _load_labels(args.labels)
-        images = _load_array(args.images, "images") if args.images else None
-        levels = _load_array(args.levels, "levels") if args.levels else None
+        images = _load_array(args.images, "--images") if args.images else None
+        levels = _load_array(args.levels, "--levels") if args.levels else None
+        _check_arrays(args, features, levels)
         results = dissect_features(features, segmentations, labels, config, levels=levels, images=images,
                                    layer=args.layer_name, layout=args.layout, outdir=args.outdir,
                                    restart=args.restart)
     else:
-        if not args.segmenter or not args.layers:
-            raise ValueError("--model needs --segmenter and --layers")
-        if args.levels:
-            raise ValueError("--levels works with --features only")
         import gandissect_jax
 
         segmenter_options = {}
@@ -279,8 +367,11 @@ def _run(args) -> int:
             segmenter_options["segdiv"] = args.segdiv
         if args.segsizes:
             segmenter_options["segsizes"] = tuple(args.segsizes)
-        generator = gandissect_jax.load_generator(args.model)
-        segmenter = gandissect_jax.load_segmenter(args.segmenter, **segmenter_options)
+        with arguments.naming("--model"):
+            generator = gandissect_jax.load_generator(args.model)
+        _check_layers(args, generator)
+        with arguments.naming("--segmenter"):
+            segmenter = gandissect_jax.load_segmenter(args.segmenter, **segmenter_options)
         if segmenter_options and not hasattr(segmenter, "segdiv"):
             raise ValueError(f"--segdiv and --segsizes apply to the unified-parsing segmenter; {args.segmenter!r} "
                              f"is a {type(segmenter).__name__}")
@@ -291,3 +382,23 @@ def _run(args) -> int:
     if distributed.is_leader():
         _summary(results, args.outdir, args.iou_threshold, report=not args.no_report)
     return 0
+
+
+def _check_arrays(args, features, levels) -> None:
+    """Input checks of the precomputed source that name the flag (the API checks the rest: shapes,
+    label numbers, --topk against the number of samples)."""
+    if features.ndim != 4:
+        return  # dissect_features says what the shape must be
+    units = int(features.shape[-1] if args.layout == "nhwc" else features.shape[1])
+    if levels is not None and levels.size != units:
+        raise ValueError(f"--levels {args.levels} holds {levels.size} levels (shape {tuple(levels.shape)}); "
+                         f"--features {args.features} has {units} units ({args.layout}): give one level per unit")
+
+
+def _check_layers(args, generator) -> None:
+    """--layers are layers of the generator (a ValueError naming the flag and the layers it has)."""
+    names = list(getattr(generator, "layer_names", ()) or ())
+    unknown = [layer for layer in args.layers if names and layer not in names]
+    if unknown:
+        raise ValueError(f"--layers: unknown layer(s) {', '.join(unknown)}; {args.model} has {', '.join(names)} "
+                         f"(with their shapes: gandissect-jax layers {args.model})")

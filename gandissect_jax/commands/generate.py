@@ -23,6 +23,9 @@ from . import arguments
 
 
 DEFAULT_MODEL = "scenes64"
+count = arguments.positive_int(arguments.MAX_SAMPLES)
+z_seed = arguments.seed()
+batch = arguments.batch_size()
 
 
 def add_parser(subparsers) -> None:
@@ -36,16 +39,17 @@ def add_parser(subparsers) -> None:
         "OUT/z.npy (the latents) and OUT/features/LAYER.npz (array 'features', (N, H, W, C) float32) "
         "for each of --layers; list the layers with: gandissect-jax layers MODEL.",
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"registry name, .pth file or checkpoint directory (default {DEFAULT_MODEL!r})")
-    parser.add_argument("--n", type=arguments.positive_int(arguments.MAX_SAMPLES), required=True,
-                        help="number of images")
-    parser.add_argument("--seed", type=arguments.seed(), default=1,
-                        help="z seed, in [0, 2**32 - 1] (default 1; the reference's standard_z_sample)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--layers", nargs="*", default=[], help="layers whose features to save")
-    parser.add_argument("--batch-size", type=arguments.batch_size(), default=16,
-                        help=f"images per forward pass, in [1, {arguments.MAX_BATCH}] (default 16)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, type=arguments.text("a generator source"),
+                        help="registry name, .pth file or checkpoint directory (default %(default)r)")
+    parser.add_argument("--n", type=count, required=True, help=f"number of images, in {count.interval} (required)")
+    parser.add_argument("--seed", type=z_seed, default=1,
+                        help=f"z seed, in {z_seed.interval} (default %(default)s; the reference's standard_z_sample)")
+    parser.add_argument("--out", required=True, type=arguments.text("a directory"),
+                        help="output directory (made if missing)")
+    parser.add_argument("--layers", nargs="*", default=[], type=arguments.text("a layer name"),
+                        help="layers whose features to save (list them with: gandissect-jax layers MODEL)")
+    parser.add_argument("--batch-size", type=batch, default=16,
+                        help=f"images per forward pass, in {batch.interval} (default %(default)s)")
     parser.set_defaults(func=run)
 
 
@@ -79,10 +83,13 @@ def run(args: argparse.Namespace) -> int:
     from gandissect_jax.proggan import load_generator
     from gandissect_jax.sampling import sample_z
 
-    G = load_generator(args.model)
+    arguments.check_directory(args.out, "--out")
+    with arguments.naming("--model"):
+        G = load_generator(args.model)
     layers = list(dict.fromkeys(args.layers))
-    for layer in layers:
-        G.config.layer_index(layer)  # unknown layer: ValueError listing the valid names
+    with arguments.naming("--layers"):
+        for layer in layers:
+            G.config.layer_index(layer)  # unknown layer: ValueError listing the valid names
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     z = sample_z(args.n, G.z_dim, args.seed)

@@ -23,7 +23,11 @@ import numpy as np
 
 from . import arguments
 from .intervention_common import (plain_help, activation, add_source_arguments, add_unit_arguments, batches, choose_units,
-                                  fraction, positive_int, seed, source_of, to_uint8)
+                                  fraction, positive_int, source_of, to_uint8)
+
+
+# the context map's z use seed + 1, which must be a seed too
+measure_seed = arguments.int_in_range(0, arguments.MAX_SEED - 1)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,15 +37,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_source_arguments(parser)
     add_unit_arguments(parser, concept_required=True)
     run = parser.add_argument_group("insertion")
-    run.add_argument("--at", type=arguments.feature_position(), required=True, help="feature-map position ROW,COLUMN")
-    run.add_argument("--value", type=activation, help="the value k set for every unit (default: per-unit quantile)")
+    run.add_argument("--at", type=arguments.feature_position(), required=True,
+                     help=f"feature-map position ROW,COLUMN, e.g. 5,3, each in {arguments.feature_position().interval} "
+                          "and inside the layer's feature map (required; the shapes: gandissect-jax layers MODEL)")
+    run.add_argument("--value", type=activation,
+                     help=f"the value k set for every unit, in {activation.interval} (default: each unit's "
+                          "--quantile)")
     run.add_argument("--quantile", type=fraction, default=0.99,
-                     help="k = each unit's QUANTILE of its activations (default 0.99, the reference's)")
-    run.add_argument("--samples", type=positive_int, default=100, help="images measured at --at (default 100)")
-    run.add_argument("--seed", type=seed, default=4, help="their z seed (default 4)")
-    run.add_argument("--context-samples", type=positive_int, default=16, help="images of the context map (default 16)")
-    run.add_argument("--show", type=positive_int, default=8, help="images shown (default 8)")
-    run.add_argument("--resamples", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
+                     help=f"k = each unit's QUANTILE of its activations, in {fraction.interval} (default "
+                          "%(default)s, the reference's; unused with --value)")
+    run.add_argument("--samples", type=positive_int, default=100,
+                     help=f"images measured at --at, in {positive_int.interval} (default %(default)s)")
+    run.add_argument("--seed", type=measure_seed, default=4,
+                     help=f"their z seed (the context map's z use seed + 1), in {measure_seed.interval} "
+                          "(default %(default)s)")
+    run.add_argument("--context-samples", type=positive_int, default=16,
+                     help=f"images of the context map, in {positive_int.interval} (default %(default)s)")
+    run.add_argument("--show", type=positive_int, default=8,
+                     help=f"images shown, in {positive_int.interval}; --samples at most are shown "
+                          "(default %(default)s)")
+    run.add_argument("--resamples", type=positive_int, default=1000,
+                     help=f"bootstrap resamples, in {positive_int.interval} (default %(default)s)")
     parser.set_defaults(func=run_command)
     return parser
 
@@ -71,7 +87,8 @@ def run_command(args) -> int:
     G, S = source.generator, source.segmenter
     rows_, cols_, channels = ace.layer_shape(G, args.layer)
     if not (0 <= args.at[0] < rows_ and 0 <= args.at[1] < cols_):
-        raise ValueError(f"--at {args.at[0]},{args.at[1]} is outside the {rows_}x{cols_} feature map of {args.layer}")
+        raise ValueError(f"--at {args.at[0]},{args.at[1]} is outside the {rows_}x{cols_} feature map of {args.layer}; "
+                         f"allowed ROW in [0, {rows_ - 1}], COLUMN in [0, {cols_ - 1}]")
     units, how, labels, concept = choose_units(args, source, channels, need_concept=True)
     if args.value is not None:
         value = np.full(channels, args.value, np.float32)

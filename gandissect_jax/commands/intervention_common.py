@@ -15,15 +15,20 @@ from . import arguments
 def add_source_arguments(parser: argparse.ArgumentParser, *, layer_required: bool = True) -> None:
     """--outdir, --model, --segmenter, --layer, --name, --batch-size, --quiet."""
     group = parser.add_argument_group("source and output")
-    group.add_argument("--outdir", required=True,
+    group.add_argument("--outdir", required=True, type=arguments.text("a directory"),
                        help="a dissection output directory (its dissect.json names the model and segmenter); "
                             "results go to OUTDIR/intervention/")
-    group.add_argument("--model", help="generator (registry name, checkpoint or .pth) instead of the dissection's")
-    group.add_argument("--segmenter", help="segmenter (registry name or checkpoint) instead of the dissection's")
-    group.add_argument("--layer", required=layer_required, help="layer to intervene on, e.g. layer4")
-    group.add_argument("--name", help="experiment name (default: from the arguments); a rerun with the same "
-                                      "name and settings resumes")
-    group.add_argument("--batch-size", type=batch_size, default=16, help="samples per step (default 16)")
+    group.add_argument("--model", type=arguments.text("a generator source"),
+                       help="generator (registry name, checkpoint or .pth) instead of the dissection's")
+    group.add_argument("--segmenter", type=arguments.text("a segmenter source"),
+                       help="segmenter (registry name or checkpoint) instead of the dissection's")
+    group.add_argument("--layer", required=layer_required, type=arguments.text("a layer name"),
+                       help="layer to intervene on, e.g. layer4")
+    group.add_argument("--name", type=arguments.text("an experiment name"),
+                       help="experiment name, not empty (default: from the arguments); a rerun with the same "
+                            "name and settings resumes")
+    group.add_argument("--batch-size", type=batch_size, default=16,
+                       help=f"samples per step, in {batch_size.interval} (default %(default)s)")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -45,20 +50,27 @@ unit_list = arguments.unit_list()                    # --units 3,17,42 or 4-7
 
 
 def source_of(args):
-    """The :class:`~gandissect_jax.experiment.DissectionSource` of the parsed arguments, the layer
-    checked against the generator."""
+    """The :class:`~gandissect_jax.experiment.DissectionSource` of the parsed arguments, --outdir
+    checked first (a file is refused), the generator loaded (errors name --model when it was
+    given) and the layer checked against it."""
     from gandissect_jax.experiment import DissectionSource
 
+    arguments.check_directory(args.outdir)
     source = DissectionSource(args.outdir, model=args.model, segmenter=args.segmenter)
+    with arguments.naming("--model" if args.model else "the generator named in --outdir's dissect.json"):
+        source.generator
     if getattr(args, "layer", None):
         source.check_layer(args.layer)
     return source
 
 
 def check_units(units: list[int], num_units: int, flag: str = "--units") -> np.ndarray:
+    """int64 (K,) units; ValueError naming ``flag``, the units and the allowed range when some are
+    not units of the layer (``num_units`` of them)."""
     bad = [u for u in units if u >= num_units]
     if bad:
-        raise ValueError(f"{flag}: units {bad} out of range; the layer has units 0..{num_units - 1}")
+        raise ValueError(f"{flag}: units {bad} out of range; the layer has {num_units} units, "
+                         f"allowed [0, {num_units - 1}]")
     return np.asarray(units, np.int64)
 
 
@@ -104,13 +116,23 @@ def label_names(segmenter) -> list[str]:
 def add_unit_arguments(parser: argparse.ArgumentParser, *, concept_required: bool = False) -> None:
     """--units, or --concept with --top and --rank."""
     group = parser.add_argument_group("units")
-    group.add_argument("--units", type=unit_list, help="unit numbers, e.g. 3,17,42 or 4-7")
-    group.add_argument("--concept", required=concept_required,
+    group.add_argument("--units", type=unit_list,
+                       help=f"unit numbers, e.g. 3,17,42 or 4-7, each in {unit_list.interval} and below the layer's "
+                            "number of units (default: chosen by --concept)")
+    group.add_argument("--concept", required=concept_required, type=arguments.text("a label name"),
                        help="label name (or names joined by commas: their union)")
-    group.add_argument("--top", type=positive_int, default=20, help="with --concept: how many top units (default 20)")
+    group.add_argument("--top", type=positive_int, default=20,
+                       help=f"with --concept: how many top units, in {positive_int.interval} and at most the "
+                            "layer's number of units (default %(default)s)")
     group.add_argument("--rank", choices=("iou", "ace"), default="iou",
                        help="with --concept: rank units by the dissection's IoU (default) or by a fitted ACE "
                             "ranking (gandissect-jax ace)")
+
+
+def check_units_or_concept(args) -> None:
+    """Usage check: units are given by --units or chosen by --concept."""
+    if args.units is None and args.concept is None:
+        raise arguments.UsageError("give --units (e.g. --units 3,17,42), or --concept (with --top and --rank)")
 
 
 def choose_units(args, source, channels: int, *, need_concept: bool = False):
@@ -127,7 +149,7 @@ def choose_units(args, source, channels: int, *, need_concept: bool = False):
     if labels is None:
         raise ValueError("give --units, or --concept (with --top and --rank)")
     if args.top > channels:
-        raise ValueError(f"--top {args.top} exceeds the layer's {channels} units")
+        raise ValueError(f"--top {args.top} exceeds the layer's {channels} units; allowed [1, {channels}]")
     if args.rank == "ace":
         record = source.ace_ranking(args.layer, labels)
         if record is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .arguments import naming, text
+
 DEFAULT_MODEL = "scenes64"
 
 DESCRIPTION = f"""\
@@ -22,8 +24,10 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "layers", help="list a generator's layers and their shapes (the names dissect --layers takes)",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                        help=f"registry name, .pth file or checkpoint directory (default {DEFAULT_MODEL!r})")
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL", type=text("a generator source"),
+                        help="the generator: a registry name (see: gandissect-jax weights list), a generator .pth "
+                             "file or a checkpoint directory written by gandissect-jax convert (default %(default)r, "
+                             "the shipped demo generator)")
     parser.set_defaults(func=run)
 
 
@@ -56,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     """Print one line per layer: name and shape."""
     import gandissect_jax
 
-    generator = gandissect_jax.load_generator(args.model)
+    with naming("MODEL"):
+        generator = gandissect_jax.load_generator(args.model)
     shapes = layer_shapes(generator)
     width = max(len(name) for name, _ in shapes)
     print(f"{args.model}: z_dim {generator.z_dim}, {len(shapes)} layers (height x width x units)")

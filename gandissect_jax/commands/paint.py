@@ -24,6 +24,10 @@ DEMO_OUTDIR = os.path.join("results", "scenes64")
 MAX_PORT = 65535
 MAX_TOP = 65536  # units per concept stroke (more than any layer has)
 MAX_STROKES = 1024  # strokes per edit (the edit program's fixed stroke count)
+port = arguments.int_in_range(1, MAX_PORT)
+top = arguments.int_in_range(1, MAX_TOP)
+strokes = arguments.int_in_range(1, MAX_STROKES)
+samples = arguments.positive_int()
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,31 +35,39 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "paint", help="GANPaint: paint concepts into generated scenes in the browser",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--outdir", nargs="+", metavar="D",
-                        help=f"dissection output directories (default: {DEMO_OUTDIR}, the demo model)")
-    parser.add_argument("--model", help="generator source (default: the one recorded in dissect.json)")
-    parser.add_argument("--segmenter", help="segmenter source (default: the one recorded in dissect.json)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=arguments.int_in_range(1, MAX_PORT), default=8000,
-                        help=f"port, 1 to {MAX_PORT} (default 8000)")
-    parser.add_argument("--top", type=arguments.int_in_range(1, MAX_TOP), default=20,
-                        help=f"units per concept stroke, 1 to {MAX_TOP} (default 20)")
-    parser.add_argument("--max-strokes", type=arguments.int_in_range(1, MAX_STROKES), default=32,
-                        help=f"strokes per edit, 1 to {MAX_STROKES} (default 32)")
-    parser.add_argument("--size", type=arguments.positive_int(), default=10000,
-                        help="samples when dissecting the demo model first (default 10000)")
+    parser.add_argument("--outdir", nargs="+", metavar="D", type=arguments.text("a directory"),
+                        help=f"dissection output directories, with distinct names (default: {DEMO_OUTDIR}, the demo "
+                        "model)")
+    parser.add_argument("--model", type=arguments.text("a generator source"),
+                        help="generator source (default: the one recorded in dissect.json; one --outdir only)")
+    parser.add_argument("--segmenter", type=arguments.text("a segmenter source"),
+                        help="segmenter source (default: the one recorded in dissect.json; one --outdir only)")
+    parser.add_argument("--host", default="127.0.0.1", type=arguments.text("an address"),
+                        help="address to listen on (default %(default)s)")
+    parser.add_argument("--port", type=port, default=8000, help=f"port, in {port.interval} (default %(default)s)")
+    parser.add_argument("--top", type=top, default=20,
+                        help=f"units per concept stroke, in {top.interval} (default %(default)s)")
+    parser.add_argument("--max-strokes", type=strokes, default=32,
+                        help=f"strokes per edit, in {strokes.interval} (default %(default)s)")
+    parser.add_argument("--size", type=samples, default=10000,
+                        help=f"samples when dissecting the demo model first, in {samples.interval} "
+                        "(default %(default)s)")
     parser.add_argument("--no-warmup", action="store_true", help="do not compile the edit functions at start")
+    arguments.add_check(parser, _check)
     parser.set_defaults(func=run_command)
     return parser
 
 
 def _check(args) -> None:
-    """What argparse cannot check alone (the numbers are range-checked when parsed)."""
+    """Usage checks: --model / --segmenter override one directory's; the directories' names (the
+    models' names in the app) are distinct."""
     if args.outdir and len(args.outdir) > 1 and (args.model or args.segmenter):
-        raise ValueError("--model / --segmenter apply to one --outdir only")
+        given = " and ".join(flag for flag, value in (("--model", args.model), ("--segmenter", args.segmenter))
+                             if value)
+        raise arguments.UsageError(f"{given} override one --outdir's models; {len(args.outdir)} --outdir given")
     names = [os.path.basename(os.path.normpath(os.path.abspath(d))) for d in args.outdir or []]
     if len(set(names)) != len(names):
-        raise ValueError(f"--outdir directories must have distinct names (the models' names): {names}")
+        raise arguments.UsageError(f"--outdir directories must have distinct names (the models' names): {names}")
 
 
 def ensure_demo_dissection(outdir: str, size: int = 10000, progress: bool = True) -> str:
@@ -83,8 +95,7 @@ def build_models(args) -> list:
 
     outdirs = args.outdir or [ensure_demo_dissection(DEMO_OUTDIR, args.size)]
     for outdir in outdirs:
-        if not os.path.isdir(outdir):
-            raise FileNotFoundError(f"--outdir {outdir} is not a directory")
+        arguments.check_directory(outdir, must_exist=True)
     return [load_paint_model(outdir, model=args.model, segmenter=args.segmenter, default_top=args.top,
                              max_strokes=args.max_strokes) for outdir in outdirs]
 
@@ -104,7 +115,10 @@ def warm_up(models) -> None:
 
 def run_command(args) -> int:
     """Start the server (blocks until interrupted)."""
-    _check(args)
+    for outdir in args.outdir or []:  # before anything is imported or loaded
+        arguments.check_directory(outdir, must_exist=True)
+    if not args.outdir:  # the demo's directory, made (and dissected into) when missing
+        arguments.check_directory(DEMO_OUTDIR, "the demo model's --outdir")
     try:
         import uvicorn
 

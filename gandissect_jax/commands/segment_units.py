@@ -28,10 +28,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                    description=plain_help(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser)
     run = parser.add_argument_group("unit segmentation")
-    run.add_argument("--samples", type=positive_int, default=100, help="images measured (default 100)")
-    run.add_argument("--seed", type=seed, default=6, help="their z seed (default 6)")
-    run.add_argument("--iou-threshold", type=fraction, help="units interpretable from this IoU (default: the dissection's)")
-    run.add_argument("--show", type=positive_int, default=8, help="images shown (default 8)")
+    run.add_argument("--samples", type=positive_int, default=100,
+                     help=f"images measured, in {positive_int.interval} (default %(default)s)")
+    run.add_argument("--seed", type=seed, default=6, help=f"their z seed, in {seed.interval} (default %(default)s)")
+    run.add_argument("--iou-threshold", type=fraction,
+                     help=f"units interpretable from this IoU, in {fraction.interval} (default: the dissection's)")
+    run.add_argument("--show", type=positive_int, default=8,
+                     help=f"images shown, in {positive_int.interval}; --samples at most are shown "
+                          "(default %(default)s)")
     parser.set_defaults(func=run_command)
     return parser
 

@@ -26,20 +26,23 @@ def add_parser(subparsers) -> None:
         "file given by --into (created if missing; never the shipped registry). Later fetches with "
         "--registry FILE then verify the downloads against these sums.")
     for sub in (list_parser, fetch_parser, pin_parser):
-        sub.add_argument("--registry", default=None,
+        sub.add_argument("--registry", default=None, type=arguments.text("a registry file"),
                          help="registry JSON to read (default: the shipped registry)")
-    fetch_parser.add_argument("name", help="registry name (see: gandissect-jax weights list)")
-    fetch_parser.add_argument("--dest", default=None,
+    fetch_parser.add_argument("name", metavar="NAME", type=arguments.text("a registry name"),
+                              help="registry name (see: gandissect-jax weights list)")
+    fetch_parser.add_argument("--dest", default=None, type=arguments.text("a directory"),
                               help="converted directory (default: the cache); must not exist, "
                                    "or be empty")
     fetch_parser.add_argument("--force", action="store_true",
                               help="download every file again, and replace --dest if it is a "
                                    "checkpoint written by gandissect-jax (nothing else is replaced)")
-    fetch_parser.add_argument("--timeout", type=arguments.positive_finite_float(3600.0, "a number of seconds"),
-                              default=60.0, help="network timeout in seconds, in (0, 3600] (default 60)")
+    timeout = arguments.positive_finite_float(3600.0, "a number of seconds")
+    fetch_parser.add_argument("--timeout", type=timeout, default=60.0,
+                              help=f"network timeout in seconds, in {timeout.interval} (default %(default)s)")
     fetch_parser.set_defaults(func=run_fetch)
-    pin_parser.add_argument("name", help="registry name (see: gandissect-jax weights list)")
-    pin_parser.add_argument("--into", required=True, metavar="FILE",
+    pin_parser.add_argument("name", metavar="NAME", type=arguments.text("a registry name"),
+                            help="registry name (see: gandissect-jax weights list)")
+    pin_parser.add_argument("--into", required=True, metavar="FILE", type=arguments.text("a file"),
                             help="registry file of your own to write the pinned entry into")
     pin_parser.add_argument("--force", action="store_true",
                             help="overwrite sums already pinned in FILE that differ from the cache")
