@@ -14,9 +14,10 @@ state dict is not done here, so its labels differ from ours and only the timings
 (the work per sample does not depend on the weights). Its CUDA-only PrRoI pooling is replaced by
 ``prroi_torch_cpu`` and ``.cuda()`` is the identity (:mod:`reference_harness`).
 
-NOTE: written without a reference checkout or torch on the machine it was written on, so this
-path has not been run yet; ``bench_lsun_dissect.py::test_reference_end_to_end`` skips with the
-reason when ``$GANDISSECT_REFERENCE`` is unset.
+Run on 2026-12-01 at N = 4, 16 and 256 (benchmarks/README.md, "The real job end to end");
+``bench_lsun_dissect.py::test_reference_end_to_end`` skips with the reason when
+``$GANDISSECT_REFERENCE`` is unset. The reference's worker pool forks a process that can keep the
+interpreter from exiting after the run (a standalone script hung at exit once; pytest does not).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from .report import safe_dir_name, write_report
 from .results import LayerDissection
 from .resume import RunDirectory, digest, outdir_lock
 from .datasets import ModelSource
-from .sources import DEFAULT_MICRO_BATCH, ArraySource, GeneratorSource, Unlabelled
+from .sources import ArraySource, GeneratorSource, Unlabelled
 from .strips import write_strips
 
 LAYOUTS = ("nhwc", "nchw")
@@ -394,7 +394,7 @@ def _check_generator_arguments(layers, size, seed, seg_downsample) -> list[str]:
 def dissect_generator(generator, segmenter, layers: Sequence[str], config: DissectConfig | None = None, *,
                       size: int = 10000, seed: int = 1, seg_downsample: int = 2, levels=None, devices=None,
                       outdir: str | None = None, restart: bool = False, identity: dict | None = None,
-                      micro_batch: int = DEFAULT_MICRO_BATCH, compute_dtype: str = "float32",
+                      micro_batch: int | None = None, compute_dtype: str = "float32",
                       **overrides) -> dict[str, LayerDissection]:
     """Dissect layers of a generator: for samples z_i (i < size) of RandomState(seed) normal noise,
     run h (to each layer), f (to the image) and the segmenter, and score every unit.
@@ -411,8 +411,10 @@ def dissect_generator(generator, segmenter, layers: Sequence[str], config: Disse
     layer -> (U,); identity: extra JSON-able facts naming the models, recorded in the run's
     settings (the run's identity already holds a sha256 of both models' parameters, its seed,
     size, batch size and device count). restart: see :func:`dissect`. micro_batch: samples per
-    generator and segmenter call on each device (results are bit-identical for any batch size and
-    device count at a given micro_batch; :class:`~.sources.GeneratorSource`). compute_dtype:
+    generator and segmenter call on each device (None: the segmenter's ``dissection_micro_batch``,
+    4 for the unified-parsing UPerNet, else 32: :func:`~.sources.default_micro_batch`; results
+    are bit-identical for any batch size and device count at a given micro_batch;
+    :class:`~.sources.GeneratorSource`). compute_dtype:
     'float32' (default) or 'bfloat16', the dtype the generator and the segmenter compute in
     (features are statistics in float32 either way; part of the run's identity).
     Returns {layer: LayerDissection}. ValueError naming the argument for anything out of range.

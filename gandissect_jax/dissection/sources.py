@@ -96,6 +96,14 @@ def _in_dtype(head: Callable, tail: Callable, dtype) -> tuple[Callable, Callable
 DEFAULT_MICRO_BATCH = 32
 
 
+def default_micro_batch(segmenter) -> int:
+    """The micro-batch a dissection with ``segmenter`` uses unless told: the segmenter's
+    ``dissection_micro_batch`` attribute when it has one (the unified-parsing UPerNet: 4, where a
+    larger batch costs memory and gains no speed), else :data:`DEFAULT_MICRO_BATCH`."""
+    value = getattr(segmenter, "dissection_micro_batch", None)
+    return DEFAULT_MICRO_BATCH if value is None else check_micro_batch(value)
+
+
 def check_micro_batch(micro_batch) -> int:
     """``micro_batch`` as an int >= 1; ValueError naming the setting otherwise."""
     if not (isinstance(micro_batch, numbers.Integral) and not isinstance(micro_batch, bool) and micro_batch >= 1):
@@ -305,7 +313,7 @@ class GeneratorSource:
     at each layer, and segments the generated images (clipped to [-1, 1]) at 1/seg_downsample of their size.
 
     The generator and the segmenter run at a fixed micro-batch of ``micro_batch`` samples per
-    call on each device (:func:`micro_batched`); the engine's per-device batches are multiples of
+    call on each device (None: :func:`default_micro_batch` of the segmenter) (:func:`micro_batched`); the engine's per-device batches are multiples of
     it and start at multiples of it, so every sample is computed in the same chunk of samples by
     the same compiled kernels, whatever the batch size or the device count: the fetched arrays
     are bit-identical (``batch_invariant``). ``micro_batch`` is part of :meth:`identity` (another
@@ -319,7 +327,7 @@ class GeneratorSource:
     batch_invariant = True
 
     def __init__(self, generator, segmenter, layers: Sequence[str], num_samples: int, seed: int = 1,
-                 seg_downsample: int = 2, identity: dict | None = None, micro_batch: int = DEFAULT_MICRO_BATCH,
+                 seg_downsample: int = 2, identity: dict | None = None, micro_batch: int | None = None,
                  compute_dtype: str = "float32"):
         names = tuple(getattr(generator, "layer_names", ()))
         unknown = [layer for layer in layers if names and layer not in names]
@@ -332,7 +340,7 @@ class GeneratorSource:
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.seg_downsample = int(seg_downsample)
-        self.micro_batch = check_micro_batch(micro_batch)
+        self.micro_batch = check_micro_batch(default_micro_batch(segmenter) if micro_batch is None else micro_batch)
         self.z_dim = int(generator.z_dim)
         self.compute_dtype = check_compute_dtype(compute_dtype)
         self._identity = identity or {}
@@ -461,4 +469,4 @@ class GeneratorSource:
 
 
 __all__ = ["ArraySource", "GeneratorSource", "FeaturesOnly", "Unlabelled", "split_at",
-           "segment", "segmenter_params", "micro_batched", "DEFAULT_MICRO_BATCH"]
+           "segment", "segmenter_params", "micro_batched", "DEFAULT_MICRO_BATCH", "default_micro_batch"]

@@ -321,6 +321,12 @@ class UnifiedParsingSegmenter:
     """
 
     categories = CATEGORIES
+    #: Samples per segmenter call when dissecting (the default micro-batch of a dissection that
+    #: uses this segmenter; :class:`~gandissect_jax.dissection.sources.GeneratorSource`). Measured
+    #: on a 2-core CPU at 256x256, quad (benchmarks/README.md, "Segmenter batch"): batches 4, 8
+    #: and 16 segment at the same images/s, while memory grows by about 0.26 GB per image
+    #: (batch 4: 2.0 GB, 8: 3.0 GB, 16: 5.1 GB; the old default of 32 reached 10.9 GB end to end).
+    dissection_micro_batch = 4
 
     def __init__(self, variables: Any, labeldata: Mapping[str, Any], segdiv: str = "undivided",
                  segsizes: Sequence[int] = (256,), skip_last_component: bool = True):
