@@ -17,6 +17,8 @@ import subprocess
 import sys
 
 import numpy as np
+import os
+
 import pytest
 
 from gandissect_jax.cli import build_parser, main
@@ -274,6 +276,20 @@ def test_an_output_directory_that_is_a_file_is_refused_before_any_work(argv, fla
         line = _input_error([*argv, flag, str(mine / "sub")], capsys)
         assert line.endswith(f"{flag} {mine / 'sub'}: {mine} is a file, not a directory"), line
     assert mine.read_text() == "the user's" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("argv, flag", OUTDIR_COMMANDS, ids=[a[0] for a, _ in OUTDIR_COMMANDS])
+def test_a_dangling_link_or_an_overlong_name_as_output_directory_is_refused_before_any_work(argv, flag, tmp_path,
+                                                                                          capsys):
+    dangling = tmp_path / "gone"
+    dangling.symlink_to(tmp_path / "nowhere")
+    line = _input_error([*argv, flag, str(dangling)], capsys)
+    assert line.endswith(f"{flag} {dangling} is a link to nothing (dangling symlink), not a directory"), line
+    long = tmp_path / "a" / ("b" * 300)
+    line = _input_error([*argv, flag, str(long)], capsys)
+    assert flag in line and "longer than the file system's" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gone"]  # nothing made, the link left alone
+    assert os.path.islink(dangling)
 
 
 def test_a_rerun_with_other_settings_names_the_kind_of_experiment_with_its_article(tmp_path):

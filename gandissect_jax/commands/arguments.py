@@ -313,12 +313,19 @@ def check_directory(path: str, flag: str = "--outdir", *, must_exist: bool = Fal
     FileNotFoundError naming ``flag`` when ``path`` does not exist. Called before any work starts."""
     full = os.path.abspath(path)
     probe = full
-    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
         probe = os.path.dirname(probe)
-    if os.path.exists(probe) and not os.path.isdir(probe):
+    if os.path.lexists(probe) and not os.path.isdir(probe):
         where = path if probe == full else f"{path}: {probe}"
-        what = "a file, not a directory" if os.path.isfile(probe) else "not a directory"
+        what = ("a link to nothing (dangling symlink), not a directory" if not os.path.exists(probe)
+                else "a file, not a directory" if os.path.isfile(probe) else "not a directory")
         raise ValueError(f"{flag} {where} is {what}")
+    name_max = os.pathconf(probe if os.path.isdir(probe) else os.path.dirname(probe) or ".", "PC_NAME_MAX") \
+        if hasattr(os, "pathconf") else 255
+    long = [part for part in full.split(os.sep) if len(os.fsencode(part)) > name_max]
+    if long:
+        raise ValueError(f"{flag} {path}: the name {long[0][:40]}... is longer than the file system's "
+                         f"{name_max} bytes")
     if must_exist and not os.path.isdir(full):
         raise FileNotFoundError(f"{flag} {path} is not a directory: nothing exists there")
 
