@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
 
 import numpy as np
-import os
 
 import pytest
 
