@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gandissect_jax.dissection import dissect_features, dissect_generator
+from gandissect_jax.dissection import LayerDissection, dissect_features, dissect_generator
 from gandissect_jax.dissection.resume import IdentityMismatch, content_digest, pytree_digest
 from test_dissect_pipeline import TinyGenerator, TinySegmenter, assert_same
 
@@ -115,6 +115,26 @@ def test_resume_refuses_changed_segmentations(tmp_path):
     changed[30, 20, 20] = 3
     with pytest.raises(IdentityMismatch, match=r"source\.content\.segmentations"):
         dissect_features(feats, changed, LABELS, outdir=str(tmp_path), **QUICK)
+
+
+def test_a_finished_layer_whose_scores_were_replaced_is_measured_again(tmp_path, capsys):
+    """A rerun never hands back a scores.npz this run did not write (copied in from another run,
+    edited): the layer is measured again and the file rewritten."""
+    feats, seg = toy()
+    first = dissect_features(feats, seg, LABELS, outdir=str(tmp_path / "a"), **QUICK)["features"]
+    other = dissect_features(feats[:40], seg[:40], LABELS, outdir=str(tmp_path / "b"), **QUICK)["features"]
+    assert not np.array_equal(first.iou, other.iou)
+    scores = tmp_path / "a" / "features" / "scores.npz"
+    scores.write_bytes((tmp_path / "b" / "features" / "scores.npz").read_bytes())
+    capsys.readouterr()
+    again = dissect_features(feats, seg, LABELS, outdir=str(tmp_path / "a"), **QUICK)["features"]
+    assert_same(first, again)
+    assert "was changed since this run wrote it: measuring layer features again" in capsys.readouterr().err
+    reloaded = LayerDissection.load_npz(str(scores))
+    np.testing.assert_array_equal(reloaded.iou, first.iou)
+    # untouched: taken from the file, no message
+    dissect_features(feats, seg, LABELS, outdir=str(tmp_path / "a"), **QUICK)
+    assert "was changed" not in capsys.readouterr().err
 
 
 def test_features_resume_with_another_batch_size_gives_the_same_results(tmp_path):

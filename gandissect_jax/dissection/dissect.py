@@ -36,7 +36,7 @@ from .memory import plan_dissection
 from .progress import COUNT_PASS_COST, RunProgress
 from .report import safe_dir_name, write_report
 from .results import LayerDissection
-from .resume import RunDirectory, digest, outdir_lock
+from .resume import RunDirectory, digest, file_sha256, outdir_lock
 from .datasets import ModelSource
 from .sources import ArraySource, GeneratorSource, Unlabelled
 from .strips import write_strips
@@ -202,8 +202,19 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
             return RunDirectory(writes, fingerprint, restart=restart)
 
         def finished(run: RunDirectory) -> list[str]:
-            return [layer for layer in source.layers if writes and os.path.exists(score_file(layer))
-                    and run.is_marked(f"layer-{dirnames[layer]}")]
+            """The layers this run finished whose scores.npz is still the one it wrote (a file
+            changed or replaced since is measured again, with a line saying so)."""
+            done = []
+            for layer in source.layers:
+                marker = run.marker(f"layer-{dirnames[layer]}") if writes else None
+                if marker is None or not os.path.exists(score_file(layer)):
+                    continue
+                if isinstance(marker, dict) and "sha256" in marker and file_sha256(score_file(layer)) != marker["sha256"]:
+                    print(f"{score_file(layer)} was changed since this run wrote it: measuring layer {layer} again",
+                          file=sys.stderr)
+                    continue
+                done.append(layer)
+            return done
 
         results: dict[str, LayerDissection] = {}
         if multi:
@@ -241,8 +252,8 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
                 if writes:
                     layer_dir = os.path.join(outdir, dirnames[layer])
                     os.makedirs(layer_dir, exist_ok=True)
-                    results[layer].save_npz(os.path.join(layer_dir, "scores.npz"))
-                    run.mark(f"layer-{dirnames[layer]}", {"layer": layer})
+                    results[layer].save_npz(score_file(layer))
+                    run.mark(f"layer-{dirnames[layer]}", {"layer": layer, "sha256": file_sha256(score_file(layer))})
             if pending and not config.keep_progress:
                 run.remove(f"passes-{key}")
             ordered = {layer: results[layer] for layer in source.layers}

@@ -109,6 +109,15 @@ def digest(array: np.ndarray) -> str:
 CHUNK_BYTES = 64 << 20  # bytes read at a time when hashing an array
 
 
+def file_sha256(path: str) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
 def content_digest(array: Any, *, chunk_bytes: int = CHUNK_BYTES,
                    visit: Callable[[np.ndarray], None] | None = None) -> str:
     """sha256 (hex) of an array's dtype, shape and every byte, streamed along the first axis.
@@ -281,6 +290,15 @@ class RunDirectory:
         if self.directory:
             atomic_write_json(os.path.join(self.directory, name + ".done"), payload)
 
+    def marker(self, name: str) -> Any:
+        """The payload :meth:`mark` wrote for ``name`` (None when unmarked or unreadable)."""
+        path = self.path(name + ".done")
+        try:
+            with open(path) as handle:
+                return json.load(handle)
+        except (TypeError, OSError, ValueError):
+            return None
+
     def any_marked(self) -> bool:
         """True when some step of this run directory has finished."""
         return bool(self.directory) and os.path.isdir(self.directory) and any(
@@ -410,5 +428,5 @@ def outdir_lock(outdir: str | None) -> Iterator[None]:
 
 
 __all__ = ["atomic_file", "atomic_write_json", "save_checkpoint", "load_checkpoint", "checkpoint_meta", "digest",
-           "content_digest", "pytree_digest", "differences", "first_difference", "describe_change",
+           "content_digest", "file_sha256", "pytree_digest", "differences", "first_difference", "describe_change",
            "IdentityMismatch", "json_normalize", "RunDirectory", "outdir_lock", "LOCK_NAME", "SETTINGS_VERSION"]
