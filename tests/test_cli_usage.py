@@ -79,7 +79,7 @@ USAGE_FAULTS = [
     (["dissect", "--features", "f", "--segmentations", "s", "--labels", "l", "--levels", "v", "--threshold", "iqr"],
      ["--levels", "--threshold"]),
     (["dissect", "--no-labels", "--threshold", "iqr"], ["--no-labels", "--threshold"]),
-    (["dissect", "--label-rule", "maxiou", "--threshold", "quantile"], ["--label-rule", "--threshold"]),
+    (["dissect", "--label-rule", "maxiou"], ["--label-rule", "invalid choice", "'significant'", "'reference'"]),
     (["dissect", "--max-memory", "-5G"], ["--max-memory", "4G", "1M to 1024T"]),
     (["dissect", "--max-memory=-5G"], ["--max-memory", "4G", "1M to 1024T"]),
     (["dissect", "--max-memory", "lots"], ["--max-memory", "4G", "1M to 1024T"]),

@@ -1,20 +1,23 @@
-"""The reference's --maxiou selection: the largest IoU over the IQR search's candidate levels, found in
-the search's own pass (float32 argmax, float64 value from exact counts); the label rule 'maxiou'; its
-fields in scores.npz and dissect.json; refusing it without the IQR search before any work."""
+"""The reference's --maxiou fields: the largest IoU over the IQR search's candidate levels, found in
+the search's own pass (float32 argmax, float64 value from exact counts), with the measured share
+of pixels above its level; recorded in scores.npz and dissect.json beside the unit's label, never
+used to label it (the label rule 'maxiou' was withdrawn and is refused like any unknown rule)."""
 
 from __future__ import annotations
 
-import json
 import re
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from gandissect_jax.cli import main
-from gandissect_jax.dissection import (IQR_FRACTIONS, DissectConfig, LayerDissection, dissect_features, label_units,
-                                       read_dissect_json, search_iqr_thresholds)
+from gandissect_jax.dissection import (IQR_FRACTIONS, LABEL_RULES, DissectConfig, LayerDissection, dissect_features,
+                                       label_units, read_dissect_json, search_iqr_thresholds, upsample_bilinear)
+from gandissect_jax.dissection.report import layer_record
 from gandissect_jax.dissection.schema import UNIT_MAX_IOU, upgrade
+from gandissect_jax.dissection.threshold_search import best_label_by_max_iou
 
 from test_dissect_labelling import TOY_LABELS, toy
 
@@ -87,8 +90,11 @@ def test_max_iou_equals_brute_force_over_candidates(seed):
             assert result.max_iou[l, u] == iou[l, u, best], (l, u)  # exact, float64
             assert result.max_iou_level[l, u] == levels[u, best]
             assert result.max_iou_quantile[l, u] == IQR_FRACTIONS[best]
+            # the measured share of all pixels above the level (last row of category_above: all images)
+            assert result.max_iou_fraction[l, u] == np.float64(category_above[-1, u, best]) / np.float64(pixels)
     assert result.max_iou.dtype == np.float64 and result.max_iou_candidate.dtype == np.int64
     assert result.max_iou_level.dtype == np.float32 and result.max_iou_quantile.dtype == np.float32
+    assert result.max_iou_fraction.dtype == np.float64
     assert np.all(result.max_iou[0] == 0) and np.all(result.max_iou_candidate[[0, 2]] == 0)  # no label, no pixels
     assert np.all(result.max_iou[2] == 0) and np.all(result.max_iou[3] == 0)  # 0 / preds and NaN (0 / 0) -> 0
     assert np.all(np.isinf(result.max_iou[4]))  # no guards: union 0, as the reference's division
@@ -128,148 +134,163 @@ def test_max_iou_is_the_float64_iou_of_a_best_candidate(seed, units, labels, can
     assert np.isfinite(result.max_iou).all() and (result.max_iou <= 1 + 1e-12).all()
 
 
+def upsampled_toy(feats):
+    """The toy's features upsampled to its 28x28 segmentations, as the dissection sees them: float32 (N, 28, 28, U)."""
+    return np.asarray(jax.jit(lambda f: upsample_bilinear(f, (28, 28)))(feats))
+
+
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    """The labelling toy (units 0-7 respond to sky, tree, road; 8-15 noise) under the IQR rule, with
-    the default label rule and with 'maxiou', and its dissect.json."""
+    """The labelling toy (units 0-7 respond to sky, tree, road; 8-15 noise) under the IQR rule with
+    the default label rule, its dissect.json and report."""
     feats, seg = toy(120)
     outdir = tmp_path_factory.mktemp("maxiou")
-    kwargs = dict(threshold="iqr", progress=False, make_images=False)
-    default = dissect_features(feats, seg, TOY_LABELS, make_report=False, **kwargs)["features"]
-    maxiou = dissect_features(feats, seg, TOY_LABELS, label_rule="maxiou", outdir=str(outdir), **kwargs)["features"]
-    return feats, seg, default, maxiou, outdir
+    result = dissect_features(feats, seg, TOY_LABELS, threshold="iqr", progress=False, make_images=False,
+                              outdir=str(outdir))["features"]
+    return feats, seg, result, outdir
 
 
-def test_maxiou_rule_names_each_unit_by_its_largest_max_iou(toy_run):
-    _, _, default, maxiou, _ = toy_run
-    assert maxiou.label_rule == "maxiou"
-    scores = np.where(np.isfinite(maxiou.max_iou), maxiou.max_iou, 0.0)
-    scores[0] = 0
-    expected = np.array([first_max(scores[:, u]) for u in range(maxiou.num_units)])
-    np.testing.assert_array_equal(maxiou.unit_label, expected)
-    np.testing.assert_array_equal(maxiou.unit_label[:8], 1 + np.arange(8) % 3)  # the tied units' own labels
-    units = np.arange(maxiou.num_units)
-    np.testing.assert_array_equal(maxiou.interpretable(0.05),
-                                  (expected > 0) & (maxiou.max_iou[expected, units] >= 0.05))
-    assert maxiou.interpretable(0.05)[:8].all()
-    np.testing.assert_array_equal(maxiou.concept_ranking()[0], expected)
-    # the rule changes labels only: levels and every score array are those of the default rule
-    for name in ("levels", "iou", "iqr", "max_iqr", "max_iou", "max_iou_level", "max_iou_quantile",
-                 "intersection_counts"):
-        np.testing.assert_array_equal(getattr(maxiou, name), getattr(default, name), err_msg=name)
-    np.testing.assert_array_equal(maxiou.unit_iou, maxiou.iou[expected, units])
-    relabelled = label_units(default, "maxiou")
-    np.testing.assert_array_equal(relabelled.unit_label, maxiou.unit_label)
-    # top_units by max IoU: a concept's units by their max IoU, lower unit first on ties
-    top = maxiou.top_units("sky", k=4, score="max_iou")
-    assert top.tolist() == sorted(units, key=lambda u: (-maxiou.max_iou[1, u], u))[:4]
-    assert set(top[:3].tolist()) == {0, 3, 6}
+def test_max_iou_fraction_is_the_counted_share_of_pixels_above_the_level(toy_run):
+    """max_iou_fraction against a count over the upsampled pixels: the exact share above max_iou_level
+    (not the candidate's target fraction max_iou_quantile), as max_iqr_fraction for the IQR winner."""
+    feats, _, result, _ = toy_run
+    up = upsampled_toy(feats)
+    pixels = up[..., 0].size
+    for u in range(result.num_units):
+        values = up[..., u].ravel()
+        for l in range(1, len(TOY_LABELS["labels"])):
+            above = int((values > result.max_iou_level[l, u]).sum())
+            assert result.max_iou_fraction[l, u] == above / pixels, (l, u)
+            above = int((values > result.max_iqr_level[l, u]).sum())
+            assert result.max_iqr_fraction[l, u] == above / pixels, (l, u)
+    # the target and the measured share differ (ties and coarse 7x7 features), but not by much
+    assert (result.max_iou_fraction != result.max_iou_quantile).any()
+    np.testing.assert_allclose(result.max_iou_fraction, result.max_iou_quantile, atol=0.02)
 
 
-def test_maxiou_fields_in_dissect_json_and_scores_npz(toy_run):
-    _, _, _, maxiou, outdir = toy_run
+def test_max_iou_never_labels_units(toy_run):
+    """The labels and interpretability are those of the label rule alone: the max IoU fields sit beside
+    them. On this toy the unguarded max IoU often lands on the last candidate (every pixel active),
+    which is why it cannot name units (the reference never does)."""
+    feats, seg, result, _ = toy_run
+    assert result.label_rule == "significant"
+    np.testing.assert_array_equal(result.unit_label, label_units(result, "significant").unit_label)
+    best = best_label_by_max_iou(result.max_iou)
+    units = np.arange(result.num_units)
+    assert (result.max_iou_quantile[best, units] == 1).any()  # the every-pixel candidate wins somewhere
+    assert not result.interpretable(0.05)[8:].any()  # noise units stay uninterpretable
+    # the search without the IQR threshold rule finds the same max IoU
+    quantile = dissect_features(feats, seg, TOY_LABELS, threshold="quantile", search_iqr=True, progress=False,
+                                make_images=False, make_report=False)["features"]
+    for name in ("max_iou", "max_iou_level", "max_iou_quantile", "max_iou_fraction"):
+        np.testing.assert_array_equal(getattr(quantile, name), getattr(result, name), err_msg=name)
+    # top_units by max IoU: a concept's units by their (unguarded) max IoU, lower unit first on ties
+    top = result.top_units("sky", k=4, score="max_iou")
+    assert top.tolist() == sorted(units, key=lambda u: (-result.max_iou[1, u], u))[:4]
+
+
+def test_max_iou_fields_in_dissect_json_and_scores_npz(toy_run):
+    _, _, result, outdir = toy_run
     document = read_dissect_json(str(outdir / "dissect.json"))
     [layer] = document["layers"]
-    assert layer["label_rule"] == "maxiou" and document["settings"]["label_rule"] == "maxiou"
+    assert layer["label_rule"] == "significant" and document["settings"]["label_rule"] == "significant"
+    best = best_label_by_max_iou(result.max_iou)
     for unit in layer["units"]:
-        u, best = unit["unit"], unit["max_iou_labelnum"]
-        assert best == maxiou.unit_label[u] == unit["labelnum"]
-        assert unit["max_iou"] == maxiou.max_iou[best, u]
-        assert unit["max_iou_label"] == TOY_LABELS["labels"][best][0]
-        assert unit["max_iou_category"] == TOY_LABELS["labels"][best][1]
-        assert unit["max_iou_level"] == float(maxiou.max_iou_level[best, u])
-        assert unit["max_iou_quantile"] == float(maxiou.max_iou_quantile[best, u])
-    page = (outdir / "dissect.html").read_text()
-    assert 'data-sort="max_iou"' in page and "max IoU \u2265 0.05" in page
+        u, label = unit["unit"], int(best[unit["unit"]])
+        assert unit["max_iou_labelnum"] == label and unit["labelnum"] == result.unit_label[u]
+        assert unit["max_iou"] == result.max_iou[label, u]
+        assert unit["max_iou_label"] == TOY_LABELS["labels"][label][0]
+        assert unit["max_iou_category"] == TOY_LABELS["labels"][label][1]
+        assert unit["max_iou_level"] == float(result.max_iou_level[label, u])
+        assert unit["max_iou_quantile"] == float(result.max_iou_quantile[label, u])
+        assert unit["max_iou_fraction"] == result.max_iou_fraction[label, u]
+        assert unit["interpretable"] == bool(result.interpretable(0.05)[u])
+    loaded = LayerDissection.load_npz(str(outdir / "features" / "scores.npz"))
+    for name in ("max_iou", "max_iou_level", "max_iou_quantile", "max_iou_fraction", "unit_label"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(result, name), err_msg=name)
+        assert getattr(loaded, name).dtype == getattr(result, name).dtype
 
 
-def test_report_shows_max_iou_and_the_rule(toy_run, tmp_path):
+def test_report_page_has_no_max_iou_line_or_sort(toy_run, tmp_path):
+    """The max IoU fields stay in dissect.json for scripts; the page shows none of them."""
     from test_dissect_cli import render
 
-    _, _, _, maxiou, outdir = toy_run
+    _, _, _, outdir = toy_run
+    page = (outdir / "dissect.html").read_text()
+    assert 'data-sort="max_iou"' not in page and "max IoU" not in page and "maxiou" not in page
     dom = render(outdir / "dissect.html", tmp_path)
-    assert "label rule: <b>max IoU over the IQR candidates (max IoU \u2265 0.05)</b>" in dom
-    legend = dom[dom.index('id="legend"'):dom.index("</details>")]
-    assert "<dt>max IoU</dt>" in legend and "--maxiou" in legend
-    assert f"{int(maxiou.interpretable(0.05).sum())} of 16 units interpretable (max IoU \u2265 0.05, max-IoU" in dom
     rows = dict(re.findall(r'<div class="unit(?: interp)?" id="unit-(\d+)">(.*?)</div>', dom))
     assert len(rows) == 16
-    for u in range(8):  # the tied units: their max IoU, concept and top fraction in the row
-        label = TOY_LABELS["labels"][maxiou.unit_label[u]][0]
-        assert f"max IoU {maxiou.max_iou[maxiou.unit_label[u], u]:.3f} {label} at top " in rows[str(u)], rows[str(u)]
-    loaded = LayerDissection.load_npz(str(outdir / "features" / "scores.npz"))
-    assert loaded.label_rule == "maxiou"
-    for name in ("max_iou", "max_iou_level", "max_iou_quantile", "unit_label"):
-        np.testing.assert_array_equal(getattr(loaded, name), getattr(maxiou, name), err_msg=name)
+    assert not any("max IoU" in row for row in rows.values())
+    assert "max IoU" not in dom[dom.index('id="legend"'):dom.index("</details>")]
 
 
-def test_scores_npz_written_before_max_iou_still_loads(toy_run, tmp_path):
-    _, _, default, _, _ = toy_run
-    default.save_npz(str(tmp_path / "new.npz"))
+def test_files_written_before_max_iou_still_load(toy_run, tmp_path):
+    _, _, result, _ = toy_run
+    result.save_npz(str(tmp_path / "new.npz"))
     with np.load(tmp_path / "new.npz") as data:
-        old = {name: data[name] for name in data.files if not name.startswith("max_iou")}
-    np.savez_compressed(tmp_path / "old.npz", **old)
-    loaded = LayerDissection.load_npz(str(tmp_path / "old.npz"))
-    assert loaded.max_iou is None and loaded.max_iou_level is None and loaded.max_iou_quantile is None
-    assert loaded.label_rule == "significant"
-    np.testing.assert_array_equal(loaded.unit_label, default.unit_label)
-    np.testing.assert_array_equal(label_units(loaded, "reference").unit_label, label_units(default, "reference").unit_label)
-    with pytest.raises(ValueError, match="'maxiou' needs max_iou"):
-        label_units(loaded, "maxiou")
+        arrays = {name: data[name] for name in data.files}
+    # before max IoU: none of the fields; before max_iou_fraction: that one only
+    for name, dropped in [("old", ("max_iou", "max_iou_level", "max_iou_quantile", "max_iou_fraction")),
+                          ("no_fraction", ("max_iou_fraction",))]:
+        np.savez_compressed(tmp_path / f"{name}.npz", **{k: v for k, v in arrays.items() if k not in dropped})
+        loaded = LayerDissection.load_npz(str(tmp_path / f"{name}.npz"))
+        for field in dropped:
+            assert getattr(loaded, field) is None, field
+        assert loaded.label_rule == "significant"
+        np.testing.assert_array_equal(loaded.unit_label, result.unit_label)
+        np.testing.assert_array_equal(label_units(loaded, "reference").unit_label,
+                                      label_units(result, "reference").unit_label)
+        record = layer_record(loaded, 0.05, has_images=False)  # the report of such a file
+        assert all(("max_iou" in unit) == (loaded.max_iou is not None) for unit in record["units"])
+        if loaded.max_iou is not None:
+            assert all(unit["max_iou_fraction"] is None for unit in record["units"])
     with pytest.raises(ValueError, match="needs the IQR threshold search"):
-        loaded.top_units("sky", score="max_iou")
-    # an IQR run's dissect.json written before: its units read back with null max IoU fields
+        LayerDissection.load_npz(str(tmp_path / "old.npz")).top_units("sky", score="max_iou")
+    # dissect.json of IQR runs written before: missing max IoU fields read as null, present ones kept
     document = {"schema": 2, "layers": [{"label_rule": "reference", "units": [{"unit": 0, "max_iqr": 0.2}]},
-                                        {"label_rule": "reference", "units": [{"unit": 0}]}]}
+                                        {"label_rule": "reference", "units": [{"unit": 0}]},
+                                        {"label_rule": "reference", "units": [{"unit": 0, "max_iqr": 0.2,
+                                                                               "max_iou": 0.5}]}]}
     upgraded = upgrade(document)
     assert upgraded["layers"][0]["units"][0] == {"unit": 0, "max_iqr": 0.2, **UNIT_MAX_IOU}
     assert upgraded["layers"][1]["units"][0] == {"unit": 0}  # no IQR search: nothing to say
+    assert upgraded["layers"][2]["units"][0] == {**UNIT_MAX_IOU, "unit": 0, "max_iqr": 0.2, "max_iou": 0.5}
 
 
-def test_quantile_rule_with_the_search_can_use_maxiou(toy_run):
-    feats, seg, _, maxiou, _ = toy_run
-    result = dissect_features(feats, seg, TOY_LABELS, threshold="quantile", search_iqr=True, label_rule="maxiou",
-                              progress=False, make_images=False, make_report=False)["features"]
-    np.testing.assert_array_equal(result.max_iou, maxiou.max_iou)  # same candidates, same search
-    np.testing.assert_array_equal(result.unit_label, maxiou.unit_label)
+def test_a_file_labelled_by_the_withdrawn_maxiou_rule_loads_and_relabels(toy_run, tmp_path):
+    _, _, result, _ = toy_run
+    result.save_npz(str(tmp_path / "new.npz"))
+    with np.load(tmp_path / "new.npz") as data:
+        arrays = {name: data[name] for name in data.files}
+    arrays["label_rule"] = np.asarray("maxiou")
+    np.savez_compressed(tmp_path / "maxiou.npz", **arrays)
+    loaded = LayerDissection.load_npz(str(tmp_path / "maxiou.npz"))
+    assert loaded.label_rule == "maxiou"
+    for use in (loaded.interpretable, loaded.label_scores, loaded.concept_ranking):
+        with pytest.raises(ValueError, match="label rule 'maxiou' is not one of 'significant' or 'reference'.*"
+                                             "label_units"):
+            use()
+    np.testing.assert_array_equal(label_units(loaded, "significant").unit_label, result.unit_label)
 
 
-@pytest.mark.parametrize("settings_, message", [
-    (dict(threshold="quantile"), "but threshold is 'quantile'"),
-    (dict(threshold="iqr", search_iqr=False), "but search_iqr is False"),
-    (dict(make_labels=False), "but make_labels is False"),
-])
-def test_config_refuses_maxiou_without_the_search(settings_, message):
-    with pytest.raises(ValueError, match=f"label_rule 'maxiou' needs the IQR search.*{message}"):
-        DissectConfig(label_rule="maxiou", **settings_)
-
-
-def test_maxiou_without_the_search_is_refused_before_any_work(tmp_path, capsys):
-    feats, seg = toy(8)
-    # dissect_features' default rule is 'quantile': refused before the output directory is touched
-    with pytest.raises(ValueError, match="label_rule 'maxiou' needs the IQR search.*threshold is 'quantile'"):
-        dissect_features(feats, seg, TOY_LABELS, label_rule="maxiou", progress=False, outdir=str(tmp_path / "api"))
-    assert not (tmp_path / "api").exists()
-    np.save(tmp_path / "f.npy", feats)
-    np.save(tmp_path / "s.npy", seg)
-    (tmp_path / "labels.json").write_text(json.dumps(TOY_LABELS))
-    features = ["--features", str(tmp_path / "f.npy"), "--segmentations", str(tmp_path / "s.npy"),
-                "--labels", str(tmp_path / "labels.json")]
-    for argv, got in [(features, "--threshold quantile (the default with --features)"),
-                      (features + ["--threshold", "quantile"], "--threshold quantile"),
-                      (features + ["--levels", str(tmp_path / "missing.npy")], "--levels"),
-                      (["--model", "no-such-model", "--threshold", "quantile"], "--threshold quantile"),
-                      (["--no-labels"], "--no-labels")]:
+def test_label_rule_maxiou_is_refused_like_any_unknown_rule(toy_run, tmp_path, capsys):
+    feats, seg, result, _ = toy_run
+    assert LABEL_RULES == ("significant", "reference")
+    for rule in ("maxiou", "no-such-rule"):
+        with pytest.raises(ValueError, match="label_rule must be 'significant' or 'reference'"):
+            DissectConfig(label_rule=rule)
+        with pytest.raises(ValueError, match=r"label_rule must be one of \('significant', 'reference'\)"):
+            label_units(result, rule)
+        with pytest.raises(ValueError, match="label_rule"):
+            dissect_features(feats[:8], seg[:8], TOY_LABELS, label_rule=rule, progress=False,
+                             outdir=str(tmp_path / "api"))
+        assert not (tmp_path / "api").exists()
         out = tmp_path / "out"
-        with pytest.raises(SystemExit) as stop:  # a usage error: the command line alone decides
-            main(["dissect", *argv, "--label-rule", "maxiou", "--outdir", str(out), "--quiet"])
+        with pytest.raises(SystemExit) as stop:  # argparse's usage error for an unknown choice
+            main(["dissect", "--label-rule", rule, "--outdir", str(out), "--quiet"])
         assert stop.value.code == 2
         line = capsys.readouterr().err.strip().splitlines()[-1]
-        assert line.startswith("gandissect-jax dissect: error: --label-rule maxiou needs the IQR search's candidate "
-                               "levels, --threshold iqr"), line
-        assert f"not {got};" in line and "--label-rule must be significant or reference" in line, line
+        assert f"argument --label-rule: invalid choice: '{rule}'" in line, line
+        assert "'significant'" in line and "'reference'" in line and "maxiou" not in line.split("choose from")[1], line
         assert not out.exists()
-    assert main(["dissect", *features, "--threshold", "iqr", "--label-rule", "maxiou", "--outdir",
-                 str(tmp_path / "ok"), "--quiet", "--no-images", "--batch-size", "4"]) == 0
-    assert "units interpretable (max IoU >= 0.05)" in capsys.readouterr().out
-    assert LayerDissection.load_npz(str(tmp_path / "ok" / "features" / "scores.npz")).label_rule == "maxiou"

@@ -40,7 +40,7 @@ def test_schema_1_scores_load_and_equal_todays_numbers(fresh):
         # the IQR search's max IoU
         assert set(v2.files) - set(v1.files) == {"schema", "label_rule", "fdr", "category_images", "chance_iou",
                                                  "p_value", "q_value", "significant", "max_iou", "max_iou_level",
-                                                 "max_iou_quantile"}
+                                                 "max_iou_quantile", "max_iou_fraction"}
         for name in v1.files:
             assert v1[name].dtype == v2[name].dtype and np.array_equal(v1[name], v2[name]), name
     for field in ("levels", "iou", "iqr", "unit_label", "max_iqr", "topk_indices", "candidate_levels"):

@@ -48,7 +48,7 @@ MIN_THUMBSIZE, MAX_THUMBSIZE = 16, 1024  # pixels per side of a strip thumbnail 
 # Checkpoint intervals are at most a day.
 MAX_CHECKPOINT_SECONDS = 86400.0
 # How units get their concept (--label-rule; DissectConfig.label_rule).
-LABEL_RULES = ("significant", "reference", "maxiou")
+LABEL_RULES = ("significant", "reference")
 
 
 def int_in_range(low: int, high: int) -> Callable[[str], int]:

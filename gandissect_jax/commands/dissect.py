@@ -113,10 +113,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          "(default %(default)s)")
     scoring.add_argument("--label-rule", choices=arguments.LABEL_RULES, default="significant",
                          help="how units get their concept: significant (default: the concept's IoU must beat "
-                              "chance at false-discovery rate 0.05; large concepts are never hidden), reference "
-                              "(the reference's rule, to reproduce the paper's numbers) or maxiou (the reference's "
-                              "--maxiou: the concept with the largest IoU over the IQR search's candidate levels; "
-                              "needs --threshold iqr)")
+                              "chance at false-discovery rate 0.05; large concepts are never hidden) or reference "
+                              "(the reference's rule, to reproduce the paper's numbers)")
     scoring.add_argument("--no-labels", action="store_true",
                          help="do not label the units (the segmenter never runs): each unit's levels, quantiles, "
                          "top-k samples and strips only; needs --threshold quantile (the default then) or --levels")
@@ -208,20 +206,18 @@ def _summary(results, outdir: str, iou_threshold: float, report: bool = True) ->
     for layer, result in results.items():
         count = int(result.interpretable(iou_threshold).sum())
         chance = f", beating chance at FDR {result.fdr:g}" if result.label_rule == "significant" else ""
-        measure = "max IoU" if result.label_rule == "maxiou" else "IoU"
-        print(f"{layer}: {count} of {result.num_units} units interpretable ({measure} >= {iou_threshold}{chance})")
+        print(f"{layer}: {count} of {result.num_units} units interpretable (IoU >= {iou_threshold}{chance})")
     print(f"report: {os.path.join(outdir, 'dissect.html')}" if report else f"scores: {outdir}/<layer>/scores.npz")
 
 
 def check(args) -> None:
-    """Usage checks of ``dissect``: the flags of one source, not the other's; the label rule and the
+    """Usage checks of ``dissect``: the flags of one source, not the other's; the labels and the
     thresholds go together; the multi-host flags are complete. From the command line alone (and,
     for the multi-host flags, the GANDISSECT_* variables), before anything is loaded."""
     fail = arguments.UsageError
     if args.model and args.features:
         raise fail("give either --model (with --segmenter and --layers) or --features "
                    "(with --segmentations and --labels), not both")
-    _check_label_rule(args)
     if args.features:
         if args.segdiv or args.segsizes:
             raise fail("--segdiv and --segsizes choose how --segmenter segments; they need --model, not --features")
@@ -256,24 +252,6 @@ def check(args) -> None:
         raise fail("--no-labels needs --threshold quantile (its default) or --levels, not --threshold iqr: the IQR "
                    "rule chooses each unit's level by its agreement with the labels")
     _check_hosts(args)
-
-
-def _check_label_rule(args) -> None:
-    """Refuse --label-rule maxiou without the IQR search."""
-    if args.label_rule != "maxiou":
-        return
-    if args.no_labels:
-        got = "--no-labels"
-    elif args.levels:
-        got = "--levels"
-    else:
-        threshold = args.threshold or ("quantile" if args.features else "iqr")
-        if threshold == "iqr":
-            return
-        got = f"--threshold {threshold}" + ("" if args.threshold else " (the default with --features)")
-    raise arguments.UsageError(
-        f"--label-rule maxiou needs the IQR search's candidate levels, --threshold iqr (the default with --model), "
-        f"not {got}; with {got}, --label-rule must be significant or reference")
 
 
 def _check_hosts(args) -> None:

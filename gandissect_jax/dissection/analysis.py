@@ -21,8 +21,8 @@ from .scoring import FDR, score_counts, significance
 from .statistics import LabelState, LevelCountState, suffix_counts
 from .threshold_search import IQR_FRACTIONS, best_label_by_iqr, search_iqr_thresholds
 
-#: How units get their concept: 'significant' (default), 'reference' or 'maxiou' (see :func:`label_units`).
-LABEL_RULES = ("significant", "reference", "maxiou")
+#: How units get their concept: 'significant' (default) or 'reference' (see :func:`label_units`).
+LABEL_RULES = ("significant", "reference")
 
 
 def label_units(result: LayerDissection, label_rule: str, *, fdr: float | None = None) -> LayerDissection:
@@ -43,22 +43,12 @@ def label_units(result: LayerDissection, label_rule: str, *, fdr: float | None =
     under the other rules the label with the largest IoU. Interpretable: IoU >= the IoU
     threshold. It reproduces the reference's and the paper's numbers.
 
-    'maxiou': the reference's ``--maxiou`` selection (``collect_maxiou`` and the report's
-    ``maxiou_label``, netdissect/dissection.py): the label with the largest ``max_iou``, the
-    largest IoU over the IQR search's candidate levels (each label at its own best level, no
-    guards; first label on ties, so label 0 when every max_iou is 0). Interpretable: that
-    ``max_iou`` >= the IoU threshold. Needs the IQR search (threshold rule 'iqr' or
-    ``search_iqr=True``); the unit's level, ``unit_iou`` and ``unit_iqr`` stay those at ``levels``.
-
     fdr: the false-discovery rate (default: the one ``result`` was tested at, else
     :data:`~.scoring.FDR`); significance is recomputed when it changes or is missing (that needs
     ``category_images``). ValueError for an unknown rule or missing arrays.
     """
     if label_rule not in LABEL_RULES:
         raise ValueError(f"label_rule must be one of {LABEL_RULES}, got {label_rule!r}")
-    if label_rule == "maxiou" and result.max_iou is None:
-        raise ValueError(f"layer {result.layer}: label_rule 'maxiou' needs max_iou, from the IQR threshold search "
-                         "(threshold 'iqr' or search_iqr=True); this record has none")
     fdr = float(fdr if fdr is not None else (result.fdr if result.fdr is not None else FDR))
     changes: dict = {"label_rule": label_rule, "fdr": fdr}
     if result.significant is None or result.fdr != fdr:
@@ -161,6 +151,7 @@ def score_layer(layer: str, counts: LevelCountState, levels, labels: LabelState,
         result.max_iou = search.max_iou
         result.max_iou_level = search.max_iou_level
         result.max_iou_quantile = search.max_iou_quantile
+        result.max_iou_fraction = search.max_iou_fraction
     return label_units(result, label_rule, fdr=fdr)
 
 

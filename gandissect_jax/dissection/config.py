@@ -9,7 +9,7 @@ import numbers
 from .memory import parse_memory
 
 THRESHOLD_RULES = ("iqr", "quantile", "levels")
-LABEL_RULES = ("significant", "reference", "maxiou")  # as analysis.LABEL_RULES
+LABEL_RULES = ("significant", "reference")  # as analysis.LABEL_RULES
 # Ranges shared with the command line (gandissect_jax/commands/arguments.py; a test holds them equal).
 MAX_BATCH = 65536  # samples per step
 MAX_TOPK = 10000  # top samples per unit
@@ -40,9 +40,7 @@ class DissectConfig:
     iou_threshold: a unit is interpretable when its concept's IoU is >= this.
     label_rule: how a unit gets its concept (analysis.label_units): 'significant' (default; the
       concept must beat the chance IoU at false-discovery rate 0.05, large concepts are never
-      hidden), 'reference' (the reference's rule, to reproduce the paper's numbers) or 'maxiou'
-      (the reference's ``--maxiou`` selection: the label with the largest IoU over the IQR search's
-      candidate levels; needs the IQR search, threshold 'iqr' or ``search_iqr=True``).
+      hidden) or 'reference' (the reference's rule, to reproduce the paper's numbers).
     checkpoint_every: seconds between checkpoints of a running pass, in [0, 86400] (0: after
       every batch; Ctrl-C also saves the running pass, whatever the interval).
     unit_chunk: units per scatter step (default: 1 on CPU, 64 on accelerators).
@@ -117,12 +115,9 @@ class DissectConfig:
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
         if self.label_rule not in LABEL_RULES:
-            fail("label_rule", "'significant', 'reference' or 'maxiou'")
+            fail("label_rule", "'significant' or 'reference'")
         if self.search_iqr is not None and not isinstance(self.search_iqr, bool):
             fail("search_iqr", "None, True or False")
-        if self.label_rule == "maxiou" and (self.search_iqr is False or not self.make_labels or (
-                self.threshold not in (None, "iqr") and not self.search_iqr)):
-            raise ValueError(self._maxiou_refusal())
 
     def replace(self, **overrides) -> "DissectConfig":
         """A copy with some settings changed; the earlier names ``k`` and ``strip_length`` mean ``topk``.
@@ -159,17 +154,7 @@ class DissectConfig:
         search_iqr = threshold == "iqr" if self.search_iqr is None else self.search_iqr
         if threshold == "iqr" and not search_iqr:
             raise ValueError("threshold='iqr' needs the IQR search (search_iqr=True)")
-        if self.label_rule == "maxiou" and not search_iqr:
-            raise ValueError(self._maxiou_refusal(threshold))
         return threshold, search_iqr
-
-    def _maxiou_refusal(self, threshold: str | None = None) -> str:
-        """The message refusing label_rule 'maxiou' without the IQR search (threshold rule ``threshold``)."""
-        rule = threshold or self.threshold
-        got = ("make_labels is False" if not self.make_labels else
-               "search_iqr is False" if self.search_iqr is False else f"threshold is {rule!r}")
-        return (f"label_rule 'maxiou' needs the IQR search's candidate levels (threshold 'iqr' or search_iqr=True), "
-                f"but {got}; label_rule must be 'significant' or 'reference' then")
 
 
 __all__ = ["DissectConfig", "THRESHOLD_RULES", "LABEL_RULES", "MAX_BATCH", "MAX_TOPK", "MAX_CHECKPOINT_SECONDS",

@@ -197,7 +197,7 @@ def unit_cost(shapes: PassShapes, raw_pixels: int) -> UnitCost:
     phases.append((state + temps, 3 * state))
     # kept for every unit: level histograms, levels and their positions, candidates, raw quantiles,
     # top-k; and the scored results, (L, U) and (C, U) arrays
-    kept = 8 * (C + 1 + L) * (J + 1) + 12 * J + 4 * F + 4 * 8 + 12 * k + 16 * 8 * L + 8 * C
+    kept = 8 * (C + 1 + L) * (J + 1) + 12 * J + 4 * F + 4 * 8 + 12 * k + 17 * 8 * L + 8 * C
     # scoring: suffix sums of the category counts, the IQR search's per-chunk arrays (a chunk of
     # LABEL_CHUNK labels x F candidates: int64 counts, float64 tables, float32 copies and IoUs), a
     # label chunk's suffix sums

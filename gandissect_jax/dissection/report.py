@@ -210,14 +210,18 @@ def layer_record(result: LayerDissection, iou_threshold: float, has_images: bool
         if result.max_iqr is not None:
             record["max_iqr"] = _finite(result.max_iqr[label, u])
             record["max_iqr_quantile"] = _finite(result.max_iqr_quantile[label, u])
-        if max_iou_label is not None:  # the reference's maxiou fields: the label with the largest max_iou
+        if max_iou_label is not None:
+            # the reference's maxiou fields (the label with the largest unguarded IoU over the IQR
+            # candidates), reported beside the unit's label, never used to label it
             best_label = int(max_iou_label[u])
             record.update({
                 "max_iou": _finite(result.max_iou[best_label, u]),
                 "max_iou_label": result.label_names[best_label], "max_iou_labelnum": best_label,
                 "max_iou_category": result.label_categories[best_label],
                 "max_iou_level": _finite(result.max_iou_level[best_label, u]),
-                "max_iou_quantile": _finite(result.max_iou_quantile[best_label, u])})
+                "max_iou_quantile": _finite(result.max_iou_quantile[best_label, u]),
+                "max_iou_fraction": (None if result.max_iou_fraction is None  # scores.npz written before it
+                                     else _finite(result.max_iou_fraction[best_label, u]))})
         if has_images:
             record["image"] = f"{dirname}/image/{u}-top.jpg"
         units.append(record)

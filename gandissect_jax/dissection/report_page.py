@@ -50,8 +50,6 @@ _SCRIPT = r"""
         if (a.label !== b.label) { return a.label < b.label ? -1 : 1; }
         return (b.iou || 0) - (a.iou || 0) || a.unit - b.unit;
       });
-    } else if (state.sort === 'max_iou') {
-      copy.sort(function (a, b) { return (b.max_iou || 0) - (a.max_iou || 0) || a.unit - b.unit; });
     } else {
       copy.sort(function (a, b) { return (b.iou || 0) - (a.iou || 0) || a.unit - b.unit; });
     }
@@ -85,7 +83,6 @@ _SCRIPT = r"""
     });
     var rule = layer.label_rule === 'significant' ?
       'concept beats chance at FDR ' + layer.fdr + ' and IoU \u2265 ' + data.iou_threshold :
-      layer.label_rule === 'maxiou' ? 'max IoU \u2265 ' + data.iou_threshold + ', max-IoU label rule' :
       'IoU \u2265 ' + data.iou_threshold + ', reference label rule';
     document.getElementById('layer-summary').textContent =
       layer.layer + ': ' + layer.interpretable + ' of ' + layer.num_units + ' units interpretable (' + rule + ')';
@@ -102,14 +99,8 @@ _SCRIPT = r"""
         second.insertBefore(document.createTextNode(u.labelnum === 0 ? 'closest: ' : '2nd: '), second.firstChild);
         head.appendChild(second);
       }
-      var stats = 'IQR ' + fmt(u.iqr, 3) + ' \u00b7 level ' + fmt(u.level, 3) + ' \u00b7 top ' +
-        fmt(100 * (u.activation_fraction || 0), 2) + '%';
-      if (typeof u.max_iou === 'number' && u.max_iou_labelnum > 0) {
-        stats += ' \u00b7 max IoU ' + fmt(u.max_iou, 3) + ' ' +
-          name({label: u.max_iou_label, labelnum: u.max_iou_labelnum, category: u.max_iou_category}) +
-          ' at top ' + fmt(100 * (u.max_iou_quantile || 0), 1) + '%';
-      }
-      head.appendChild(el('span', {'class': 'unit-stats'}, stats));
+      head.appendChild(el('span', {'class': 'unit-stats'}, 'IQR ' + fmt(u.iqr, 3) + ' \u00b7 level ' +
+        fmt(u.level, 3) + ' \u00b7 top ' + fmt(100 * (u.activation_fraction || 0), 2) + '%'));
       row.appendChild(head);
       if (u.image) {
         var img = el('img', {'alt': 'unit ' + u.unit + ': top samples', 'loading': 'lazy'});
@@ -203,8 +194,6 @@ def _facts(document: dict) -> list[tuple[str, str]]:
     if first.get("label_rule") == "significant":
         facts.append(("label rule",
                       f"beats chance (FDR {first.get('fdr')}), IoU \u2265 {document.get('iou_threshold')}"))
-    elif first.get("label_rule") == "maxiou":
-        facts.append(("label rule", f"max IoU over the IQR candidates (max IoU \u2265 {document.get('iou_threshold')})"))
     else:
         facts.append(("label rule", f"reference (IoU \u2265 {document.get('iou_threshold')})"))
     return facts
@@ -231,12 +220,6 @@ def _legend(document: dict) -> str:
                   f"\u2265 {iou_threshold}. Large concepts (sky, grass) are never hidden. <b>2nd</b>: the next "
                   f"concept by the same rule (significant ones first, then those above chance, then the one "
                   f"least below chance; <b>closest</b> when the unit has no concept).")
-    elif first.get("label_rule") == "maxiou":
-        naming = ("by the reference's <code>--maxiou</code> rule: the concept with the largest IoU at its own best "
-                  "level among the 100 candidates of the IQR search (the unit's top 0.1% ... 100% of pixels), "
-                  "without the IQR's guards; its IoU there is the unit's <b>max IoU</b>. <b>Interpretable</b> "
-                  f"(green bar at the left): max IoU \u2265 {iou_threshold}. The IoU shown beside the concept is "
-                  f"the one at the unit's level. <b>2nd</b>: the next concept by max IoU.")
     else:
         naming = ("by the reference's rule: " + (
             "the concept with the largest IQR at its own best level, counting only levels where unit and "
@@ -261,20 +244,12 @@ def _legend(document: dict) -> str:
         ("IQR", "information quality ratio: mutual information / joint entropy of the unit's and the "
                 "concept's pixel masks (0 = independent, 1 = identical); the paper's measure."),
         ("concept", "the unit's best concept, " + naming),
-        *([("max IoU", "the largest IoU of the unit with any concept, each concept at its own best level among "
-                       "the IQR search's 100 candidates (the reference's <code>maxiou</code>), that concept and "
-                       "the share of pixels above that level.")] if _has_max_iou(document) else []),
         ("image strip", "the unit's top samples by maximum activation; the <span class=\"outline\"></span> "
                         "yellow outline surrounds the active region, the rest is dimmed."),
     ]
     body = "".join(f"<dt>{html.escape(name)}</dt><dd>{text}</dd>" for name, text in items)
     return (f'<details class="legend" id="legend" open><summary>How to read this report</summary>'
             f"<dl>{body}</dl></details>")
-
-
-def _has_max_iou(document: dict) -> bool:
-    return any(isinstance(unit.get("max_iou"), (int, float)) for layer in document.get("layers", [])
-               for unit in layer.get("units", []))
 
 
 def _label_text(label: str, category: str, show_category: bool) -> str:
@@ -313,7 +288,6 @@ def render_html(document: dict, bargraphs: Mapping[str, str], comparison_svg: st
     concepts; bar graphs and the cross-layer comparison. The data is embedded, so the page works
     from file:// without a server."""
     payload = json.dumps(document).replace("</", "<\\/")
-    max_iou_button = '<button class="sort" data-sort="max_iou">max IoU</button>\n' if _has_max_iou(document) else ""
     graphs = "".join(f'<div class="bargraph">{_svg_image(svg, f"interpretable units per concept in {layer}")}</div>'
                      for layer, svg in bargraphs.items())
     title = html.escape(document.get("title") or "Dissection")
@@ -345,7 +319,7 @@ def render_html(document: dict, bargraphs: Mapping[str, str], comparison_svg: st
 <button class="sort" data-sort="iou">IoU</button>
 <button class="sort" data-sort="label">concept</button>
 <button class="sort" data-sort="unit">unit</button>
-{max_iou_button}</div>
+</div>
 <div id="units"></div>
 <script type="application/json" id="dissection-data">{payload}</script>
 <script>{_SCRIPT}</script>

@@ -20,10 +20,13 @@ class LayerDissection:
     every label against every unit at those levels (row 0, no label, is 0 / meaningless).
     ``unit_label`` is each unit's concept, chosen by ``label_rule`` (:meth:`concept_ranking`);
     ``unit_iou``/``unit_iqr`` are its scores at ``levels``. The ``max_iqr*`` arrays (L, U) hold the
-    IQR threshold search when it ran (else None); ``max_iou`` float64, ``max_iou_level`` float32
-    and ``max_iou_quantile`` float32 (L, U) the largest IoU over the same candidates, its level and
-    its target top fraction (the reference's ``collect_maxiou``; computed by the same search, None
-    without it and in files written before they existed).
+    IQR threshold search when it ran (else None); ``max_iou`` float64, ``max_iou_level`` float32,
+    ``max_iou_quantile`` float32 and ``max_iou_fraction`` float64 (L, U) the reference's maxiou
+    fields: the largest IoU over the IQR search's candidate levels (unguarded: the last candidate,
+    every pixel active, may win), its level, its target top fraction and the exact fraction of all
+    pixels above that level (``collect_maxiou``; computed by the same search, None without it and
+    in files written before they existed). They are reported beside the unit's label, never used
+    to label it.
 
     Chance and significance (:func:`~.scoring.significance`; None in files written before they
     existed): ``category_images`` (C,) int64 images where each category is present (the test's
@@ -38,10 +41,9 @@ class LayerDissection:
     threshold; 'reference' is
     the reference's rule: the largest ``max_iqr`` (threshold rule 'iqr', whose search zeroes
     concepts that agree with the unit on <= 0.8 of the pixels) or the largest IoU, and a unit is
-    interpretable when its IoU >= the IoU threshold; 'maxiou' (the reference's ``--maxiou``
-    selection, needs the IQR search) is the label with the largest ``max_iou`` (each label at its
-    own best candidate level), and a unit is interpretable when that ``max_iou`` >= the IoU
-    threshold. Files without a rule were labelled by the reference rule.
+    interpretable when its IoU >= the IoU threshold. Files without a rule were labelled by the
+    reference rule. (Files written with the withdrawn rule 'maxiou' load; :meth:`label_scores` and
+    :meth:`interpretable` refuse them until relabelled with :func:`~.analysis.label_units`.)
     """
 
     layer: str
@@ -79,6 +81,7 @@ class LayerDissection:
     max_iou: np.ndarray | None = None
     max_iou_level: np.ndarray | None = None
     max_iou_quantile: np.ndarray | None = None
+    max_iou_fraction: np.ndarray | None = None
     category_images: np.ndarray | None = None
     chance_iou: np.ndarray | None = None
     p_value: np.ndarray | None = None
@@ -92,19 +95,23 @@ class LayerDissection:
         """U."""
         return int(self.levels.shape[0])
 
+    def _check_label_rule(self) -> None:
+        """ValueError unless ``label_rule`` is 'significant' or 'reference' (as analysis.LABEL_RULES)."""
+        if self.label_rule not in ("significant", "reference"):
+            raise ValueError(
+                f"layer {self.layer}: label rule {self.label_rule!r} is not one of 'significant' or 'reference' "
+                "(the label rule 'maxiou' was withdrawn: the largest IoU over the IQR candidates is reported beside "
+                "a unit's label, never used to label it); relabel with label_units(result, 'significant')")
+
     def label_scores(self) -> np.ndarray:
         """float64 (L, U): the score by which ``label_rule`` ranks concepts (row 0 set to 0).
 
         'significant': IQR at ``levels`` under threshold rule 'iqr', else IoU at ``levels``;
-        'reference': ``max_iqr`` (the IQR search's guarded maximum) under 'iqr', else IoU;
-        'maxiou': ``max_iou`` (under any threshold rule; ValueError without the IQR search).
+        'reference': ``max_iqr`` (the IQR search's guarded maximum) under 'iqr', else IoU.
+        ValueError for another rule (such as 'maxiou', withdrawn, in files written with it).
         """
-        if self.label_rule == "maxiou":
-            if self.max_iou is None:
-                raise ValueError(f"layer {self.layer}: label rule 'maxiou' needs max_iou, from the IQR threshold "
-                                 "search (threshold='iqr' or search_iqr=True); this record has none")
-            scores = self.max_iou
-        elif self.threshold == "iqr":
+        self._check_label_rule()
+        if self.threshold == "iqr":
             scores = self.iqr if self.label_rule == "significant" else self.max_iqr
         else:
             scores = self.iou
@@ -123,7 +130,7 @@ class LayerDissection:
         a unit with no concept above chance gets none); then the labels at or below chance, the
         least avoided first (by IoU - chance IoU; IQR is positive for anti-correlation too, so it
         cannot rank these). Ties go to the lower label number.
-        'reference' and 'maxiou': by :meth:`label_scores`, then by label number (so label 0, no
+        'reference': by :meth:`label_scores`, then by label number (so label 0, no
         concept, comes first when every score is 0, as the reference's argmax).
         """
         scores = self.label_scores()
@@ -139,14 +146,11 @@ class LayerDissection:
         return np.lexsort((number, -within, group), axis=0).astype(np.int64)
 
     def interpretable(self, iou_threshold: float = 0.05) -> np.ndarray:
-        """bool (U,): units whose concept is a real label with IoU >= iou_threshold (under the
-        'maxiou' label rule: its ``max_iou``, the IoU at the concept's own best candidate level),
-        and, under the 'significant' label rule, whose IoU with it beats chance at the
-        false-discovery rate."""
-        iou = self.unit_iou
-        if self.label_rule == "maxiou":
-            iou = np.asarray(self.label_scores())[self.unit_label, np.arange(self.num_units)]
-        chosen = (self.unit_label > 0) & (iou >= iou_threshold)
+        """bool (U,): units whose concept is a real label with IoU >= iou_threshold, and, under the
+        'significant' label rule, whose IoU with it beats chance at the false-discovery rate.
+        ValueError for an unknown label rule (see :meth:`label_scores`)."""
+        self._check_label_rule()
+        chosen = (self.unit_label > 0) & (self.unit_iou >= iou_threshold)
         if self.label_rule == "significant":
             if self.significant is None:
                 raise ValueError("label rule 'significant' needs the significance arrays; use label_units")
@@ -170,7 +174,9 @@ class LayerDissection:
         ``score`` names an (L, U) score array of this record: "iou" or "iqr" (at ``levels``, each
         unit's own threshold), or, when the IQR search ran, "max_iqr_iou" (IoU at the threshold
         that maximizes IQR for this concept and unit: the paper's IoU_{u,c}), "max_iqr" or
-        "max_iou" (the largest IoU over the candidate thresholds, the reference's maxiou). Ties go
+        "max_iou" (the largest IoU over the candidate thresholds, unguarded, the reference's maxiou
+        field; the reference's per-label maxiou rankings zero candidates with a top fraction > 0.5,
+        this score does not). Ties go
         to the lower unit number. ValueError for an unknown label or score.
         """
         if label not in self.label_names:

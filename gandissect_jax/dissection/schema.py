@@ -20,13 +20,16 @@ that chose its units' concepts and interpretability ('significant' or 'reference
 these; :func:`upgrade` adds them as the reference rule with null statistics (those documents were
 labelled by the reference's rule).
 
-Max IoU (added within schema 2, no meaning changed): the label rule 'maxiou' (the reference's
-``--maxiou``), and, in every unit of a run with the IQR search (the units that carry ``max_iqr``),
-the reference's ``maxiou`` fields under the project's names: ``max_iou``, ``max_iou_label``,
-``max_iou_labelnum``, ``max_iou_category``, ``max_iou_level``, ``max_iou_quantile``
-(``scores.npz``: ``max_iou``, ``max_iou_level``, ``max_iou_quantile`` (L, U)). Such units of
-documents written before get them as null (:data:`UNIT_MAX_IOU`); ``scores.npz`` files written
-before read them as None.
+Max IoU (added within schema 2, no meaning changed): in every unit of a run with the IQR search
+(the units that carry ``max_iqr``), the reference's ``--maxiou`` fields under the project's names:
+``max_iou``, ``max_iou_label``, ``max_iou_labelnum``, ``max_iou_category``, ``max_iou_level``,
+``max_iou_quantile`` and ``max_iou_fraction`` (the exact share of pixels above ``max_iou_level``)
+-- the largest IoU of the unit with any concept over the IQR search's candidate levels,
+unguarded, reported beside the unit's label and never used to label it (``scores.npz``:
+``max_iou``, ``max_iou_level``, ``max_iou_quantile``, ``max_iou_fraction`` (L, U)). Units of
+documents written before get the missing ones as null (:data:`UNIT_MAX_IOU`); ``scores.npz``
+files written before read them as None. Documents and ``scores.npz`` files written with the
+label rule 'maxiou' (briefly offered, then withdrawn) keep that rule's name and labels.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ SETTINGS_RENAMED = {"k": "topk"}
 LAYER_ADDED = {"label_rule": "reference", "fdr": None}  # value for documents written before label rules
 UNIT_ADDED = {"chance_iou": None, "p_value": None, "q_value": None, "significant": None, "second": None}
 UNIT_MAX_IOU = {"max_iou": None, "max_iou_label": None, "max_iou_labelnum": None, "max_iou_category": None,
-                "max_iou_level": None, "max_iou_quantile": None}  # units of IQR runs written before max IoU
+                "max_iou_level": None, "max_iou_quantile": None, "max_iou_fraction": None}  # IQR runs written before
 
 
 def schema_of(document: dict) -> int:
@@ -80,8 +83,9 @@ def upgrade(document: dict) -> dict:
                 for key, value in UNIT_ADDED.items():
                     unit.setdefault(key, value)
         for unit in layer.get("units", []) if isinstance(layer, dict) else []:
-            if isinstance(unit, dict) and "max_iqr" in unit and "max_iou" not in unit:  # written before max IoU
-                unit.update(UNIT_MAX_IOU)
+            if isinstance(unit, dict) and "max_iqr" in unit:  # an IQR run: its max IoU fields, null if written before
+                for key, value in UNIT_MAX_IOU.items():
+                    unit.setdefault(key, value)
     return upgraded
 
 

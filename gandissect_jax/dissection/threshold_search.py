@@ -19,10 +19,12 @@ are kept: MI = 0 at the last candidate (frac = 1) and for labels with ``truth < 
 where ``isects + table[1, 1] <= 0.8`` or where the level is <= 0; the first maximal candidate
 wins. Row 0 (no label) is not a concept and always scores 0.
 
-The same pass also finds, per label and unit, the candidate with the largest IoU, the reference's
-``--maxiou`` selection (``collect_maxiou``, netdissect/dissection.py): ``iou = isects / unions``
+The same pass also finds, per label and unit, the candidate with the largest IoU: the reference's
+``--maxiou`` fields (``collect_maxiou``, netdissect/dissection.py), ``iou = isects / unions``
 over the same candidates and fractions, with none of the IQR guards (NaN -> 0; row 0 scores 0;
-the first maximal candidate wins). The reference reads it off its sketches; we count exactly.
+the first maximal candidate wins; the last candidate, every pixel active, may win). They are
+reported beside a unit's label, never used to label it (nor in the reference). The reference
+reads them off its sketches; we count exactly.
 
 The search runs in float32 under jit, vmapped over labels (chunked to bound memory). The
 winning candidates' numbers are then recomputed from the exact counts in float64 on the host.
@@ -52,9 +54,12 @@ class IQRSearchResult(NamedTuple):
     max_iqr_quantile), fraction float64 (the exact fraction of all pixels above the level), iou
     float64 (isects / unions at the candidate, NaN -> 0), agreement float64 (isects + table[1, 1]).
 
-    By IoU (the reference's ``collect_maxiou``): max_iou float64 (isects / unions at the candidate
-    with the largest IoU, unguarded, NaN -> 0, row 0 = 0), max_iou_candidate int64, max_iou_level
-    float32, max_iou_quantile float32 (as the reference's max_iou, max_iou_level, max_iou_quantile).
+    By IoU (the reference's ``collect_maxiou``; reported, never used to label units): max_iou
+    float64 (isects / unions at the candidate with the largest IoU, unguarded, NaN -> 0, row 0 =
+    0), max_iou_candidate int64, max_iou_level float32, max_iou_quantile float32 (the candidate's
+    target top fraction; as the reference's max_iou, max_iou_level, max_iou_quantile),
+    max_iou_fraction float64 (the exact fraction of all pixels above max_iou_level, as
+    ``fraction`` for the IQR winner).
     """
 
     max_iqr: np.ndarray
@@ -68,6 +73,7 @@ class IQRSearchResult(NamedTuple):
     max_iou_candidate: np.ndarray
     max_iou_level: np.ndarray
     max_iou_quantile: np.ndarray
+    max_iou_fraction: np.ndarray
 
 
 def _table(xp, isects, preds, truth):
@@ -192,7 +198,7 @@ def search_iqr_thresholds(label_above, category_above, label_counts, label_pixel
     max_iou[~is_label_all] = 0.0
     return IQRSearchResult(iqr, candidate, level.astype(np.float32), fractions[candidate], fraction, iou, agreement,
                            max_iou, iou_candidate, levels[units, iou_candidate].astype(np.float32),
-                           fractions[iou_candidate])
+                           fractions[iou_candidate], category_above[-1][units, iou_candidate] / float(pixels))
 
 
 def _iou_at(isect_count, pred_count, label_count, label_pixel_count, total_count, pixels) -> np.ndarray:
@@ -211,9 +217,10 @@ def best_label_by_iqr(max_iqr: np.ndarray) -> np.ndarray:
 
 
 def best_label_by_max_iou(max_iou: np.ndarray) -> np.ndarray:
-    """Per unit, the label with the largest ``max_iou`` (row 0 and non-finite values count as 0, as
-    in ``LayerDissection.label_scores``; first on ties, so label 0 when every max_iou is 0): int64
-    (U,) from float64 (L, U). The reference's ``maxiou_label``."""
+    """Per unit, the label with the largest ``max_iou`` (row 0 and non-finite values count as 0;
+    first on ties, so label 0 when every max_iou is 0): int64 (U,) from float64 (L, U). The
+    reference's ``maxiou_label`` (netdissect/dissection.py), a field reported beside the unit's
+    label (dissect.json's ``max_iou_label``), never its label."""
     scores = np.array(max_iou, np.float64, copy=True)
     scores[0] = 0.0
     return np.argmax(np.where(np.isfinite(scores), scores, 0.0), axis=0).astype(np.int64)
