@@ -206,6 +206,19 @@ def test_iqr_mode_levels_and_scores(data, iqr_result):
     np.testing.assert_allclose(iqr_result.activation_fraction, (up > iqr_result.levels).mean(0), atol=1e-12)
 
 
+def test_reference_rule_interpretable_units_are_the_references(data, iqr_result):
+    """The reference's generate_report: interp = iou_iqr > 0.01 and iou > 0.05 (both strict), from
+    its own IoU and IQR at its level for its label. Ours, from our exact counts, agree unit for unit."""
+    golden = data["golden"]
+    units = np.arange(24)
+    label = golden["exactq_iqrmode_label"]
+    iou = golden["exactq_iqrmode_iou_scores"][label, units]
+    iqr = golden["exactq_iqrmode_iqr_scores"][label, units]
+    expected = (label > 0) & (iqr > 0.01) & (iou > 0.05)
+    assert 0 < expected.sum() < 24 and ((iou > 0.05) & ~(iqr > 0.01)).any()  # the IQR test decides some
+    np.testing.assert_array_equal(iqr_result.interpretable(0.05), expected)
+
+
 def test_top_units_rank_a_concepts_units_by_score(iqr_result):
     result = iqr_result
     # the label with the most interpretable units has a meaningful ranking to check

@@ -63,13 +63,15 @@ def test_noise_units_are_never_interpretable_by_default(toy_and_noise):
         assert result.p_value[1:, NOISE].min() > 0.2, rule
 
 
-def test_reference_rule_lets_noise_units_pass(toy_and_noise):
-    """The fault the default rule fixes: the reference's plain IoU bar passes noise units (users' case)."""
+def test_reference_rule_stops_noise_units_by_its_iqr_bar_not_its_iou_bar(toy_and_noise):
+    """An IoU bar alone passes noise units (users' case); the reference's test also asks the IQR at
+    the unit's level to exceed 0.01 (generate_report), which stops every one of them here."""
     _, _, results = toy_and_noise
     reference = label_units(results["iqr"], "reference")
-    flagged = reference.interpretable(0.05)[NOISE]
-    assert flagged.sum() >= 3
-    assert (reference.unit_iou[NOISE][flagged] < 0.1).all()
+    by_iou = (reference.unit_label > 0) & (reference.unit_iou > 0.05)
+    assert by_iou[NOISE].sum() >= 3 and (reference.unit_iou[NOISE][by_iou[NOISE]] < 0.1).all()
+    assert (reference.unit_iqr[NOISE] <= 0.01).all()
+    assert not reference.interpretable(0.05)[NOISE].any()
 
 
 @pytest.mark.slow

@@ -10,6 +10,11 @@ import numpy as np
 from .resume import atomic_file
 from .schema import SCHEMA
 
+#: The reference's ``iqr_threshold`` (netdissect/dissection.py ``dissect(..., iqr_threshold=0.01)``):
+#: under label rule 'reference' a unit is interpretable only when the IQR of its concept at its
+#: level exceeds it.
+REFERENCE_IQR_THRESHOLD = 0.01
+
 
 @dataclasses.dataclass
 class LayerDissection:
@@ -148,8 +153,14 @@ class LayerDissection:
     def interpretable(self, iou_threshold: float = 0.05) -> np.ndarray:
         """bool (U,): units whose concept is a real label with IoU >= iou_threshold, and, under the
         'significant' label rule, whose IoU with it beats chance at the false-discovery rate.
+        Under 'reference', the reference's test (``generate_report`` in netdissect/dissection.py:
+        ``interp = iou_iqr > 0.01 and iou > iou_threshold``, both strict): IoU > iou_threshold and
+        the IQR at the unit's level > :data:`REFERENCE_IQR_THRESHOLD`.
         ValueError for an unknown label rule (see :meth:`label_scores`)."""
         self._check_label_rule()
+        if self.label_rule == "reference":
+            return ((self.unit_label > 0) & (np.asarray(self.unit_iou) > iou_threshold)
+                    & (np.asarray(self.unit_iqr) > REFERENCE_IQR_THRESHOLD))
         chosen = (self.unit_label > 0) & (self.unit_iou >= iou_threshold)
         if self.label_rule == "significant":
             if self.significant is None:
