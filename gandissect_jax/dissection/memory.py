@@ -39,6 +39,8 @@ RUNTIME_BYTES = 192 << 20
 # runtime's threads and allocated again by another, can be resident twice. Measured (800 units in
 # 20-50 groups, 1 and 8 CPU devices on 2 cores): the peak RSS exceeded the arrays' estimate by up
 # to 38% of a group's pass memory (none with MALLOC_ARENA_MAX=1), so that memory is counted 1.5x.
+# glibc allows up to 8 arenas per core: on many-core hosts set MALLOC_ARENA_MAX (e.g. 4) for the
+# estimate to bound the peak as it does here.
 ARENA_FACTOR = 1.5
 RADIX_BINS = (1 << 16, 1 << 8, 1 << 8)  # bins per slot of the quantile stages (quantiles.RadixQuantiles)
 TABLE_BYTES = 2  # int16 lookup tables (quantiles.TABLE_DTYPE)
