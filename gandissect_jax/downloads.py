@@ -44,11 +44,9 @@ class CorruptFileError(ChecksumError):
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+    """sha256 (hex) of a file's bytes (``hashlib.file_digest``, streamed)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _verify(path: Path, size: int | None, sha256: str | None, observed_sha: str, url: str) -> None:

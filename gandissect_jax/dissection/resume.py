@@ -110,12 +110,9 @@ CHUNK_BYTES = 64 << 20  # bytes read at a time when hashing an array
 
 
 def file_sha256(path: str) -> str:
-    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
-    hasher = hashlib.sha256()
+    """sha256 (hex) of a file's bytes (``hashlib.file_digest``, streamed)."""
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def content_digest(array: Any, *, chunk_bytes: int = CHUNK_BYTES,
