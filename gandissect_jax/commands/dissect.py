@@ -79,7 +79,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     source.add_argument("--seed", type=z_seed, default=1,
                         help=f"z seed, in {z_seed.interval} (default %(default)s, as the reference)")
     source.add_argument("--seg-downsample", type=downsample, default=2,
-                        help=f"segment at 1/N of the image size, N in {downsample.interval} and at most the image "
+                        help=f"segment at 1/N of the image size, N in {downsample.interval}, dividing the image "
                         "size (default %(default)s, as the reference)")
     source.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of the generator and the segmenter (default float32; bfloat16 is "
@@ -109,8 +109,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     scoring.add_argument("--levels", type=arguments.text("a .npy file"),
                          help="float .npy (U,) of fixed per-unit thresholds (--features only; replaces --threshold)")
     scoring.add_argument("--iou-threshold", type=iou_threshold, default=0.05,
-                         help=f"a unit is interpretable when its concept's IoU is >= this, in {iou_threshold.interval} "
-                         "(default %(default)s)")
+                         help=f"a unit is interpretable when its concept's IoU is >= this (> under --label-rule "
+                         f"reference, as the reference), in {iou_threshold.interval} (default %(default)s)")
     scoring.add_argument("--label-rule", choices=arguments.LABEL_RULES, default="significant",
                          help="how units get their concept: significant (default: the concept's IoU must beat "
                               "chance at false-discovery rate 0.05; large concepts are never hidden) or reference "
