@@ -37,7 +37,8 @@ class DissectConfig:
       strip, in [1, 10000] and at most the number of samples (None: 10, or every sample when
       there are fewer; :meth:`resolved_topk`).
     batch_size: samples per step over all devices.
-    iou_threshold: a unit is interpretable when its concept's IoU is >= this.
+    iou_threshold: a unit is interpretable when its concept's IoU is >= this (> under label rule
+      'reference', with the reference's IQR > 0.01: LayerDissection.interpretable).
     label_rule: how a unit gets its concept (analysis.label_units): 'significant' (default; the
       concept must beat the chance IoU at false-discovery rate 0.05, large concepts are never
       hidden) or 'reference' (the reference's rule, to reproduce the paper's numbers).
