@@ -320,8 +320,7 @@ def check_directory(path: str, flag: str = "--outdir", *, must_exist: bool = Fal
         what = ("a link to nothing (dangling symlink), not a directory" if not os.path.exists(probe)
                 else "a file, not a directory" if os.path.isfile(probe) else "not a directory")
         raise ValueError(f"{flag} {where} is {what}")
-    name_max = os.pathconf(probe if os.path.isdir(probe) else os.path.dirname(probe) or ".", "PC_NAME_MAX") \
-        if hasattr(os, "pathconf") else 255
+    name_max = os.pathconf(probe, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255  # probe: an existing directory
     long = [part for part in full.split(os.sep) if len(os.fsencode(part)) > name_max]
     if long:
         raise ValueError(f"{flag} {path}: the name {long[0][:40]}... is longer than the file system's "

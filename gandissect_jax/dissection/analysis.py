@@ -16,13 +16,11 @@ import numpy as np
 
 import dataclasses
 
+from .config import LABEL_RULES
 from .results import LayerDissection
 from .scoring import FDR, score_counts, significance
 from .statistics import LabelState, LevelCountState, suffix_counts
 from .threshold_search import IQR_FRACTIONS, best_label_by_iqr, search_iqr_thresholds
-
-#: How units get their concept: 'significant' (default) or 'reference' (see :func:`label_units`).
-LABEL_RULES = ("significant", "reference")
 
 
 def label_units(result: LayerDissection, label_rule: str, *, fdr: float | None = None) -> LayerDissection:

@@ -9,7 +9,7 @@ import numbers
 from .memory import parse_memory
 
 THRESHOLD_RULES = ("iqr", "quantile", "levels")
-LABEL_RULES = ("significant", "reference")  # as analysis.LABEL_RULES
+LABEL_RULES = ("significant", "reference")  # how a unit gets its concept (analysis.label_units)
 # Ranges shared with the command line (gandissect_jax/commands/arguments.py; a test holds them equal).
 MAX_BATCH = 65536  # samples per step
 MAX_TOPK = 10000  # top samples per unit
