@@ -28,7 +28,7 @@ def _write_data(directory: Path, n: int) -> list[str]:
     np.save(directory / "segs.npy", seg)
     (directory / "labels.json").write_text(json.dumps(LABELS))
     return ["dissect", "--features", str(directory / "features.npy"), "--segmentations", str(directory / "segs.npy"),
-            "--labels", str(directory / "labels.json"), "--batch-size", "16", "--quiet", "--no-images"]
+            "--labels", str(directory / "labels.json"), "--batch-size", "4", "--quiet", "--no-images"]
 
 
 def _checkpoints(outdir: Path) -> list[Path]:
