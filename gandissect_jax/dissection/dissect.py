@@ -30,7 +30,8 @@ from jax.sharding import PartitionSpec as P
 from . import distributed, passes
 from .analysis import score_layer
 from .config import MAX_SAMPLES, MAX_SEED, DissectConfig
-from .engine import AXIS, Interrupted, make_mesh, per_device_batch
+from .engine import AXIS, make_mesh, per_device_batch
+from .interruption import ResumeTracker
 from .labels import label_category_indices, labels_and_categories
 from .memory import plan_dissection
 from .progress import COUNT_PASS_COST, RunProgress
@@ -156,9 +157,20 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
     count, topk, level shapes, every segmentation entry of precomputed data and the first
     batch's of a generator): ValueError naming what is wrong. A run stopped by a ValueError
     during the passes (NaN activations, labels out of range) leaves no progress behind, so the
-    rerun after a fix starts afresh. Ctrl-C raises :class:`~.engine.Interrupted` (a
-    KeyboardInterrupt) once the running pass is saved; a rerun resumes there.
+    rerun after a fix starts afresh. Ctrl-C raises :class:`~.interruption.RunInterrupted` (an
+    :class:`~.engine.Interrupted`, a KeyboardInterrupt) once the running pass is saved; its
+    ``str()`` says in one line what is saved and where a rerun resumes, at any point of the run.
     """
+    tracker = ResumeTracker(outdir)
+    try:
+        return _dissect(source, labels, categories, config, tracker, default_threshold=default_threshold,
+                        levels=levels, devices=devices, outdir=outdir, restart=restart)
+    except KeyboardInterrupt as stop:
+        raise tracker.interrupted(stop) from None
+
+
+def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, default_threshold, levels, devices,
+             outdir, restart) -> dict[str, LayerDissection]:
     labels, categories = _check_labels(labels, categories)
     if not config.make_labels:  # no labelling: label 0 alone, segmentations all 0 (never computed nor read)
         if config.threshold == "iqr" or config.search_iqr:
@@ -201,7 +213,7 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
                 stack.enter_context(outdir_lock(writes))
             return RunDirectory(writes, fingerprint, restart=restart)
 
-        def finished(run: RunDirectory) -> list[str]:
+        def finished(run: RunDirectory, say: bool = True) -> list[str]:
             """The layers this run finished whose scores.npz is still the one it wrote (a file
             changed or replaced since is measured again, with a line saying so)."""
             done = []
@@ -210,8 +222,9 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
                 if marker is None or not os.path.exists(score_file(layer)):
                     continue
                 if isinstance(marker, dict) and "sha256" in marker and file_sha256(score_file(layer)) != marker["sha256"]:
-                    print(f"{score_file(layer)} was changed since this run wrote it: measuring layer {layer} again",
-                          file=sys.stderr)
+                    if say:
+                        print(f"{score_file(layer)} was changed since this run wrote it: measuring layer {layer} "
+                              "again", file=sys.stderr)
                     continue
                 done.append(layer)
             return done
@@ -235,6 +248,8 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
                 results[layer] = LayerDissection.load_npz(score_file(layer))
         pending = [layer for layer in source.layers if layer not in done]
         key = hashlib.sha256("\n".join(pending).encode()).hexdigest()[:12]
+        tracker.opened(run, pending, dirnames, lambda: finished(run, say=False),
+                       images=bool(writes and config.make_images), report=bool(writes and config.make_report))
         if pending:
             settings = passes.PassSettings(mesh, config.batch_size, config.checkpoint_every, config.progress,
                                            run.subdirectory(f"passes-{key}"), config.unit_chunk)
@@ -243,7 +258,7 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
                 print(plan.describe(), file=sys.stderr)
             try:
                 results.update(_measure(source, plan.groups, labels, categories, label_category, threshold,
-                                        search_iqr, levels, config, settings))
+                                        search_iqr, levels, config, settings, tracker))
             except ValueError:
                 run.discard()  # bad input found by the passes: nothing of this run is worth resuming
                 raise
@@ -281,27 +296,25 @@ def _plan(source, layers, labels, categories, threshold, search_iqr, config, mes
 
 
 def _measure(source, groups, labels, categories, label_category, threshold, search_iqr, levels, config,
-             settings: passes.PassSettings) -> dict[str, LayerDissection]:
+             settings: passes.PassSettings, tracker: ResumeTracker) -> dict[str, LayerDissection]:
     """Quantile passes and count pass for each unit group of the pending layers, then scores per layer."""
+    units = {layer: stop - start for layer, start, stop in groups[0]}
+    plans = passes.quantile_plans(units, threshold, config.quantile, search_iqr)
+    stages = max((len(planner.bits) for plan in plans.values() for _, planner in plan.planners()
+                  if planner is not None), default=1)
+    names = [f"quantiles-{i}" for i in range(stages)] + ["counts"]  # the passes of every unit group
     progress = None
     if len(groups) == 1:  # one overall bar over the passes (with several groups each pass shows its own bar)
-        units = {layer: stop - start for layer, start, stop in groups[0]}
-        plans = passes.quantile_plans(units, threshold, config.quantile, search_iqr)
-        stages = max((len(planner.bits) for plan in plans.values() for _, planner in plan.planners()
-                      if planner is not None), default=1)
         count_cost = COUNT_PASS_COST.get(source.identity().get("kind"), 4.0)  # a prior; measured as the pass runs
-        progress = RunProgress(source.num_samples, [f"quantiles-{i}" for i in range(stages)] + ["counts"],
-                               costs={"counts": count_cost}, enabled=bool(settings.progress))
-        settings = dataclasses.replace(settings, progress=progress)
+        progress = RunProgress(source.num_samples, names, costs={"counts": count_cost},
+                               enabled=bool(settings.progress))
+    watched = tracker.passes(progress or settings.progress, names, len(groups), settings.directory)
+    settings = dataclasses.replace(settings, progress=watched)
     try:
         label_state, measured = passes.measure_units(
             source, groups, threshold=threshold, quantile=config.quantile, search_iqr=search_iqr, fixed_levels=levels,
             topk=config.resolved_topk(source.num_samples), label_category=label_category,
             num_categories=len(categories), settings=settings)
-    except Interrupted as stop:
-        if progress is not None:
-            stop.stage = progress.stage_name(stop.stage)
-        raise
     finally:
         if progress is not None:
             progress.close()
