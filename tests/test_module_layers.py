@@ -21,13 +21,18 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gandissect_jax"
 APPS = {"commands", "cli", "paint", "pages", "experiment"}
 INTERVENTION = {"intervention", "ace", "effects", "artifacts", "unitseg"}
 FORBIDDEN = {
-    "generator": {"dissection", "segmenter", "scenes", "proggan", "flax_split"} | INTERVENTION | APPS,
+    "generator": {"dissection", "segmenter", "scenes", "proggan", "flax_split", "flax_programs"} | INTERVENTION | APPS,
     "flax_split": {"dissection", "segmenter", "scenes"} | INTERVENTION | APPS,
+    "flax_programs": {"dissection", "segmenter", "scenes", "flax_split"} | INTERVENTION | APPS,
     "proggan": {"dissection", "segmenter", "scenes"} | INTERVENTION | APPS,
     "segmenter": {"dissection", "proggan"} | INTERVENTION | APPS,
-    "pth": {"dissection", "segmenter", "proggan", "scenes", "weights", "checkpoints"} | INTERVENTION | APPS,
+    "pth": {"dissection", "segmenter", "proggan", "scenes", "weights", "weight_registry", "checkpoints"}
+    | INTERVENTION | APPS,
+    "weight_registry": {"dissection", "segmenter", "proggan", "scenes", "weights", "checkpoints", "downloads"}
+    | INTERVENTION | APPS,
     "sampling": {"dissection", "segmenter", "proggan", "scenes"} | INTERVENTION | APPS,
-    "dissection": INTERVENTION | APPS | {"segmenter", "proggan", "scenes", "weights", "checkpoints"},
+    "dissection": INTERVENTION | APPS | {"segmenter", "proggan", "scenes", "weights", "weight_registry",
+                                         "checkpoints"},
     "intervention": APPS,
     "ace": APPS,
     "effects": APPS,
