@@ -206,8 +206,9 @@ class ResumeTracker:
             return RunInterrupted(self._say(f"while writing the strips: the scores of every layer are saved, the "
                                             f"strips of {_listing(strips)} not", None, f"write only {what}"), "strips")
         if self.report:
-            return RunInterrupted(self._say(f"while writing the report: the scores{' and strips' if self.images else ''} "
-                                            f"of every layer are saved", None, "write only the report"), "report")
+            saved = "the scores and strips" if self.images else "the scores"
+            return RunInterrupted(self._say(f"while writing the report: {saved} of every layer are saved", None,
+                                            "write only the report"), "report")
         return RunInterrupted(self._say("after every output was written", None, "load the results again"), "done")
 
 
