@@ -234,32 +234,45 @@ def _drain(statistics: Mapping[str, StreamingStatistic], host: dict, states: dic
     return host
 
 
+def _drain_some(statistics: Mapping[str, StreamingStatistic], names: list[str], host: dict, states: dict,
+                mesh: Mesh) -> dict:
+    """Drain the device states of statistics ``names`` into ``host`` and return the device states
+    with fresh ones in their place (the others untouched)."""
+    chosen = {name: statistics[name] for name in names}
+    _drain(chosen, host, states, mesh)
+    fresh = _init(tuple(chosen), tuple(chosen.values()), mesh)()
+    states = dict(states)
+    for name in names:
+        states[name] = fresh[name]
+    return states
+
+
 def _signature(statistics: Mapping[str, StreamingStatistic], num_samples: int) -> dict:
     shapes = {name: [[list(x.shape), str(x.dtype)] for x in jax.tree_util.tree_leaves(jax.eval_shape(stat.init))]
               for name, stat in statistics.items()}
     return {"statistics": list(statistics), "shapes": shapes, "num_samples": int(num_samples)}
 
 
-def _capacity(compute, statistics, params, batch, per_device: int) -> tuple[int | None, str]:
-    """The fewest samples per device any statistic can take between drains, from shapes only."""
+def _capacities(compute, statistics, params, batch, per_device: int) -> dict[str, int | None]:
+    """{name: how many samples per device the statistic can take between drains (None: no limit)},
+    from shapes only."""
     local = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((per_device,) + tuple(x.shape[1:]), x.dtype), batch)
     outputs = jax.eval_shape(compute, params, local)
     missing = [name for name in statistics if name not in outputs]
     if missing:
         raise ValueError(f"compute returned no inputs for statistic(s) {missing}; it returned {sorted(outputs)}")
-    limit, which = None, ""
+    limits = {}
     for name, stat in statistics.items():
-        if stat.capacity is not None:
-            value = stat.capacity(outputs[name])
-            if value is not None and (limit is None or value < limit):
-                limit, which = max(1, int(value)), name
-    return limit, which
+        value = stat.capacity(outputs[name]) if stat.capacity is not None else None
+        limits[name] = None if value is None else max(1, int(value))
+    return limits
 
 
 def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
           statistics: Mapping[str, StreamingStatistic] | StreamingStatistic, *, params: Any = None,
           checkpoint_dir: str | None = None, mesh: Mesh | None = None, batch_size: int = 32,
-          checkpoint_every: float = 60.0, progress: bool | PassProgress = True, desc: str = "tally") -> Any:
+          checkpoint_every: float = 60.0, progress: bool | PassProgress = True, desc: str = "tally",
+          final_checkpoint: bool = True) -> Any:
     """Stream every sample of ``source`` once through ``compute`` into ``statistics``; return their results.
 
     compute: jittable ``compute(params, batch) -> {name: inputs}`` run on each device's shard of
@@ -279,6 +292,12 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
     batch_size: samples per step over all devices (rounded up to a multiple of the device count,
       and of the device count times the source's ``micro_batch`` when it has one).
     progress: show a tqdm bar named ``desc`` (True), nothing (False), or a :class:`PassProgress`.
+    final_checkpoint: also save the finished pass's states (so a rerun returns them without
+      reading the data again). False when the caller keeps what it needs of the results itself
+      (e.g. the dissection's quantile plan): the finished pass then writes nothing more, and a
+      rerun continues from the last periodic save, if any (Ctrl-C during the last batch still saves).
+    A statistic whose ``capacity`` is reached is drained alone (e.g. a buffer of images), the
+    others when theirs is, and all of them at a save and at the end.
 
     Returns ``{name: statistics[name].finalize(state)}`` (or the single result). Results are
     identical for any device count and batch size: integer states merge exactly, top-k merges
@@ -343,8 +362,9 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
     try:
         with deferred_interrupt() as stop_requested:
             states = init() if start < total else None
-            limit = None
-            since_drain = steps_run = 0
+            limits = None
+            since_drain = {name: 0 for name in statistics}
+            steps_run = 0
             last_save = time.monotonic()
             position = start
             while position < total:
@@ -353,10 +373,11 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
                 batch = dict(source.fetch(indices, sharding))
                 batch["index"] = jax.device_put(indices.astype(np.int32), sharding)
                 batch["valid"] = jax.device_put(valid, sharding)
-                if limit is None:
-                    limit, which = _capacity(compute, statistics, replicated, batch, per_device)
-                    limit = limit if limit is not None else np.iinfo(np.int64).max
-                    if per_device > limit:
+                if limits is None:
+                    limits = _capacities(compute, statistics, replicated, batch, per_device)
+                    small = {name: limit for name, limit in limits.items() if limit is not None and per_device > limit}
+                    if small:
+                        which, limit = min(small.items(), key=lambda item: item[1])
                         raise ValueError(f"a batch of {per_device} samples per device could overflow statistic "
                                          f"{which!r} between drains; use a batch size of at most {limit * devices}")
                 # At most IN_FLIGHT steps queued: the host fetches ahead while the devices work,
@@ -367,7 +388,8 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
                     jax.block_until_ready(states)
                 states = step(states, replicated, batch)
                 position = min(total, position + global_batch)
-                since_drain += per_device
+                for name in since_drain:
+                    since_drain[name] += per_device
                 bar.update(int(valid.sum()))
                 # several processes: every IN_FLIGHT steps they agree to stop (Ctrl-C on any) and to
                 # drain and save (a checkpoint due by process 0's clock)
@@ -381,10 +403,13 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
                     stopping = stop_requested() and position < total
                     must_save = checkpoint is not None and position < total and (
                         stopping or time.monotonic() - last_save >= checkpoint_every)
-                if since_drain + per_device > limit or must_save:
-                    host = _drain(statistics, host, states, mesh)
-                    del states
-                    states, since_drain = init(), 0
+                full = [name for name, limit in limits.items()  # (after the last step: the drain below)
+                        if must_save or (position < total and limit is not None
+                                         and since_drain[name] + per_device > limit)]
+                if full:
+                    states = _drain_some(statistics, full, host, states, mesh)
+                    for name in full:
+                        since_drain[name] = 0
                     if must_save and checkpoint is not None:
                         _save(checkpoint, host, signature, position)
                         last_save = time.monotonic()
@@ -392,10 +417,12 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
                     raise Interrupted(desc, position, total, checkpoint)
             if states is not None:
                 host = _drain(statistics, host, states, mesh)
-                if checkpoint:
-                    _save(checkpoint, host, signature, total)
+                del states
             # Ctrl-C during the last batch: the pass is complete and saved
-            if distributed.any_process(stop_requested()) if multi else stop_requested():
+            stopped = distributed.any_process(stop_requested()) if multi else stop_requested()
+            if checkpoint and start < total and (final_checkpoint or stopped):
+                _save(checkpoint, host, signature, total)
+            if stopped:
                 raise Interrupted(desc, total, total, checkpoint)
     finally:
         bar.close()
