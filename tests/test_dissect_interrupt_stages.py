@@ -17,6 +17,7 @@ import pytest
 
 from gandissect_jax.cli import main
 from gandissect_jax.dissection import dissect_features, distributed, make_mesh, passes
+from gandissect_jax.dissection import groups as unit_groups
 from gandissect_jax.dissection.engine import Interrupted
 from gandissect_jax.dissection.interruption import ResumeTracker, RunInterrupted
 from gandissect_jax.dissection.memory import RUNTIME_BYTES, plan_dissection
@@ -75,6 +76,20 @@ def _raise_on_call(number: int, function):
     return wrapped
 
 
+def _raise_after_call(number: int, function):
+    """``function``, raising KeyboardInterrupt once its call ``number`` (1-based) has returned."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        result = function(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return result
+
+    return wrapped
+
+
 def _interrupted(feats, segs, outdir, **options) -> str:
     with pytest.raises(Interrupted) as stop:
         dissect_features(feats, segs, LABELS, outdir=str(outdir), **{**OPTIONS, **options})
@@ -120,7 +135,7 @@ def test_second_ctrl_c_inside_a_pass_resumes_from_the_passes_last_checkpoint(dat
 
 def test_ctrl_c_between_quantile_passes_resumes_at_the_next_pass(data, tmp_path, monkeypatch):
     feats, segs, expected = data
-    monkeypatch.setattr(passes, "_save_plan", _raise_on_call(1, passes._save_plan))  # just after pass 1
+    monkeypatch.setattr(passes, "_save_plan", _raise_after_call(1, passes._save_plan))  # just after pass 1
     message = _interrupted(feats, segs, tmp_path)
     assert message == (f"interrupted: pass 1 of 4 done (unit quantiles and top samples); progress saved in "
                        f"{_passes_dir(tmp_path)}: rerun the same command to resume at pass 2/4: quantile refinement")
@@ -128,9 +143,21 @@ def test_ctrl_c_between_quantile_passes_resumes_at_the_next_pass(data, tmp_path,
     assert _rerun_reads(feats, segs, tmp_path, expected) == 1 + 3 + 3 + 3  # the hash, passes 2-4
 
 
+def test_ctrl_c_before_a_finished_pass_is_saved_says_it_runs_again(data, tmp_path, monkeypatch):
+    feats, segs, expected = data
+    # the stop lands after pass 1 ended but before its results (the quantile plan) were written
+    monkeypatch.setattr(passes, "_save_plan", _raise_on_call(1, passes._save_plan))
+    message = _interrupted(feats, segs, tmp_path, checkpoint_every=3600.0)
+    assert message == (f"interrupted: pass 1/4: unit quantiles and top samples finished but not yet saved; progress "
+                       f"saved in {_passes_dir(tmp_path)}: rerun the same command to run pass 1/4: unit quantiles "
+                       f"and top samples again")
+    monkeypatch.undo()
+    assert _rerun_reads(feats, segs, tmp_path, expected) == 1 + 3 + 3 + 3 + 3  # the hash, passes 1-4
+
+
 def test_ctrl_c_before_the_count_pass_resumes_at_the_count_pass(data, tmp_path, monkeypatch):
     feats, segs, expected = data
-    monkeypatch.setattr(passes, "count_levels", _raise_on_call(1, passes.count_levels))
+    monkeypatch.setattr(unit_groups, "count_levels", _raise_on_call(1, unit_groups.count_levels))
     message = _interrupted(feats, segs, tmp_path)
     assert message == (f"interrupted: passes 1-3 of 4 done ({QUANTILE_PASSES}); progress saved in "
                        f"{_passes_dir(tmp_path)}: rerun the same command to resume at pass 4/4: concept counts")
@@ -148,7 +175,7 @@ def test_ctrl_c_between_unit_groups_resumes_at_the_group(data, tmp_path, monkeyp
     groups = len(plan_dissection(ArraySource(layers, segs), ["features"], max_memory=budget, **options).groups)
     assert groups >= 3
     expected = dissect_features(feats, segs, LABELS, max_memory=budget, **OPTIONS)["features"]
-    monkeypatch.setattr(passes, "count_levels", _raise_on_call(2, passes.count_levels))  # in the second group
+    monkeypatch.setattr(unit_groups, "count_levels", _raise_on_call(2, unit_groups.count_levels))  # in the second group
     message = _interrupted(feats, segs, tmp_path, max_memory=budget)
     assert message == (f"interrupted: unit group 1 of {groups} done, unit group 2/{groups}: passes 1-3 of 4 done "
                        f"({QUANTILE_PASSES}); progress saved in {_passes_dir(tmp_path)}: rerun the same command to "
@@ -158,15 +185,21 @@ def test_ctrl_c_between_unit_groups_resumes_at_the_group(data, tmp_path, monkeyp
     assert reads == 1 + 3 + (groups - 2) * 4 * 3  # the hash, group 2's count pass, the later groups
 
 
-def test_ctrl_c_while_scoring_redoes_only_the_scoring(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpoint_every, resume, reads", [
+    (3600.0, "run pass 4/4: concept counts again", 1 + 3),  # no periodic save: the count pass again
+    (0.0, "resume pass 4/4: concept counts from sample 32 (its last checkpoint)", 1 + 1),  # its last batch again
+])
+def test_ctrl_c_while_scoring_redoes_the_unsaved_count_pass_from_its_last_save(data, tmp_path, monkeypatch,
+                                                                               checkpoint_every, resume, reads):
     feats, segs, expected = data
+    # the last count pass writes no final checkpoint: its results are saved with the scores
     monkeypatch.setattr(dissect_module, "score_layer", _raise_on_call(1, dissect_module.score_layer))
-    message = _interrupted(feats, segs, tmp_path)
-    assert message == (f"interrupted: after the passes: all 4 passes done; progress saved in {_passes_dir(tmp_path)}: "
-                       f"rerun the same command to redo only the scoring of features, then save the scores and "
-                       f"write the report")
+    message = _interrupted(feats, segs, tmp_path, checkpoint_every=checkpoint_every)
+    assert message == (f"interrupted: after the passes: all 4 passes done, pass 4/4: concept counts not saved (its "
+                       f"results are saved with the scores); progress saved in {_passes_dir(tmp_path)}: rerun the "
+                       f"same command to {resume}, score features, then save the scores and write the report")
     monkeypatch.undo()
-    assert _rerun_reads(feats, segs, tmp_path, expected) == 1  # the hash only: every pass is loaded
+    assert _rerun_reads(feats, segs, tmp_path, expected) == reads  # the hash, then what the line says
 
 
 def test_ctrl_c_while_saving_scores_names_the_layers_measured_again(data, tmp_path, monkeypatch):
@@ -233,7 +266,7 @@ def test_ctrl_c_before_the_passes_says_whether_earlier_progress_is_kept(data, tm
 
 def test_without_an_outdir_ctrl_c_says_nothing_was_saved(data, monkeypatch):
     feats, segs, _ = data
-    monkeypatch.setattr(passes, "count_levels", _raise_on_call(1, passes.count_levels))
+    monkeypatch.setattr(unit_groups, "count_levels", _raise_on_call(1, unit_groups.count_levels))
     with pytest.raises(Interrupted) as stop:
         dissect_features(feats, segs, LABELS, **OPTIONS)
     assert str(stop.value) == (f"interrupted: passes 1-3 of 4 done ({QUANTILE_PASSES}); nothing was saved "
@@ -248,6 +281,7 @@ def test_a_multi_process_run_says_to_relaunch_every_process(monkeypatch, tmp_pat
     bar = tracker.bar("quantiles-0", 16, 0)
     bar.update(16)
     bar.close()
+    tracker.result_saved("quantiles-0")  # the quantile plan is written
     monkeypatch.setattr(distributed, "multiprocess", lambda: True)
     assert str(tracker.interrupted(KeyboardInterrupt())).endswith(
         ": relaunch every process with the same command to resume at pass 2/4: quantile refinement")
@@ -262,7 +296,7 @@ def test_cli_prints_one_line_and_exits_130_at_any_stage(data, tmp_path, monkeypa
     np.save(tmp_path / "features.npy", feats)
     np.save(tmp_path / "segs.npy", segs)
     (tmp_path / "labels.json").write_text(json.dumps(LABELS))
-    module = passes if stage == "count_levels" else dissect_module
+    module = unit_groups if stage == "count_levels" else dissect_module
     monkeypatch.setattr(module, stage, _raise_on_call(1, getattr(module, stage)))
     argv = ["dissect", "--features", str(tmp_path / "features.npy"), "--segmentations", str(tmp_path / "segs.npy"),
             "--labels", str(tmp_path / "labels.json"), "--batch-size", "16", "--quiet", "--no-images",

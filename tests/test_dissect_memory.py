@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gandissect_jax.dissection import DissectConfig, dissect_features, passes
+from gandissect_jax.dissection.groups import measure_units
 from gandissect_jax.dissection.engine import make_mesh
 from gandissect_jax.dissection.memory import (RUNTIME_BYTES, Budget, MemoryBudgetError, PassShapes, parse_memory,
                                               plan_dissection, plan_memory)
@@ -194,7 +195,7 @@ def test_groups_that_saw_different_segmentations_are_refused(golden):
     groups = ((("features", 0, 12),), (("features", 12, 24),))
     label_category = np.array([0] * 13)
     with pytest.raises(RuntimeError, match="different segmentations"):
-        passes.measure_units(source, groups, threshold="quantile", quantile=0.005, search_iqr=False, fixed_levels=None,
+        measure_units(source, groups, threshold="quantile", quantile=0.005, search_iqr=False, fixed_levels=None,
                              topk=5, label_category=label_category, num_categories=3, settings=settings)
 
 

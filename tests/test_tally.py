@@ -207,6 +207,42 @@ def test_interrupted_tally_resumes_to_identical_results(tmp_path):
         tally(compute, Rows(), {"moments": running_moments(4)}, **options)
 
 
+def test_finished_pass_without_final_checkpoint_writes_nothing_and_keeps_its_last_save(tmp_path):
+    options = dict(params={"level": jnp.float32(1.5)}, batch_size=4, progress=False, final_checkpoint=False)
+    full = flat(tally(compute, Rows(), STATISTICS, **options))
+    short = tmp_path / "short"
+    tally(compute, Rows(), STATISTICS, checkpoint_dir=str(short), checkpoint_every=600.0, **options)
+    assert not (short / "tally.npz").exists()  # finished before its first periodic save: no write at all
+    saved = tmp_path / "saved"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tally(compute, Crashing(fail_after=7), STATISTICS, checkpoint_dir=str(saved), checkpoint_every=0.0, **options)
+    again = Crashing()
+    resumed = flat(tally(compute, again, STATISTICS, checkpoint_dir=str(saved), checkpoint_every=600.0, **options))
+    assert again.fetches == 12 - 7  # resumed from the last periodic save, which the finished pass left as it was
+    assert all(full[name].tobytes() == resumed[name].tobytes() for name in full)
+    assert tally(compute, Rows(), STATISTICS, checkpoint_dir=str(tmp_path / "final"), checkpoint_every=600.0,
+                 **{**options, "final_checkpoint": True}) is not None
+    assert (tmp_path / "final" / "tally.npz").exists()
+
+
+def test_a_full_statistic_is_drained_alone():
+    merges = {"small": 0, "large": 0}
+
+    def counting(name, stat):
+        def merge(a, b):
+            merges[name] += 1
+            return stat.merge(a, b)
+        return stat._replace(merge=merge)
+
+    stats = {"small": counting("small", peak_mean(4)),  # 16 slots: drained every 2 steps of 8
+             "large": counting("large", running_moments(4))}
+    stats["large"] = stats["large"]._replace(capacity=None)
+    results = tally(lambda p, b: {"small": (b["x"], b["index"]), "large": (b["x"], b["index"])}, Rows(), stats,
+                    batch_size=8, progress=False, mesh=make_mesh(jax.devices()[:1]))
+    assert merges == {"small": 3, "large": 1}  # 6 steps: drains after steps 2 and 4, and at the end
+    assert np.allclose(results["small"], Rows().x.max(axis=(1, 2)).mean(axis=0))
+
+
 def test_batch_that_could_overflow_between_drains_is_refused():
     stat = STATISTICS["peaks"]  # a 16-sample buffer per device
     with pytest.raises(ValueError, match="batch size of at most 16"):

@@ -23,16 +23,16 @@ import os
 import sys
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-
 from . import distributed, passes
 from .analysis import score_layer
+from .checks import (IGNORE_VALUES, LAYOUTS, _arrange_features, _aspect_agrees, _check_label_values,  # noqa: F401
+                     _check_labels, _check_levels, _check_source)
 from .config import MAX_SAMPLES, MAX_SEED, DissectConfig
-from .engine import AXIS, make_mesh, per_device_batch
+from .engine import make_mesh
+from .gallery import Gallery, StripsRequest
+from .groups import measure_units
 from .interruption import ResumeTracker
-from .labels import label_category_indices, labels_and_categories
+from .labels import label_category_indices
 from .memory import plan_dissection
 from .progress import COUNT_PASS_COST, RunProgress
 from .report import safe_dir_name, write_report
@@ -41,10 +41,6 @@ from .resume import RunDirectory, digest, file_sha256, outdir_lock
 from .datasets import ModelSource
 from .sources import ArraySource, GeneratorSource, Unlabelled
 from .strips import write_strips
-
-LAYOUTS = ("nhwc", "nchw")
-# Label values that public datasets use for "ignore" (ADE20K, Cityscapes, VOC: 255; others: -1).
-IGNORE_VALUES = (255, -1, 65535)
 
 
 def _config(config: DissectConfig | None, overrides: Mapping[str, Any]) -> DissectConfig:
@@ -64,78 +60,6 @@ def _dir_names(layers: Sequence[str]) -> dict[str, str]:
         if other != layer:
             raise ValueError(f"layers {other!r} and {layer!r} would share the output directory {name!r}")
     return names
-
-
-def _check_labels(labels, categories) -> tuple[list[tuple[str, str]], list[str]]:
-    """Labels and categories, normalized; ValueError for a label listed twice, a category listed
-    twice, or a label whose category is not among the categories."""
-    labels, categories = labels_and_categories(labels, categories)
-    if len(set(categories)) != len(categories):
-        twice = sorted({c for c in categories if categories.count(c) > 1})
-        raise ValueError(f"categories {twice} are listed more than once in {categories}")
-    seen: dict[tuple[str, str], int] = {}
-    for number, (name, category) in enumerate(labels):
-        if category not in categories:
-            raise ValueError(f"label {number} {name!r} has category {category!r}, which is not one of the "
-                             f"categories {categories}")
-        if (name, category) in seen:
-            raise ValueError(f"label {name!r} ({category}) is listed twice, as label {seen[(name, category)]} "
-                             f"and label {number}; every label must be listed once")
-        seen[(name, category)] = number
-    return labels, categories
-
-
-def _check_source(source, config: DissectConfig) -> None:
-    """Sample count, top-k length and sizes, before anything is read."""
-    if source.num_samples < 1:
-        raise ValueError("there are no samples to dissect (N = 0)")
-    config.resolved_topk(source.num_samples)
-    if min(source.seg_size) < 1:
-        raise ValueError(f"the segmentation size {tuple(source.seg_size)} is empty")
-    for layer, shape in source.feature_shapes.items():
-        if min(shape) < 1:
-            raise ValueError(f"features of layer {layer!r} have an empty shape {tuple(shape)} (h, w, U)")
-
-
-def _check_label_values(source, num_labels: int, mesh, batch_size: int) -> None:
-    """Every segmentation entry of precomputed data (an exact scan, done with the content hash), or
-    those of the first batch of a generator source, must lie in [0, num_labels); ValueError
-    before the passes otherwise. (The count pass checks every entry of every source again.)"""
-    if hasattr(source, "label_range"):
-        low, high = source.label_range()
-        where = "the segmentations"
-    else:
-        devices = mesh.devices.size
-        count = per_device_batch(min(batch_size, source.num_samples), devices,
-                                 getattr(source, "micro_batch", None)) * devices
-        indices = np.minimum(np.arange(count), source.num_samples - 1)  # whole micro-batches per device
-        labels = distributed.to_host(source.fetch(indices, NamedSharding(mesh, P(AXIS)))["labels"])
-        low, high = int(labels.min()), int(labels.max())
-        where = f"the segmentations of the first {min(count, source.num_samples)} samples"
-    if low >= 0 and high < num_labels:
-        return
-    bad = high if high >= num_labels else low
-    hint = ("; map 'ignore' values such as 255 or -1 to 0 (no label) first" if bad in IGNORE_VALUES
-            else "; the labels file must list every label number the segmentations use")
-    raise ValueError(f"{where} hold label {bad}, outside [0, {num_labels - 1}]: the labels list "
-                     f"{num_labels} labels (0 = no label){hint}")
-
-
-def _check_levels(levels: Mapping[str, Any] | None, source) -> dict[str, np.ndarray] | None:
-    if levels is None:
-        return None
-    checked = {}
-    for layer in source.layers:
-        if layer not in levels:
-            raise ValueError(f"no levels given for layer {layer!r}")
-        value = np.asarray(levels[layer], np.float32).reshape(-1)
-        units = source.feature_shapes[layer][2]
-        if value.shape != (units,):
-            raise ValueError(f"levels for layer {layer!r} have {value.size} entries; the layer has {units} units")
-        if not np.all(np.isfinite(value)):
-            raise ValueError(f"levels for layer {layer!r} contain NaN or inf")
-        checked[layer] = value
-    return checked
 
 
 def dissect(source, labels, categories: Sequence[str] | None, config: DissectConfig, *, default_threshold: str,
@@ -256,17 +180,29 @@ def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, defa
             plan = _plan(source, pending, labels, categories, threshold, search_iqr, config, mesh)
             if config.progress and len(plan.groups) > 1:
                 print(plan.describe(), file=sys.stderr)
+            # the count pass keeps what the strips draw when it runs the generator anyway (.gallery)
+            strips = StripsRequest(config.thumbsize, {}) if (
+                config.make_images and (outdir or multi) and getattr(source, "fetches_images", False)) else None
             try:
-                results.update(_measure(source, plan.groups, labels, categories, label_category, threshold,
-                                        search_iqr, levels, config, settings, tracker))
+                measured, galleries = _measure(source, plan.groups, labels, categories, label_category, threshold,
+                                               search_iqr, levels, config, settings, tracker, strips)
+                results.update(measured)
             except ValueError:
                 run.discard()  # bad input found by the passes: nothing of this run is worth resuming
                 raise
+        else:
+            galleries = {}
+
+        def gallery_file(layer):  # what the strips draw, kept until they are written (resume)
+            return os.path.join(run.subdirectory("strips"), f"{dirnames[layer]}.npz")
+
         with run.recording(list(dirnames.values())):
             for layer in pending:
                 if writes:
                     layer_dir = os.path.join(outdir, dirnames[layer])
                     os.makedirs(layer_dir, exist_ok=True)
+                    if layer in galleries:
+                        galleries[layer].for_layer(results[layer].topk_indices).save(gallery_file(layer))
                     results[layer].save_npz(score_file(layer))
                     run.mark(f"layer-{dirnames[layer]}", {"layer": layer, "sha256": file_sha256(score_file(layer))})
             if pending and not config.keep_progress:
@@ -275,10 +211,16 @@ def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, defa
             if writes:
                 for layer, result in ordered.items():
                     if config.make_images and not run.is_marked(f"images-{dirnames[layer]}"):
+                        # no gallery (a source that does not fetch images, a run begun by an older
+                        # version): the top-k samples are rendered again
+                        kept = galleries.get(layer) or Gallery.load(gallery_file(layer))
                         write_strips(os.path.join(outdir, dirnames[layer]), result, source,
                                      batch_size=config.batch_size, thumbnail=config.thumbsize,
-                                     show_progress=config.progress)
+                                     show_progress=config.progress, gallery=kept)
                         run.mark(f"images-{dirnames[layer]}", {"layer": layer})
+                        run.remove(os.path.join("strips", f"{dirnames[layer]}.npz"))
+                if all(run.is_marked(f"images-{name}") for name in dirnames.values()):
+                    run.remove("strips")
                 if config.make_report:
                     write_report(outdir, ordered, iou_threshold=config.iou_threshold, title=config.title,
                                  settings={k: v for k, v in run.fingerprint.items() if k != "labels"},
@@ -296,8 +238,10 @@ def _plan(source, layers, labels, categories, threshold, search_iqr, config, mes
 
 
 def _measure(source, groups, labels, categories, label_category, threshold, search_iqr, levels, config,
-             settings: passes.PassSettings, tracker: ResumeTracker) -> dict[str, LayerDissection]:
-    """Quantile passes and count pass for each unit group of the pending layers, then scores per layer."""
+             settings: passes.PassSettings, tracker: ResumeTracker, strips: StripsRequest | None = None
+             ) -> tuple[dict[str, LayerDissection], dict[str, Gallery]]:
+    """Quantile passes and count pass for each unit group of the pending layers, then scores per
+    layer; returns ({layer: LayerDissection}, {layer: Gallery} (with ``strips``))."""
     units = {layer: stop - start for layer, start, stop in groups[0]}
     plans = passes.quantile_plans(units, threshold, config.quantile, search_iqr)
     stages = max((len(planner.bits) for plan in plans.values() for _, planner in plan.planners()
@@ -311,14 +255,14 @@ def _measure(source, groups, labels, categories, label_category, threshold, sear
     watched = tracker.passes(progress or settings.progress, names, len(groups), settings.directory)
     settings = dataclasses.replace(settings, progress=watched)
     try:
-        label_state, measured = passes.measure_units(
+        label_state, measured = measure_units(
             source, groups, threshold=threshold, quantile=config.quantile, search_iqr=search_iqr, fixed_levels=levels,
             topk=config.resolved_topk(source.num_samples), label_category=label_category,
-            num_categories=len(categories), settings=settings)
+            num_categories=len(categories), settings=settings, strips=strips)
     finally:
         if progress is not None:
             progress.close()
-    results = {}
+    results, galleries = {}, {}
     for layer in list(measured):
         m = measured.pop(layer)  # score one layer at a time, releasing its counts before the next
         results[layer] = score_layer(layer, m.counts, m.levels, label_state, m.topk, label_names=labels,
@@ -326,42 +270,10 @@ def _measure(source, groups, labels, categories, label_category, threshold, sear
                                      quantile=config.quantile, num_samples=source.num_samples,
                                      seg_size=source.seg_size, raw_quantile_q=passes.RAW_REPORT_Q,
                                      label_rule=config.label_rule)
+        if m.gallery is not None:
+            galleries[layer] = m.gallery
         del m
-    return results
-
-
-def _aspect_agrees(spatial: Sequence[int], seg_size: Sequence[int]) -> bool:
-    """True when a feature map of size ``spatial`` (h, w) covers ``seg_size`` (H, W) with the same
-    aspect ratio, to within one feature pixel (convolutions round odd sizes)."""
-    (h, w), (H, W) = spatial, seg_size
-    return abs(h * W / H - w) <= 1 or abs(w * H / W - h) <= 1
-
-
-def _arrange_features(features: Mapping[str, Any], segmentations, layout: str) -> dict[str, Any]:
-    """NHWC views of the features given in ``layout``; ValueError when a layer's spatial aspect
-    ratio disagrees with the segmentations' (suggesting the other layout when that one fits)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be 'nhwc' or 'nchw', got {layout!r}")
-    seg_size = tuple(int(s) for s in segmentations.shape[1:3]) if getattr(segmentations, "ndim", 0) >= 3 else None
-    arranged = {}
-    for name, array in features.items():
-        if getattr(array, "ndim", None) != 4:
-            axes = "(N, h, w, U)" if layout == "nhwc" else "(N, U, h, w)"
-            raise ValueError(f"features {name!r} must have 4 axes {axes} (layout {layout!r}), got shape "
-                             f"{tuple(getattr(array, 'shape', ()))}" +
-                             ("; for a single unit add a last axis of length 1" if getattr(array, "ndim", 0) == 3
-                              else ""))
-        view = array if layout == "nhwc" else array.transpose(0, 2, 3, 1)
-        if seg_size is not None and not _aspect_agrees(view.shape[1:3], seg_size):
-            other = "nchw" if layout == "nhwc" else "nhwc"
-            swapped = array.shape[2:4] if other == "nchw" else array.shape[1:3]
-            hint = (f"; if the array is {'channels-first (N, U, h, w), as PyTorch and Caffe save features' if other == 'nchw' else 'channels-last (N, h, w, U)'}, "
-                    f"pass --layout {other} (API: layout='{other}')" if _aspect_agrees(swapped, seg_size) else "")
-            raise ValueError(f"features {name!r} of shape {tuple(array.shape)} have a {view.shape[1]}x{view.shape[2]} "
-                             f"feature map in layout {layout!r}, whose aspect ratio differs from the "
-                             f"segmentations' {seg_size[0]}x{seg_size[1]}{hint}")
-        arranged[name] = view
-    return arranged
+    return results, galleries
 
 
 def dissect_features(features, segmentations, labels, config: DissectConfig | None = None, *,

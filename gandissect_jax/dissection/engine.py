@@ -31,16 +31,15 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import distributed, resume
 from .config import MAX_BATCH, MAX_CHECKPOINT_SECONDS
+from .drains import AXIS, _drain, _drain_some, _init
 from .statistics import StreamingStatistic
 
-AXIS = "devices"
 CHECKPOINT_NAME = "tally.npz"
 IN_FLIGHT = 4  # steps the host may queue ahead of the devices
 
@@ -144,76 +143,6 @@ def _step(compute: Callable, names: tuple[str, ...], statistics: tuple[Streaming
     return jax.jit(mapped, donate_argnums=(0,))
 
 
-@functools.lru_cache(maxsize=64)
-def _init(names: tuple[str, ...], statistics: tuple[StreamingStatistic, ...], mesh: Mesh):
-    """A jitted function making fresh device states, one per device along the leading axis."""
-    count = mesh.devices.size
-
-    def make():
-        return {name: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (count,) + x.shape), stat.init())
-                for name, stat in zip(names, statistics)}
-
-    return jax.jit(make, out_shardings=NamedSharding(mesh, P(AXIS)))
-
-
-def _per_device(state: Any) -> Iterator[Any]:
-    """Host copies of each device's state, one device at a time (so a drain holds one device's copy),
-    from a state with a leading (sharded) device axis."""
-    leaves, treedef = jax.tree_util.tree_flatten(state)
-    shards = [sorted(leaf.addressable_shards, key=lambda s: s.index[0].start or 0) for leaf in leaves]
-    # explicit transfers (jax.device_get), so the pass also runs under jax.transfer_guard("disallow")
-    for d in range(len(shards[0]) if shards else 0):
-        yield jax.tree_util.tree_unflatten(treedef, [jax.device_get(shards[i][d].data)[0] for i in range(len(leaves))])
-
-
-def _bits(x):
-    """``x`` as unsigned integers of the same width (bool as uint8): exact under a sum with zeros."""
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint8)
-    if jnp.issubdtype(x.dtype, jnp.floating):
-        return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
-    return x
-
-
-def _unbits(bits, dtype):
-    if dtype == jnp.bool_:
-        return bits.astype(jnp.bool_)
-    if jnp.issubdtype(dtype, jnp.floating):
-        return jax.lax.bitcast_convert_type(bits, dtype)
-    return bits
-
-
-@functools.lru_cache(maxsize=16)
-def _from_device(mesh: Mesh):
-    """jit(shard_map): the state of device ``d`` (a replicated scalar), replicated on every device
-    of every process. Each device contributes its state's bits where it is ``d`` and zeros
-    elsewhere, summed over the mesh: an exact copy, whatever the dtype."""
-
-    def body(state, d):
-        me = jax.lax.axis_index(AXIS)
-
-        def pick(x):
-            x = x[0]
-            bits = _bits(x)
-            total = jax.lax.psum(jnp.where(me == d, bits, jnp.zeros_like(bits)), AXIS)
-            return _unbits(total, x.dtype)
-
-        return jax.tree_util.tree_map(pick, state)
-
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(AXIS), P()), out_specs=P(), check_vma=False))
-
-
-def _per_device_global(state: Any, mesh: Mesh) -> Iterator[Any]:
-    """Host copies of each device's state in mesh order, on every process of a multi-host mesh
-    (each device's state is sent to all hosts in turn, so a drain holds one device's copy)."""
-    fetch = _from_device(mesh)
-    replicated = NamedSharding(mesh, P())
-    for d in range(mesh.devices.size):
-        copy = fetch(state, jax.device_put(np.int32(d), replicated))
-        yield jax.tree_util.tree_map(lambda x: jax.device_get(x.addressable_data(0)), copy)
-        del copy
-
-
 def per_device_batch(batch_size: int, devices: int, micro_batch: int | None = None) -> int:
     """Samples per device and step: ``batch_size`` split over ``devices``, rounded up to a multiple of
     the source's ``micro_batch`` (if any), so every device's share is whole micro-batches and, as
@@ -223,43 +152,32 @@ def per_device_batch(batch_size: int, devices: int, micro_batch: int | None = No
     return -(-per_device // step) * step
 
 
-def _drain(statistics: Mapping[str, StreamingStatistic], host: dict, states: dict, mesh: Mesh | None = None) -> dict:
-    """Merge every device's state into the host states (on every process when the mesh spans several)."""
-    spans_processes = mesh is not None and not all(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    for name, stat in statistics.items():
-        copies = _per_device_global(states[name], mesh) if spans_processes else _per_device(states[name])
-        for device_state in copies:
-            host[name] = stat.merge(host[name], device_state)
-            del device_state
-    return host
-
-
 def _signature(statistics: Mapping[str, StreamingStatistic], num_samples: int) -> dict:
     shapes = {name: [[list(x.shape), str(x.dtype)] for x in jax.tree_util.tree_leaves(jax.eval_shape(stat.init))]
               for name, stat in statistics.items()}
     return {"statistics": list(statistics), "shapes": shapes, "num_samples": int(num_samples)}
 
 
-def _capacity(compute, statistics, params, batch, per_device: int) -> tuple[int | None, str]:
-    """The fewest samples per device any statistic can take between drains, from shapes only."""
+def _capacities(compute, statistics, params, batch, per_device: int) -> dict[str, int | None]:
+    """{name: how many samples per device the statistic can take between drains (None: no limit)},
+    from shapes only."""
     local = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((per_device,) + tuple(x.shape[1:]), x.dtype), batch)
     outputs = jax.eval_shape(compute, params, local)
     missing = [name for name in statistics if name not in outputs]
     if missing:
         raise ValueError(f"compute returned no inputs for statistic(s) {missing}; it returned {sorted(outputs)}")
-    limit, which = None, ""
+    limits = {}
     for name, stat in statistics.items():
-        if stat.capacity is not None:
-            value = stat.capacity(outputs[name])
-            if value is not None and (limit is None or value < limit):
-                limit, which = max(1, int(value)), name
-    return limit, which
+        value = stat.capacity(outputs[name]) if stat.capacity is not None else None
+        limits[name] = None if value is None else max(1, int(value))
+    return limits
 
 
 def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
           statistics: Mapping[str, StreamingStatistic] | StreamingStatistic, *, params: Any = None,
           checkpoint_dir: str | None = None, mesh: Mesh | None = None, batch_size: int = 32,
-          checkpoint_every: float = 60.0, progress: bool | PassProgress = True, desc: str = "tally") -> Any:
+          checkpoint_every: float = 60.0, progress: bool | PassProgress = True, desc: str = "tally",
+          final_checkpoint: bool = True) -> Any:
     """Stream every sample of ``source`` once through ``compute`` into ``statistics``; return their results.
 
     compute: jittable ``compute(params, batch) -> {name: inputs}`` run on each device's shard of
@@ -279,6 +197,12 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
     batch_size: samples per step over all devices (rounded up to a multiple of the device count,
       and of the device count times the source's ``micro_batch`` when it has one).
     progress: show a tqdm bar named ``desc`` (True), nothing (False), or a :class:`PassProgress`.
+    final_checkpoint: also save the finished pass's states (so a rerun returns them without
+      reading the data again). False when the caller keeps what it needs of the results itself
+      (e.g. the dissection's quantile plan): the finished pass then writes nothing more, and a
+      rerun continues from the last periodic save, if any (Ctrl-C during the last batch still saves).
+    A statistic whose ``capacity`` is reached is drained alone (e.g. a buffer of images), the
+    others when theirs is, and all of them at a save and at the end.
 
     Returns ``{name: statistics[name].finalize(state)}`` (or the single result). Results are
     identical for any device count and batch size: integer states merge exactly, top-k merges
@@ -343,8 +267,9 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
     try:
         with deferred_interrupt() as stop_requested:
             states = init() if start < total else None
-            limit = None
-            since_drain = steps_run = 0
+            limits = None
+            since_drain = {name: 0 for name in statistics}
+            steps_run = 0
             last_save = time.monotonic()
             position = start
             while position < total:
@@ -353,10 +278,11 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
                 batch = dict(source.fetch(indices, sharding))
                 batch["index"] = jax.device_put(indices.astype(np.int32), sharding)
                 batch["valid"] = jax.device_put(valid, sharding)
-                if limit is None:
-                    limit, which = _capacity(compute, statistics, replicated, batch, per_device)
-                    limit = limit if limit is not None else np.iinfo(np.int64).max
-                    if per_device > limit:
+                if limits is None:
+                    limits = _capacities(compute, statistics, replicated, batch, per_device)
+                    small = {name: limit for name, limit in limits.items() if limit is not None and per_device > limit}
+                    if small:
+                        which, limit = min(small.items(), key=lambda item: item[1])
                         raise ValueError(f"a batch of {per_device} samples per device could overflow statistic "
                                          f"{which!r} between drains; use a batch size of at most {limit * devices}")
                 # At most IN_FLIGHT steps queued: the host fetches ahead while the devices work,
@@ -367,7 +293,8 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
                     jax.block_until_ready(states)
                 states = step(states, replicated, batch)
                 position = min(total, position + global_batch)
-                since_drain += per_device
+                for name in since_drain:
+                    since_drain[name] += per_device
                 bar.update(int(valid.sum()))
                 # several processes: every IN_FLIGHT steps they agree to stop (Ctrl-C on any) and to
                 # drain and save (a checkpoint due by process 0's clock)
@@ -381,21 +308,26 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
                     stopping = stop_requested() and position < total
                     must_save = checkpoint is not None and position < total and (
                         stopping or time.monotonic() - last_save >= checkpoint_every)
-                if since_drain + per_device > limit or must_save:
-                    host = _drain(statistics, host, states, mesh)
-                    del states
-                    states, since_drain = init(), 0
+                full = [name for name, limit in limits.items()  # (after the last step: the drain below)
+                        if must_save or (position < total and limit is not None
+                                         and since_drain[name] + per_device > limit)]
+                if full:
+                    states = _drain_some(statistics, full, host, states, mesh)
+                    for name in full:
+                        since_drain[name] = 0
                     if must_save and checkpoint is not None:
-                        _save(checkpoint, host, signature, position)
+                        _save(checkpoint, host, signature, position, bar)
                         last_save = time.monotonic()
                 if stopping:
                     raise Interrupted(desc, position, total, checkpoint)
             if states is not None:
                 host = _drain(statistics, host, states, mesh)
-                if checkpoint:
-                    _save(checkpoint, host, signature, total)
+                del states
             # Ctrl-C during the last batch: the pass is complete and saved
-            if distributed.any_process(stop_requested()) if multi else stop_requested():
+            stopped = distributed.any_process(stop_requested()) if multi else stop_requested()
+            if checkpoint and start < total and (final_checkpoint or stopped):
+                _save(checkpoint, host, signature, total, bar)
+            if stopped:
                 raise Interrupted(desc, total, total, checkpoint)
     finally:
         bar.close()
@@ -403,8 +335,11 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
     return results["result"] if single else results
 
 
-def _save(path: str, host: dict, signature: dict, samples_done: int) -> None:
+def _save(path: str, host: dict, signature: dict, samples_done: int, bar=None) -> None:
     resume.save_checkpoint(path, host, {"signature": signature, "samples_done": int(samples_done)})
+    saved = getattr(bar, "saved", None)  # a progress bar that follows what is on disk (interruption.py)
+    if saved is not None:
+        saved(int(samples_done))
 
 
 @functools.lru_cache(maxsize=64)

@@ -47,6 +47,16 @@ class _Bar:
 
     def __init__(self, tracker: "ResumeTracker", inner, total: int, initial: int):
         self.tracker, self.inner, self.total, self.done = tracker, inner, int(total), int(initial)
+        self.on_disk = int(initial)  # samples a rerun of this pass finds saved (a resumed pass starts there)
+
+    def saved(self, samples_done: int) -> None:
+        """``tally`` saved the pass's state up to ``samples_done``."""
+        self.on_disk = int(samples_done)
+
+    @property
+    def persisted(self) -> bool:
+        """The finished pass's results are on disk (a rerun does not run it again)."""
+        return self.on_disk >= self.total
 
     def update(self, count: int) -> None:
         self.done += int(count)
@@ -95,6 +105,21 @@ class ResumeTracker:
         give ``tally`` as ``progress=``."""
         self.display, self.names, self.groups, self.directory = display, list(names), int(groups), directory
         return self
+
+    def result_saved(self, desc: str) -> None:
+        """The pass ``desc`` finished and its results were saved outside its checkpoint (the
+        quantile plan), so a rerun starts after it."""
+        if self.current is not None and self.index >= 0 and self.names[self.index] == desc:
+            self.current.on_disk = self.current.total
+
+    def _unsaved_pass(self) -> bool:
+        """The pass that ran last is finished but a rerun would not find its results saved."""
+        return bool(self.outdir) and self.current is not None and not self.current.persisted
+
+    def _redo(self, stage: str) -> str:
+        """Where a rerun takes up the finished but unsaved pass ``stage`` (the current one)."""
+        samples = self.current.on_disk if self.current is not None else 0
+        return f"resume {stage} from sample {samples:,} (its last checkpoint)" if samples else f"run {stage} again"
 
     def bar(self, desc: str, total: int, initial: int) -> _Bar:
         """:class:`~.engine.PassProgress`: a pass starts (``initial`` samples already done by a resumed run)."""
@@ -148,6 +173,14 @@ class ResumeTracker:
             every = " of every unit group" if self.groups > 1 else ""
             rest = ", ".join(["save the scores"] + (["write the strips"] if self.images else []))
             rest += " and write the report" if self.report else ""
+            if self._unsaved_pass():
+                # the last pass keeps its results in memory for the scores (no final checkpoint)
+                stage = self._pass_name(self.index)
+                return RunInterrupted(self._say(f"after the passes: all {len(self.names)} passes{every} done, "
+                                                f"{stage} not saved (its results are saved with the scores)",
+                                                f"progress saved in {self.directory}",
+                                                f"{self._redo(stage)}, score {_listing(unsaved)}, then {rest}"),
+                                      stage, cause)
             return RunInterrupted(self._say(f"after the passes: all {len(self.names)} passes{every} done",
                                             f"progress saved in {self.directory}",
                                             f"redo only the scoring of {_listing(unsaved)}, then {rest}"),
@@ -182,6 +215,9 @@ class ResumeTracker:
             return RunInterrupted(self._say(f"{stage} stopped at once near sample {bar.done:,} of {bar.total:,}",
                                             f"its last checkpoint is in {self.directory}",
                                             "resume this pass from there"), stage)
+        if self._unsaved_pass():  # finished, its results not yet saved
+            return RunInterrupted(self._say(f"{stage} finished but not yet saved", saved, self._redo(stage)),
+                                  stage, cause)
         # between two passes: the last one is complete and saved
         n = len(self.names)
         group = ""

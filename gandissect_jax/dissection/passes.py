@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import io
 import os
 import shutil
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import distributed, engine
+from . import distributed, engine, gallery
 from . import statistics as st
 from .quantiles import RadixQuantiles, RadixStage, radix_histogram
 from .resume import atomic_file
@@ -162,7 +161,9 @@ def quantile_plans(units: Mapping[str, int], threshold: str, quantile: float, se
             for layer, count in units.items()}
 
 
-def _save_plan(path: str, plans, topk, stage_index: int) -> None:
+def _save_plan(path: str, plans, topk, stage_index: int, progress=None) -> None:
+    """Write the quantile plan after stage ``stage_index - 1``; tell ``progress`` (an
+    :class:`~.interruption.ResumeTracker` follows what is on disk) that this pass is saved."""
     arrays: dict[str, Any] = {"layers": np.asarray(list(plans), dtype=str), "stage_index": np.int64(stage_index)}
     for layer, plan in plans.items():
         for stream, planner in plan.planners():
@@ -172,6 +173,9 @@ def _save_plan(path: str, plans, topk, stage_index: int) -> None:
         arrays[f"{layer}/topk_values"], arrays[f"{layer}/topk_indices"] = topk[layer]
     with atomic_file(path) as handle:
         np.savez(handle, **arrays)
+    saved = getattr(progress, "result_saved", None)
+    if saved is not None:
+        saved(f"quantiles-{stage_index - 1}")
 
 
 def _load_plan(path: str, plans) -> tuple[int, dict]:
@@ -215,7 +219,8 @@ def quantile_passes(source, plans: dict[str, QuantilePlan], seg_size, topk: int,
         name = f"quantiles-{stage_index}"
         results = engine.tally(compute, source, stats, params=tables, mesh=settings.mesh,
                                batch_size=settings.batch_size, checkpoint_dir=settings.checkpoint_dir(name),
-                               checkpoint_every=settings.checkpoint_every, progress=settings.progress, desc=name)
+                               checkpoint_every=settings.checkpoint_every, progress=settings.progress, desc=name,
+                               final_checkpoint=False)  # its results go into the plan, saved below
         for layer, plan in plans.items():
             if stage_index == 0:
                 bad = results[f"{layer}/nonfinite"]
@@ -230,7 +235,7 @@ def quantile_passes(source, plans: dict[str, QuantilePlan], seg_size, topk: int,
         del results  # the stage's histograms are consumed; do not hold them through the next stage
         stage_index += 1
         if plan_path:
-            _save_plan(plan_path, plans, best, stage_index)
+            _save_plan(plan_path, plans, best, stage_index, settings.progress)
             engine_dir = settings.checkpoint_dir(name)
             if os.path.isdir(engine_dir):  # superseded by the plan
                 shutil.rmtree(engine_dir)
@@ -258,11 +263,14 @@ def count_levels(plan: QuantilePlan, threshold: str, fixed_levels: np.ndarray | 
 
 @functools.lru_cache(maxsize=32)
 def _count_stage(spec: tuple):
-    """(compute, statistics) of the count pass; spec = (((layer, U, J), ...), L, C, seg_size, unit_chunk)."""
-    layers, num_labels, num_categories, seg_size, unit_chunk = spec
+    """(compute, statistics) of the count pass; spec = (((layer, U, J), ...), L, C, seg_size, unit_chunk,
+    gallery), gallery = None or (D wanted samples, image size, thumbnail, slots, ((layer, k, h, w), ...))."""
+    layers, num_labels, num_categories, seg_size, unit_chunk, strips = spec
     stats: dict[str, st.StreamingStatistic] = {"labels": st.label_statistics(num_labels, num_categories)}
     for layer, num_units, num_levels in layers:
         stats[f"{layer}/counts"] = st.level_counts(num_units, num_labels, num_levels, num_categories, unit_chunk)
+    if strips is not None:
+        stats.update(gallery.statistics(strips, {layer: units for layer, units, _ in layers}))
 
     def compute(params, batch):
         valid = batch["valid"]
@@ -279,148 +287,53 @@ def _count_stage(spec: tuple):
             features = _units(batch[layer], params, layer, num_units)
             up = upsample_bilinear_unit_major(features, seg_size).reshape(num_units, n, -1)
             outputs[f"{layer}/counts"] = (up, params[f"{layer}/levels"], dedup, categories)
+            if strips is not None:
+                outputs[f"{layer}/maps"] = (features, params[f"{layer}/topk"], batch["index"])
+        if strips is not None:
+            outputs["thumbnails"] = (batch["images"], params["wanted"], batch["index"])
         return outputs
 
     return compute, stats
 
 
 def count_pass(source, levels: Mapping[str, LayerLevels], label_category: np.ndarray, num_categories: int,
-               seg_size, settings: PassSettings, slices: Mapping[str, tuple[int, int]] | None = None
-               ) -> tuple[st.LabelState, dict[str, st.LevelCountState]]:
+               seg_size, settings: PassSettings, slices: Mapping[str, tuple[int, int]] | None = None,
+               strips: gallery.StripsRequest | None = None, final_checkpoint: bool = True
+               ) -> tuple[st.LabelState, dict[str, st.LevelCountState], dict[str, gallery.Gallery]]:
     """Histogram every unit's upsampled activations between its sorted levels, per category and label.
 
     slices: {layer: (start, stop)}, the units of each layer that ``levels`` cover (default: all).
-    Returns (label statistics, {layer: level counts}). ValueError when a segmentation entry lies
-    outside [0, L).
+    strips: also keep what the image strips of these units draw (:mod:`.gallery`; the source
+    must fetch images). final_checkpoint: see :func:`~.engine.tally`.
+    Returns (label statistics, {layer: level counts}, {layer: Gallery} (empty without strips)).
+    ValueError when a segmentation entry lies outside [0, L).
     """
     num_labels = len(label_category)
     for layer, info in levels.items():
         _unit_slice(slices, layer, info.sorted.shape[0])
-    spec = (tuple((layer, info.sorted.shape[0], info.sorted.shape[1]) for layer, info in levels.items()),
-            num_labels, num_categories, tuple(seg_size), settings.unit_chunk)
-    compute, stats = _count_stage(spec)
     params = {"label_category": np.asarray(label_category, np.int32)}
     params.update({f"{layer}/levels": np.asarray(info.sorted, np.float32) for layer, info in levels.items()})
     params.update(_starts(slices))
+    strips_spec = None
+    if strips is not None:
+        devices = settings.mesh.devices.size
+        per_device = engine.per_device_batch(settings.batch_size, devices, getattr(source, "micro_batch", None))
+        strips_spec, strips_params = strips.spec(per_device, source.image_size, source.feature_shapes)
+        params.update(strips_params)
+        source = gallery.WithImages(source)
+    spec = (tuple((layer, info.sorted.shape[0], info.sorted.shape[1]) for layer, info in levels.items()),
+            num_labels, num_categories, tuple(seg_size), settings.unit_chunk, strips_spec)
+    compute, stats = _count_stage(spec)
     results = engine.tally(compute, source, stats, params=params, mesh=settings.mesh, batch_size=settings.batch_size,
                            checkpoint_dir=settings.checkpoint_dir("counts"), checkpoint_every=settings.checkpoint_every,
-                           progress=settings.progress, desc="counts")
+                           progress=settings.progress, desc="counts", final_checkpoint=final_checkpoint)
     label_state = results["labels"]
     if int(label_state.bad_labels):
         raise ValueError(f"{int(label_state.bad_labels)} segmentation entries lie outside [0, {num_labels}) "
                          f"(there are {num_labels} labels)")
-    return label_state, {layer: results[f"{layer}/counts"] for layer in levels}
-
-
-# ----------------------------------------------------------------------------- unit groups
-
-
-@dataclasses.dataclass
-class LayerMeasurement:
-    """Everything the passes measure for one layer: its levels, level counts and top-k samples."""
-
-    levels: LayerLevels
-    counts: st.LevelCountState
-    topk: tuple[np.ndarray, np.ndarray]
-
-
-class _Assembly:
-    """Per-layer arrays for all units, filled group by group (allocated once, so assembling never
-    holds two copies)."""
-
-    def __init__(self, units: Mapping[str, int]):
-        self.units = dict(units)
-        self.arrays: dict[str, dict[str, np.ndarray | None]] = {}
-
-    def put(self, layer: str, start: int, stop: int, levels: LayerLevels, counts: st.LevelCountState, topk) -> None:
-        parts = {"sorted": levels.sorted, "position": levels.position, "candidates": levels.candidates,
-                 "fixed": levels.fixed, "raw_quantiles": levels.raw_quantiles, "label": counts.label,
-                 "topk_values": topk[0], "topk_indices": topk[1]}
-        if layer not in self.arrays:
-            total = self.units[layer]
-            self.arrays[layer] = {name: None if value is None else np.empty((total,) + value.shape[1:], value.dtype)
-                                  for name, value in parts.items()}
-            category = counts.category
-            self.arrays[layer]["category"] = np.empty(category.shape[:1] + (total,) + category.shape[2:], category.dtype)
-        arrays = self.arrays[layer]
-        for name, value in parts.items():
-            if value is not None:
-                if arrays[name].shape[1:] != value.shape[1:]:  # e.g. top-k: every group sees the same samples
-                    raise RuntimeError(f"layer {layer!r}: unit groups disagree on the shape of {name}")
-                arrays[name][start:stop] = value
-        arrays["category"][:, start:stop] = counts.category
-
-    def result(self, layer: str) -> LayerMeasurement:
-        a = self.arrays.pop(layer)
-        return LayerMeasurement(LayerLevels(a["sorted"], a["position"], a["candidates"], a["fixed"], a["raw_quantiles"]),
-                                st.LevelCountState(a["category"], a["label"]), (a["topk_values"], a["topk_indices"]))
-
-
-def _same_labels(a: st.LabelState, b: st.LabelState) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(a, b))
-
-
-def _check_groups(groups, units: Mapping[str, int]) -> dict[str, int]:
-    """{layer: U} of the layers the groups cover; ValueError unless every group holds at most one
-    slice per layer, every slice lies inside its layer, and together they cover every unit."""
-    covered: dict[str, np.ndarray] = {}
-    for group in groups:
-        names = [layer for layer, _, _ in group]
-        if len(set(names)) != len(names):
-            raise ValueError(f"a unit group holds two slices of one layer: {group}")
-        for layer, start, stop in group:
-            if layer not in units or not 0 <= start < stop <= units[layer]:
-                raise ValueError(f"unit slice {layer!r} {start}:{stop} lies outside the source's layers "
-                                 f"{dict(units)}")
-            covered.setdefault(layer, np.zeros(units[layer], bool))[start:stop] = True
-    for layer, mask in covered.items():
-        if not mask.all():
-            raise ValueError(f"the unit groups leave units {np.flatnonzero(~mask)[:10].tolist()} of layer {layer!r} out")
-    return {layer: int(units[layer]) for layer in covered}
-
-
-def measure_units(source, groups, *, threshold: str, quantile: float, search_iqr: bool,
-                  fixed_levels: Mapping[str, np.ndarray] | None, topk: int, label_category: np.ndarray,
-                  num_categories: int, settings: PassSettings) -> tuple[st.LabelState, dict[str, LayerMeasurement]]:
-    """Quantile passes, levels and count pass of every unit group in turn, assembled per layer.
-
-    source: a dissection source; groups: unit groups ((layer, start, stop), ...) covering every
-    unit of the layers to measure (:class:`~.memory.MemoryPlan`; slices may overlap, e.g. a
-    layer's last slice shifted back to the size of the others, so that they share one compiled
-    program). Each group reads the data again; every statistic of a unit depends on that unit's
-    activations alone, so the assembled results are bit-identical to one group of every unit. With one group the checkpoints live in
-    ``settings.directory`` itself, with several in one subdirectory per group (named by its
-    slices), so a rerun resumes group by group. RuntimeError when two groups saw different
-    segmentations (a source must return the same sample for the same number).
-    """
-    totals = _check_groups(groups, {layer: shape[2] for layer, shape in source.feature_shapes.items()})
-    assembly = _Assembly(totals)
-    label_state = None
-    for group in groups:
-        slices = {layer: (int(start), int(stop)) for layer, start, stop in group}
-        group_settings = settings
-        if len(groups) > 1 and settings.directory:
-            name = "units-" + hashlib.sha256(repr(sorted(slices.items())).encode()).hexdigest()[:12]
-            group_settings = dataclasses.replace(settings, directory=settings.checkpoint_dir(name))
-        plans = quantile_plans({layer: stop - start for layer, (start, stop) in slices.items()}, threshold, quantile,
-                               search_iqr)
-        best = quantile_passes(source.features_only(), plans, source.seg_size, topk, group_settings, slices)
-        levels = {layer: count_levels(plans[layer], threshold,
-                                      None if fixed_levels is None else fixed_levels[layer][start:stop], search_iqr)
-                  for layer, (start, stop) in slices.items()}
-        del plans  # the planners' lookup tables are no longer needed
-        labels, counts = count_pass(source, levels, label_category, num_categories, source.seg_size, group_settings,
-                                    slices)
-        if label_state is None:
-            label_state = labels
-        elif not _same_labels(label_state, labels):
-            raise RuntimeError("two passes over the data saw different segmentations; the source must return "
-                               "the same sample for the same sample number")
-        for layer, (start, stop) in slices.items():
-            assembly.put(layer, start, stop, levels[layer], counts.pop(layer), best.pop(layer))
-        del levels, counts, best
-    return label_state, {layer: assembly.result(layer) for layer in totals}
+    galleries = strips.galleries(results) if strips is not None else {}
+    return label_state, {layer: results[f"{layer}/counts"] for layer in levels}, galleries
 
 
 __all__ = ["RAW_REPORT_Q", "QuantilePlan", "LayerLevels", "PassSettings", "quantile_plans", "quantile_passes",
-           "count_levels", "count_pass", "LayerMeasurement", "measure_units"]
+           "count_levels", "count_pass"]

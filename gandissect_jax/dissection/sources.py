@@ -21,13 +21,11 @@ for the quantile passes, where a generator runs only ``h``) and ``visual_batch``
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -35,6 +33,9 @@ from gandissect_jax.generator import Split, verify_split
 from gandissect_jax.images import to_uint8
 
 from .labels import colorize_segmentation
+# compute dtype and micro-batches (re-exported here, where they were first defined)
+from .microbatch import (COMPUTE_DTYPES, DEFAULT_MICRO_BATCH, _in_dtype, _pad_to_multiple, cast_floats,
+                         check_compute_dtype, check_micro_batch, default_micro_batch, micro_batched)
 from .resume import content_digest, pytree_digest
 
 # ============================================================================ generator / segmenter contracts
@@ -56,91 +57,6 @@ def segmenter_params(segmenter) -> Any:
 def segment(segmenter, params, images: jax.Array, downsample: int) -> jax.Array:
     """int32 (n, H / downsample, W / downsample, D) labels of images in [-1, 1]."""
     return segmenter.segment(params, images, downsample)
-
-
-# ============================================================================ compute dtype
-
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-def check_compute_dtype(compute_dtype) -> str:
-    """The compute dtype's name; ValueError unless it is one of COMPUTE_DTYPES."""
-    name = getattr(compute_dtype, "name", None) or getattr(compute_dtype, "__name__", None) or compute_dtype
-    if str(name) not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {list(COMPUTE_DTYPES)}, got {compute_dtype!r}")
-    return str(name)
-
-
-def cast_floats(tree: Any, dtype) -> Any:
-    """``tree`` with its floating-point leaves cast to ``dtype`` (integer leaves unchanged)."""
-    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-def _in_dtype(head: Callable, tail: Callable, dtype) -> tuple[Callable, Callable]:
-    """(head, tail) computing in ``dtype``: parameters and inputs cast to it, the layer's features
-    and the image returned as float32 (the statistics stay float32; the segmenter casts again)."""
-
-    def low_head(params, z):
-        r, side = head(cast_floats(params, dtype), z.astype(dtype))
-        return r.astype(jnp.float32), side
-
-    def low_tail(params, r, side):
-        return tail(cast_floats(params, dtype), r.astype(dtype), side).astype(jnp.float32)
-
-    return low_head, low_tail
-
-
-# ============================================================================ micro-batches
-
-# Samples per generator / segmenter call on each device (benchmarks/README.md, "Micro-batch").
-DEFAULT_MICRO_BATCH = 32
-
-
-def default_micro_batch(segmenter) -> int:
-    """The micro-batch a dissection with ``segmenter`` uses unless told: the segmenter's
-    ``dissection_micro_batch`` attribute when it has one (the unified-parsing UPerNet: 4, where a
-    larger batch costs memory and gains no speed), else :data:`DEFAULT_MICRO_BATCH`."""
-    value = getattr(segmenter, "dissection_micro_batch", None)
-    return DEFAULT_MICRO_BATCH if value is None else check_micro_batch(value)
-
-
-def check_micro_batch(micro_batch) -> int:
-    """``micro_batch`` as an int >= 1; ValueError naming the setting otherwise."""
-    if not (isinstance(micro_batch, numbers.Integral) and not isinstance(micro_batch, bool) and micro_batch >= 1):
-        raise ValueError(f"micro_batch must be an integer >= 1, got {micro_batch!r}")
-    return int(micro_batch)
-
-
-def micro_batched(fn: Callable, micro_batch: int) -> Callable:
-    """``fn(*params, x)`` run on consecutive chunks of ``micro_batch`` samples of ``x``, one after another.
-
-    fn: jittable, ``x`` (m, ...) -> a pytree of arrays with leading axis m. Returns
-    ``run(*params, x)`` for x (n, ...) with n a multiple of ``micro_batch`` (ValueError otherwise),
-    which reshapes x to (n / m, m, ...), applies fn to each chunk with ``lax.map`` (one compiled
-    body of fixed shape) and returns the outputs reshaped to (n, ...). Every kernel inside fn
-    then sees the same shapes whatever n is, so a sample's result does not depend on how many
-    samples share its batch or device: XLA's CPU and GPU kernels (convolutions, matrix
-    products) choose their blocking, and with it the order of float additions, by shape.
-    """
-    micro_batch = check_micro_batch(micro_batch)
-
-    def run(*args):
-        *params, x = args
-        n = x.shape[0]
-        if n % micro_batch:
-            raise ValueError(f"{n} samples are not a whole number of micro-batches of {micro_batch}")
-        chunks = x.reshape((n // micro_batch, micro_batch) + x.shape[1:])
-        out = lax.map(lambda chunk: fn(*params, chunk), chunks)
-        return jax.tree_util.tree_map(lambda y: y.reshape((n,) + y.shape[2:]), out)
-
-    return run
-
-
-def _pad_to_multiple(indices: np.ndarray, multiple: int) -> np.ndarray:
-    """indices padded with copies of the last one to a multiple of ``multiple`` entries."""
-    indices = np.asarray(indices)
-    extra = -indices.size % multiple
-    return np.concatenate([indices, np.full(extra, indices[-1], indices.dtype)]) if extra else indices
 
 
 # ============================================================================ views
@@ -360,16 +276,20 @@ class GeneratorSource:
             r, side = heads[last]
             return {layer: value[0] for layer, value in heads.items()}, parts[last][1](gparams, r, side)
 
-        def features_and_labels(gparams, sparams, z):
+        def features_labels_images(gparams, sparams, z):
             feats, images = features_and_images(gparams, z)
-            images = jnp.clip(images, -1.0, 1.0)
+            clipped = jnp.clip(images, -1.0, 1.0)
             if self.compute_dtype != "float32":
-                sparams, images = cast_floats(sparams, self.compute_dtype), images.astype(self.compute_dtype)
-            return feats, segment(segmenter, sparams, images, self.seg_downsample)
+                sparams, clipped = cast_floats(sparams, self.compute_dtype), clipped.astype(self.compute_dtype)
+            return feats, segment(segmenter, sparams, clipped, self.seg_downsample), images
 
-        # per-device programs (micro-batched), mapped over a mesh in _program
+        def features_and_labels(gparams, sparams, z):
+            return features_labels_images(gparams, sparams, z)[:2]
+
+        # per-device programs (micro-batched), mapped over a mesh in _program; the labels program
+        # also returns the images (one compiled program whether or not a pass keeps them)
         self._per_device = {"features": micro_batched(features, self.micro_batch),
-                            "labels": micro_batched(features_and_labels, self.micro_batch)}
+                            "labels": micro_batched(features_labels_images, self.micro_batch)}
         self._programs: dict[Any, Callable] = {}
         self._features_and_images = jax.jit(micro_batched(features_and_images, self.micro_batch))
         self._placed: tuple[Any, Any] | None = None
@@ -431,10 +351,15 @@ class GeneratorSource:
             self._programs[key] = jax.jit(mapped)
         return self._programs[key]
 
-    def fetch(self, indices: np.ndarray, sharding, labels: bool = True) -> dict[str, jax.Array]:
+    #: fetch(..., images=True) also returns the generated images (the count pass keeps the strips' thumbnails)
+    fetches_images = True
+
+    def fetch(self, indices: np.ndarray, sharding, labels: bool = True, images: bool = False) -> dict[str, jax.Array]:
         """``{layer: float32 (n, h, w, U), "labels": int32 (n, H, W, D)}`` of samples ``indices``, sharded
-        along n with ``sharding`` (a NamedSharding over a 1-D mesh, as the engine's). Every device's
-        share must be a whole number of micro-batches (the engine arranges it); ValueError otherwise."""
+        along n with ``sharding`` (a NamedSharding over a 1-D mesh, as the engine's); with ``images``
+        (and ``labels``) also ``"images"``: float32 (n, H_img, W_img, 3), the generated images,
+        unclipped, from the same program as the labels. Every device's share must be a whole
+        number of micro-batches (the engine arranges it); ValueError otherwise."""
         devices = sharding.mesh.devices.size
         if len(indices) % (devices * self.micro_batch):
             raise ValueError(f"{len(indices)} samples over {devices} device(s) are not whole micro-batches of "
@@ -443,9 +368,11 @@ class GeneratorSource:
         gparams, sparams = self._params(sharding)
         if not labels:
             return dict(self._program("features", sharding)(gparams, z))
-        feats, seg = self._program("labels", sharding)(gparams, sparams, z)
+        feats, seg, pictures = self._program("labels", sharding)(gparams, sparams, z)
         batch = dict(feats)
         batch["labels"] = seg.astype(jnp.int32)
+        if images:
+            batch["images"] = pictures
         return batch
 
     def features_only(self) -> FeaturesOnly:

@@ -38,7 +38,7 @@ def outline_activation(image: np.ndarray, mask: np.ndarray, dim: float = 0.5) ->
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def _thumbnails(background: np.ndarray, thumbnail: int | None) -> np.ndarray:
+def thumbnail_images(background: np.ndarray, thumbnail: int | None) -> np.ndarray:
     """The uint8 (n, T, T, 3) strip thumbnails of uint8 (n, H, W, 3) backgrounds: T = ``thumbnail``, or
     H clamped to [96, 160]; area-resized down (PIL bilinear), nearest-neighbour up."""
     size = thumbnail or int(min(max(background.shape[1], 96), 160))
@@ -64,14 +64,33 @@ def unit_groups(tops: np.ndarray, max_samples: int) -> list[range]:
     return groups
 
 
-def write_strips(layer_dir: str, result: LayerDissection, source, *, batch_size: int = 32,
+def _write_unit_strip(path: str, thumbs: list[np.ndarray], maps: np.ndarray, level: float, gap: int) -> None:
+    """One unit's strip: ``thumbs`` (uint8 (T, T, 3) each) side by side, each outlined where the
+    float64-bilinear upsampling of its map in ``maps`` (k, h, w) exceeds ``level``; JPEG quality 88."""
+    from PIL import Image
+
+    size, length = thumbs[0].shape[0], len(thumbs)
+    rows = bilinear_matrix(maps.shape[1], size)
+    cols = bilinear_matrix(maps.shape[2], size)
+    strip = np.full((size, length * (size + gap) - gap, 3), 255, np.uint8)
+    for rank, thumb in enumerate(thumbs):
+        surface = rows @ maps[rank].astype(np.float64) @ cols.T
+        mask = surface > level
+        strip[:, rank * (size + gap): rank * (size + gap) + size] = outline_activation(thumb, mask)
+    with atomic_file(path) as handle:
+        Image.fromarray(strip).save(handle, format="JPEG", quality=88)
+
+
+def write_strips(layer_dir: str, result: LayerDissection, source=None, *, batch_size: int = 32,
                  thumbnail: int | None = None, gap: int = 4, show_progress: bool = True,
-                 max_cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+                 max_cache_bytes: int = DEFAULT_CACHE_BYTES, gallery=None) -> None:
     """Write ``<layer_dir>/image/<unit>-top.jpg``: the unit's top-k samples side by side, each with
     the region where the upsampled activation exceeds the unit's level outlined (bilinear upsampling
     in float64, as the reference's ``upsample_bilinear`` then ``> level``; dimmed outside it).
 
-    source: anything with ``visual_batch(indices, layer) -> (uint8 (n, H, W, 3) backgrounds,
+    gallery: the thumbnails and top-k maps the count pass kept (:class:`~.gallery.Gallery`): then
+    nothing is rendered and ``source`` is not used. Otherwise source: anything with
+    ``visual_batch(indices, layer) -> (uint8 (n, H, W, 3) backgrounds,
     float32 (n, h, w, U) features)`` (the dissection sources: images when there are any, else
     the coloured segmentation). Each distinct top-k sample of the layer is rendered once (in
     batches of ``batch_size``, sorted by sample number); the cache holds its thumbnail and, per
@@ -80,7 +99,6 @@ def write_strips(layer_dir: str, result: LayerDissection, source, *, batch_size:
     thumbnail size), the units are taken in consecutive groups that fit, and a sample shown by
     two groups is rendered once per group. Files are written to a temporary name and renamed.
     """
-    from PIL import Image
     from tqdm.auto import tqdm
 
     layer_dir = os.path.join(layer_dir, "image")
@@ -89,9 +107,20 @@ def write_strips(layer_dir: str, result: LayerDissection, source, *, batch_size:
     units, length = tops.shape[0], tops.shape[1]
     if length == 0 or units == 0:
         return
+    bar = tqdm(total=units, desc=f"strips {result.layer}", disable=not show_progress, leave=False)
+    if gallery is not None:
+        if tuple(gallery.maps.shape[:2]) != (units, length):
+            raise ValueError(f"the gallery holds maps of {gallery.maps.shape[:2]} (units, k); the layer has "
+                             f"{(units, length)}")
+        for unit in range(units):
+            _write_unit_strip(os.path.join(layer_dir, f"{unit}-top.jpg"),
+                              [gallery.thumbnail(int(index)) for index in tops[unit]], gallery.maps[unit],
+                              float(result.levels[unit]), gap)
+            bar.update(1)
+        bar.close()
+        return
     side = thumbnail or 160
     max_samples = max(int(batch_size), int(max_cache_bytes) // (side * side * 3))
-    bar = tqdm(total=units, desc=f"strips {result.layer}", disable=not show_progress, leave=False)
     for group in unit_groups(tops, max_samples):
         group_tops = tops[group.start:group.stop]
         needed = np.unique(group_tops.reshape(-1))
@@ -104,7 +133,7 @@ def write_strips(layer_dir: str, result: LayerDissection, source, *, batch_size:
             indices = needed[b:b + batch_size]
             padded = np.concatenate([indices, np.full(batch_size - indices.size, indices[-1])]).astype(np.int64)
             background, features = source.visual_batch(padded, result.layer)
-            background = _thumbnails(background, thumbnail)
+            background = thumbnail_images(background, thumbnail)
             if maps is None:
                 maps = np.empty((len(group), length) + features.shape[1:3], np.float32)
             for i, index in enumerate(indices):
@@ -114,20 +143,12 @@ def write_strips(layer_dir: str, result: LayerDissection, source, *, batch_size:
                     unit, rank = divmod(int(flat), length)
                     maps[unit, rank] = features[i, :, :, group.start + unit]
             del background, features
-        size = next(iter(thumbs.values())).shape[0]
-        rows = bilinear_matrix(maps.shape[2], size)
-        cols = bilinear_matrix(maps.shape[3], size)
         for offset, unit in enumerate(group):
-            strip = np.full((size, length * (size + gap) - gap, 3), 255, np.uint8)
-            for rank, index in enumerate(tops[unit]):
-                surface = rows @ maps[offset, rank].astype(np.float64) @ cols.T
-                mask = surface > float(result.levels[unit])
-                strip[:, rank * (size + gap): rank * (size + gap) + size] = outline_activation(thumbs[int(index)], mask)
-            with atomic_file(os.path.join(layer_dir, f"{unit}-top.jpg")) as handle:
-                Image.fromarray(strip).save(handle, format="JPEG", quality=88)
+            _write_unit_strip(os.path.join(layer_dir, f"{unit}-top.jpg"), [thumbs[int(i)] for i in tops[unit]],
+                              maps[offset], float(result.levels[unit]), gap)
             bar.update(1)
         del thumbs, maps
     bar.close()
 
 
-__all__ = ["write_strips", "outline_activation", "unit_groups"]
+__all__ = ["write_strips", "outline_activation", "unit_groups", "thumbnail_images"]
