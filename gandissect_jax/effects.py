@@ -49,6 +49,7 @@ __all__ = [
     "label_pixel_shares",
     "paired_label_shares",
     "context_map",
+    "block_at",
     "cell_labels",
     "ace_curve",
     "unit_counts",
@@ -206,8 +207,23 @@ def paired_label_shares(generator: Any, segmenter: Any, gparams: Any, sparams: A
 # context maps
 
 
-@functools.partial(jax.jit, static_argnames=("split", "segmenter", "labels", "downsample", "chunk"))
-def _context_map(gparams, sparams, z, mask, value, *, split, segmenter, labels, downsample, chunk):
+def block_at(position: Any, grid: tuple[int, int], block: tuple[int, int] = (1, 1)) -> jax.Array:
+    """float32 (H, W) map of the ``block`` = (height, width) cells centred on the flat position
+    ``position`` (row * W + col; may be traced): rows ``row - height // 2`` to ``row - height // 2 +
+    height - 1`` and likewise the columns, cut off at the edges of the ``grid`` = (H, W). A (1, 1)
+    block is the one-hot map of the position."""
+    rows, cols = grid
+    height, width = block
+    row, col = jnp.asarray(position) // cols, jnp.asarray(position) % cols
+    ys, xs = jnp.arange(rows), jnp.arange(cols)
+    top, left = row - height // 2, col - width // 2
+    in_rows = (ys >= top) & (ys < top + height)
+    in_cols = (xs >= left) & (xs < left + width)
+    return (in_rows[:, None] & in_cols[None, :]).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("split", "segmenter", "labels", "downsample", "chunk", "block"))
+def _context_map(gparams, sparams, z, mask, value, *, split, segmenter, labels, downsample, chunk, block):
     h, f = split
     S = segmenter.obj
     r, side = h(gparams, z)
@@ -215,7 +231,7 @@ def _context_map(gparams, sparams, z, mask, value, *, split, segmenter, labels, 
     before = concept_share(S, sparams, f(gparams, r, side), labels, downsample)  # (N,)
 
     def at(position):
-        where = jax.nn.one_hot(position, rows * cols, dtype=jnp.float32).reshape(rows, cols)
+        where = block_at(position, (rows, cols), block)
         images = f(gparams, _edit(r, mask, where, value), side)
         return concept_share(S, sparams, images, labels, downsample) - before
 
@@ -229,13 +245,14 @@ def _context_map(gparams, sparams, z, mask, value, *, split, segmenter, labels, 
 
 def context_map(generator: Any, segmenter: Any, gparams: Any, sparams: Any, z: Any, layer: str,
                 units: Any, value: Any, labels: Sequence[int], *, downsample: int = 1,
-                positions_per_step: int | None = None) -> jax.Array:
+                positions_per_step: int | None = None, block: tuple[int, int] = (1, 1)) -> jax.Array:
     """The causal effect of inserting ``units`` at each position: the paper's context map (Sec.
     4.4, Fig. 11: doors appear where there are buildings, not in the sky).
 
     For every feature-map position p of every sample, ``units`` are set to ``value`` at p alone
-    (:func:`insert` with a one-hot ``where``) and the concept's share of the segmented image is
-    compared with the unedited image's: ``effect[n, p] = share(x_n with U=k at p) - share(x_n)``.
+    (:func:`insert` with a one-hot ``where``), or in the ``block`` of cells centred on p
+    (:func:`block_at`), and the concept's share of the segmented image is compared with the
+    unedited image's: ``effect[n, p] = share(x_n with U=k at p) - share(x_n)``.
     All positions run in one jitted call, ``vmap``-ed over positions (or, with
     ``positions_per_step``, mapped over chunks of that many positions to bound memory).
 
@@ -247,16 +264,26 @@ def context_map(generator: Any, segmenter: Any, gparams: Any, sparams: Any, z: A
       value: float scalar or (C,) inserted value k.
       labels: the concept's label numbers (a union).
       downsample: segmentation stride (a static int).
+      block: (height, width) cells edited around each position (static; default one cell), each
+        in [1, H] and [1, W].
 
     Returns:
       float32 (N, H, W): change of the concept's share (fraction of the image's pixels).
+
+    Raises:
+      ValueError for a block that is not two whole numbers inside the feature map.
     """
     split = tuple(generator.split(layer))
-    mask = unit_mask(units, layer_shape(generator, layer)[-1])
+    shape = layer_shape(generator, layer)
+    block = tuple(int(b) for b in block)
+    if len(block) != 2 or not (1 <= block[0] <= shape[0] and 1 <= block[1] <= shape[1]):
+        raise ValueError(f"block must be (height, width) within the {shape[0]}x{shape[1]} feature map of {layer}; "
+                         f"got {block}")
+    mask = unit_mask(units, shape[-1])
     value = jnp.zeros((), jnp.float32) + jnp.asarray(value, jnp.float32)
     return _context_map(gparams, sparams, jnp.asarray(z, jnp.float32), mask, value, split=split,
                         segmenter=Static(segmenter), labels=tuple(int(c) for c in labels),
-                        downsample=int(downsample), chunk=positions_per_step)
+                        downsample=int(downsample), chunk=positions_per_step, block=block)
 
 
 def cell_labels(segmentation: jax.Array, grid: tuple[int, int], num_labels: int) -> jax.Array:

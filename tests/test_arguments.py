@@ -169,3 +169,15 @@ def test_a_bad_flag_stops_before_anything_is_imported():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
     assert "argument --batch-size: must be an integer in [1, 65536], got '0'" in done.stderr
+
+
+def test_feature_region_reads_positions_and_blocks_with_excluded_ends():
+    parse = arguments.feature_region(15)
+    assert parse("5,3") == (5, 6, 3, 4)
+    assert parse("4:7,2:5") == (4, 7, 2, 5)
+    assert parse(" 0:16 , 15 ") == (0, 16, 15, 16)
+    assert parse("2,0:1") == (2, 3, 0, 1)
+    for value in ["", "5", "5,3,1", "-1,2", "16,0", "0:17,0", "3:3,1", "4:2,1", "1:2:3,4", "a,b", "1.5,2",
+                  ":3,1", "1:,2", "\u0665,1", "1,2:"]:
+        with pytest.raises(argparse.ArgumentTypeError, match="ROW,COLUMN.*ROW0:ROW1,COL0:COL1"):
+            parse(value)

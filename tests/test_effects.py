@@ -155,6 +155,47 @@ def test_context_map_equals_the_per_position_loop():
     np.testing.assert_array_equal(cells, np.where(had_red, 1, np.where(green, 2, 0)))
 
 
+def test_block_context_map_equals_the_loop_over_centred_blocks():
+    G, S = InsertOnGreen(), RedGreen()
+    z = sample_z(5, G.z_dim, 3)
+    units, value = jnp.asarray([0]), 4.0
+    before = red_share(G.apply(G.params, z))
+    for block in [(2, 2), (1, 2), (2, 1)]:
+        effect = np.asarray(effects.context_map(G, S, G.params, S.params, z, "toy", units, value, (1,), block=block))
+        loop = np.zeros((5, 2, 2), np.float32)
+        for row in range(2):
+            for col in range(2):
+                # the block centred on (row, col): rows row - h // 2 .. row - h // 2 + h - 1, cut at the edges
+                where = np.zeros((2, 2), np.float32)
+                top, left = row - block[0] // 2, col - block[1] // 2
+                where[max(top, 0):top + block[0], max(left, 0):left + block[1]] = 1
+                x = effects.insert(G, G.params, z, "toy", units, value, where=where)
+                loop[:, row, col] = red_share(x) - before
+        np.testing.assert_allclose(effect, loop, atol=1e-7, err_msg=str(block))
+    # the 2x2 block centred on position 1,1 covers the whole toy map: a quarter of the image gained
+    # per green cell that had no red; centred on 0,0 it is cut to that one cell
+    r = 0.5 + np.abs(z.reshape(-1, 2, 2, 6))
+    gains = (r[..., 4] > 1) & ~(np.tanh(3 * (r[..., 0] - 1)) > 0)
+    effect = np.asarray(effects.context_map(G, S, G.params, S.params, z, "toy", units, value, (1,), block=(2, 2)))
+    np.testing.assert_allclose(effect[:, 1, 1], gains.sum((1, 2)) / 4, atol=1e-7)
+    np.testing.assert_allclose(effect[:, 0, 0], gains[:, 0, 0] / 4, atol=1e-7)
+    for bad in [(0, 1), (3, 1), (1, 3), (1,)]:
+        with pytest.raises(ValueError, match="block"):
+            effects.context_map(G, S, G.params, S.params, z, "toy", units, value, (1,), block=bad)
+
+
+def test_block_at_centres_the_block_and_cuts_it_at_the_edges():
+    grid = (5, 7)
+    for block in [(1, 1), (3, 3), (2, 4), (5, 7)]:
+        for position in range(35):
+            row, col = divmod(position, 7)
+            expected = np.zeros(grid, np.float32)
+            top, left = row - block[0] // 2, col - block[1] // 2
+            expected[max(top, 0):top + block[0], max(left, 0):left + block[1]] = 1
+            np.testing.assert_array_equal(np.asarray(effects.block_at(position, grid, block)), expected)
+    np.testing.assert_array_equal(np.asarray(effects.block_at(9, grid)), np.eye(35)[9].reshape(grid))
+
+
 def test_label_pixel_shares_count_each_label_once_per_pixel():
     rng = np.random.default_rng(0)
     seg = rng.integers(0, 5, (3, 6, 7, 3)).astype(np.int32)

@@ -126,6 +126,40 @@ def test_insert_measures_the_position_and_the_context_map(outdir):
         assert (folder / name).stat().st_size > 1000, name
 
 
+def test_insert_in_a_block_edits_the_block_and_maps_blocks_centred_on_each_position(outdir, models):
+    from gandissect_jax import effects
+    from gandissect_jax.experiment import DissectionSource
+    from gandissect_jax.sampling import sample_z
+
+    assert main(["insert", "--outdir", str(outdir), "--layer", "layer4", "--concept", "tree", "--top", "8",
+                 "--at", "4:6,1:4", "--samples", "4", "--context-samples", "2", "--resamples", "20", *SMALL]) == 0
+    folder = outdir / "intervention/insert/layer4/tree-top8-iou-at4-6_1-4"
+    result = json.loads((folder / "insert.json").read_text())
+    assert result["at"] == [4, 1] and result["block"] == [2, 3]
+    # the measured shares are those of the 2x3 block edited, computed independently
+    G, S = models
+    source = DissectionSource(str(outdir))
+    units, value = np.asarray(result["units"]), source.insertion_value("layer4")
+    where = np.zeros((8, 8), np.float32)
+    where[4:6, 1:4] = 1
+    z = sample_z(4, G.z_dim, 4)
+    x = effects.insert(G, G.params, jnp.asarray(z), "layer4", jnp.asarray(units), value, where=where)
+    ds = source.seg_downsample
+    after = (np.asarray(S.segment(S.params, jnp.clip(x, -1, 1), ds)) == 6).any(-1).mean((1, 2))
+    assert result["concept_share_after"] == pytest.approx(after.mean(), abs=1.5 / 4096)
+    with np.load(folder / "context.npz") as data:
+        expected = effects.context_map(G, S, G.params, S.params, sample_z(2, G.z_dim, 5), "layer4", units, value, (6,),
+                                       block=(2, 3), downsample=ds)
+        np.testing.assert_allclose(data["effect"], np.asarray(expected), atol=1.5 / 4096)
+        effect, context = data["effect"], data["context"]
+    for row in result["context_effect_by_label"]:  # per context: the mean over images of each image's mean
+        means = [effect[n][context[n] == row["labelnum"]].mean() for n in range(2) if (context[n] == row["labelnum"]).any()]
+        assert row["images"] == len(means) and row["image_mean_effect"] == pytest.approx(np.mean(means), abs=1e-7)
+        if len(means) > 1:
+            assert row["image_ci_low"] <= row["image_mean_effect"] <= row["image_ci_high"]
+    assert "2x3 block" in (folder / "page.html").read_text()
+
+
 def test_artifacts_and_unit_segmentation(outdir, models):
     from gandissect_jax.sampling import sample_z
     from gandissect_jax.scenes.discriminator import load_discriminator

@@ -173,6 +173,46 @@ def feature_position(high: int = MAX_UNIT) -> Callable[[str], tuple[int, int]]:
     return parse
 
 
+def feature_region(high: int = MAX_UNIT) -> Callable[[str], tuple[int, int, int, int]]:
+    """A feature-map position ``ROW,COLUMN`` (e.g. ``5,3``) or a block of positions
+    ``ROW0:ROW1,COL0:COL1`` (ends excluded, as Python slices, e.g. ``4:7,2:5``), each number an
+    integer in [0, high] (an end in [1, high + 1]) and each block at least one cell; parsed as
+    ``(row0, row1, col0, col1)`` (a position ``r,c`` is ``(r, r + 1, c, c + 1)``)."""
+    allowed = (f"must be a feature-map position ROW,COLUMN like 5,3 or a block ROW0:ROW1,COL0:COL1 like 4:7,2:5 "
+               f"(ends excluded), each position an integer in [0, {high}]")
+
+    def number(part: str, low: int, top: int) -> int:
+        if not (part.isdecimal() and part.isascii() and low <= int(part) <= top):
+            raise ValueError(part)
+        return int(part)
+
+    def parse(text: str) -> tuple[int, int, int, int]:
+        bounds = []
+        try:
+            parts = [p.strip() for p in str(text).split(",")]
+            if len(parts) != 2:
+                raise ValueError(text)
+            for part in parts:
+                ends = [e.strip() for e in part.split(":")]
+                if len(ends) == 1:
+                    start = number(ends[0], 0, high)
+                    bounds += [start, start + 1]
+                elif len(ends) == 2:
+                    start, stop = number(ends[0], 0, high), number(ends[1], 1, high + 1)
+                    if stop <= start:
+                        raise ValueError(part)
+                    bounds += [start, stop]
+                else:
+                    raise ValueError(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{allowed}, got {text!r}") from None
+        return tuple(bounds)
+
+    parse.__name__ = f"position or block in [0, {high}]"
+    parse.interval = f"[0, {high}]"
+    return parse
+
+
 MAX_MEMORY = 1 << 50  # bytes (1024T): larger budgets are typing errors
 MEMORY_FORMS = ("a size with a binary unit K, M, G or T (KB, KiB alike: powers of 1024) or a plain number of "
                 "bytes, e.g. 4G, 800M, 1.5GiB or 1073741824")
@@ -344,7 +384,7 @@ def naming(flag: str) -> Iterator[None]:
 
 __all__ = ["int_in_range", "float_in_range", "positive_int", "non_negative_int", "batch_size", "seed",
            "open_unit_interval", "unit_interval", "positive_finite_float", "seconds", "memory_size", "unit_list",
-           "feature_position", "text", "is_range_checked", "is_text", "MAX_UNIT", "MEMORY_FORMS",
+           "feature_position", "feature_region", "text", "is_range_checked", "is_text", "MAX_UNIT", "MEMORY_FORMS",
            "UsageError", "CommandParser", "add_check", "check_directory", "naming",
            "MAX_BATCH", "MAX_TOPK", "MAX_SAMPLES", "MAX_SEED", "MAX_CHECKPOINT_SECONDS", "MAX_MEMORY",
            "LABEL_RULES"]
