@@ -258,7 +258,7 @@ def _measure(source, groups, labels, categories, label_category, threshold, sear
         label_state, measured = measure_units(
             source, groups, threshold=threshold, quantile=config.quantile, search_iqr=search_iqr, fixed_levels=levels,
             topk=config.resolved_topk(source.num_samples), label_category=label_category,
-            num_categories=len(categories), settings=settings, strips=strips)
+            num_categories=len(categories), settings=settings, strips=strips, keep_counts=config.keep_progress)
     finally:
         if progress is not None:
             progress.close()
