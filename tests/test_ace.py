@@ -355,3 +355,25 @@ def test_label_scores_one_pass_matches_per_label_scores():
     slow = np.asarray(label_scores(toy, toy.params, images, (2, 1)))
     np.testing.assert_array_equal(slow[..., 1], toy.class_score(toy.params, images, 1)[0])
     np.testing.assert_array_equal(slow[..., 0], toy.class_score(toy.params, images, 2)[0])
+
+
+def test_label_scores_asks_a_segmenter_that_takes_labels_for_those_labels_only():
+    """A ``class_scores`` with a ``labels`` argument is given the labels (so it can skip work the
+    other labels need, as the UPerNet skips its part and material heads for objects); one
+    without it is sliced."""
+    from gandissect_jax.ace import label_scores
+
+    calls = []
+
+    class Selective(RedIsSky):
+        def class_scores(self, params, images, downsample=1, labels=None):
+            calls.append(labels)
+            every = jnp.stack([self.class_score(params, images, c, downsample)[0] * 0 + c
+                               for c in range(len(self.labels))], -1)
+            return every if labels is None else every[..., jnp.asarray(labels)]
+
+    S = Selective()
+    images = jnp.zeros((1, 4, 4, 3), jnp.float32)
+    scores = np.asarray(label_scores(S, S.params, images, (2, 1)))
+    assert calls == [(2, 1)]
+    np.testing.assert_array_equal(scores[0, 0, 0], [2.0, 1.0])

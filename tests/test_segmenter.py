@@ -26,7 +26,7 @@ from gandissect_jax.segmenter import (Segmenter, SegmenterWeightsError, UnifiedP
 from gandissect_jax.segmenter.resize import adaptive_avg_pool
 from gandissect_jax.segmenter.unified import (class_score_from_probabilities,
                                               class_scores_from_probabilities, preprocess,
-                                              supported_classes)
+                                              label_groups, supported_classes)
 from gandissect_jax.segmenter.upernet import UnifiedParsingNetwork
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "segmenter")
@@ -253,6 +253,44 @@ def test_class_scores_equal_class_score_for_every_label(segmenter, quad_segmente
     # the public call runs the network and returns the same maps
     public = np.asarray(segmenter.class_scores(segmenter.params, images, downsample=2))
     np.testing.assert_array_equal(public, np.asarray(class_scores_from_probabilities(probs, segmenter.scheme)))
+
+
+def test_class_scores_of_chosen_labels_equal_the_full_columns_and_skip_unread_heads(quad_segmenter, images):
+    """``class_scores(..., labels=L)`` returns the columns L of the full ``class_scores`` bit for
+    bit (objects, door = object + building part, a part, a material, a divided quad class, "-");
+    scoring objects alone compiles no part, material or scene head and keeps the gradient."""
+    seg = quad_segmenter
+    names = [name for name, _ in seg.labels]
+    chosen = (names.index("tree"), names.index("door"), names.index("head"), names.index("glass"),
+              names.index("tree-t"), 0, names.index("tree"))
+    full = np.asarray(seg.class_scores(seg.params, images, downsample=2))
+    some = np.asarray(seg.class_scores(seg.params, images, downsample=2, labels=chosen))
+    assert some.shape == full.shape[:-1] + (len(chosen),) and some.dtype == np.float32
+    np.testing.assert_array_equal(some, full[..., list(chosen)])
+    assert some[..., 3].any() and not some[..., 4].any()  # glass scores; tree-t is a divided class
+
+    assert label_groups(seg.scheme, (names.index("tree"),)) == (True, False, False, False, False)
+    assert label_groups(seg.scheme, (names.index("door"),)) == (True, False, False, True, False)
+    # objects only: the compiled backward pass holds no part, material or scene head, and its
+    # gradient equals that of the full class_scores' columns (both compiled whole: eager and
+    # whole-program gradients differ by float32 rounding amplified at the dense ReLU kinks)
+    objects = (names.index("tree"), names.index("building"))
+    weights = jnp.asarray([0.5, 2.0], jnp.float32)
+    x = images[:1]
+    backward = jax.jit(jax.grad(lambda p, x: (seg.class_scores(p, x, 2, labels=objects) * weights).sum(),
+                                argnums=1)).lower(seg.params, x).compile()
+    hlo = backward.as_text()
+    assert "object_head" in hlo
+    for head in ("part_head", "material_head", "scene_head"):
+        assert head not in hlo, head
+    grad_some = backward(seg.params, x)
+    grad_full = jax.jit(jax.grad(lambda p, x: (seg.class_scores(p, x, 2)[..., list(objects)] * weights).sum(),
+                                 argnums=1))(seg.params, x)
+    scale = float(jnp.abs(grad_full).max())
+    assert scale > 0
+    np.testing.assert_allclose(np.asarray(grad_some), np.asarray(grad_full), rtol=1e-5, atol=1e-6 * scale)
+    with pytest.raises(ValueError, match="labels must be class numbers"):
+        seg.class_scores(seg.params, images, 2, labels=(len(seg.labels),))
 
 
 def test_multiscale_voting_matches_golden(segmenter, images):

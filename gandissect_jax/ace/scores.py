@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import jax
@@ -67,11 +68,23 @@ def label_scores(
 
     ``params`` are the segmenter's parameters (``segmenter.params``; may be traced). Uses the
     segmenter's optional ``class_scores`` (every label from one pass, so one backward pass when
-    differentiated) when it has one, else ``class_score`` once per label.
+    differentiated) when it has one -- asking it for ``labels`` only when it takes a ``labels``
+    argument, so that it can skip what those labels do not read --, else ``class_score`` once
+    per label.
     """
+    labels = tuple(int(c) for c in labels)
     if hasattr(segmenter, "class_scores"):
+        if _takes_labels(segmenter.class_scores):
+            return segmenter.class_scores(params, images, downsample, labels=labels)
         return segmenter.class_scores(params, images, downsample)[..., jnp.asarray(labels, jnp.int32)]
     return jnp.stack([segmenter.class_score(params, images, int(c), downsample)[0] for c in labels], -1)
+
+
+def _takes_labels(method: Any) -> bool:
+    try:
+        return "labels" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _pool_to_grid(x: jax.Array, grid: tuple[int, int]) -> jax.Array:

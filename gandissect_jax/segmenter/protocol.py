@@ -17,6 +17,8 @@ A segmenter may also have ``class_scores(params, images, downsample=1)``, return
 ``(N, h, w, L)`` scores of every label at once (column ``c`` equal to
 ``class_score(params, images, c)[0]``). It is optional: ACE optimization uses it, when present,
 to score several labels with one backward pass through the network instead of one per label.
+It may take a keyword ``labels`` (a static sequence of K label numbers) and then return only those
+columns, ``(N, h, w, K)``, so that it can skip the work the other labels need (ACE passes it).
 
 Example -- a segmenter that calls pixels "sky" where a learned colour direction is bright::
 

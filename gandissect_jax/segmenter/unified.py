@@ -35,7 +35,8 @@ from .resize import adaptive_avg_pool, resize_bilinear
 from .upernet import HeadSizes, UnifiedParsingNetwork
 
 __all__ = ["UnifiedParsingSegmenter", "LabelScheme", "build_label_scheme", "Probabilities",
-           "check_images", "preprocess", "class_scores_from_probabilities"]
+           "check_images", "preprocess", "class_scores_from_probabilities", "selected_class_scores",
+           "label_groups"]
 
 BGR_MEAN = (102.9801, 115.9465, 122.7717)
 PART_OWNERS = ("sky", "building", "person")  # hard-coded in the reference
@@ -165,29 +166,35 @@ def preprocess(images: jax.Array) -> jax.Array:
     return x - jnp.asarray(BGR_MEAN, x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("heads", "part_slices", "seg_shape", "size"))
+@functools.partial(jax.jit, static_argnames=("heads", "part_slices", "seg_shape", "size", "groups"))
 def _size_probabilities(variables: Any, preprocessed: jax.Array, heads: HeadSizes,
                         part_slices: tuple[tuple[int, int], ...], seg_shape: tuple[int, int],
-                        size: tuple[int, int]) -> Probabilities:
+                        size: tuple[int, int], groups: tuple[bool, ...] | None = None) -> Probabilities:
     """Softmax maps of one voting size (the network's part of :func:`raw_probabilities`).
 
     Static arguments do not depend on ``segdiv``, so undivided and quad segmenters share the
-    compiled network.
+    compiled network. ``groups`` (static; None = all) says which softmax groups to compute, in
+    the order object, material, part of each owner; a group left out is ``None`` in the result,
+    and the heads no kept group reads (e.g. the part and material heads when only objects are
+    scored) are not computed at all, nor differentiated.
     """
+    want = (True,) * (2 + len(part_slices)) if groups is None else tuple(groups)
     x = preprocessed
     if tuple(x.shape[1:3]) != tuple(size):
         x = adaptive_avg_pool(x, size)
     logits = UnifiedParsingNetwork(heads=heads).apply(variables, x)
-    obj = jax.nn.softmax(resize_bilinear(logits.object, seg_shape), axis=-1)
-    material = jax.nn.softmax(resize_bilinear(logits.material, seg_shape), axis=-1)
-    part = resize_bilinear(logits.part, seg_shape)
-    parts = tuple(jax.nn.softmax(part[..., a:b], axis=-1) for a, b in part_slices)
-    scene = jax.nn.softmax(logits.scene, axis=-1)
+    obj = jax.nn.softmax(resize_bilinear(logits.object, seg_shape), axis=-1) if want[0] else None
+    material = jax.nn.softmax(resize_bilinear(logits.material, seg_shape), axis=-1) if want[1] else None
+    part = resize_bilinear(logits.part, seg_shape) if any(want[2:]) else None
+    parts = tuple(jax.nn.softmax(part[..., a:b], axis=-1) if w else None
+                  for (a, b), w in zip(part_slices, want[2:]))
+    scene = jax.nn.softmax(logits.scene, axis=-1) if groups is None else None
     return Probabilities(obj, material, parts, scene)
 
 
 def raw_probabilities(variables: Any, images: jax.Array, scheme: LabelScheme,
-                      segsizes: Sequence[int], downsample: int = 1) -> Probabilities:
+                      segsizes: Sequence[int], downsample: int = 1,
+                      groups: tuple[bool, ...] | None = None) -> Probabilities:
     """Voting over ``segsizes`` (sum of softmax maps), like the reference's raw_seg_prediction.
 
     Args:
@@ -196,13 +203,14 @@ def raw_probabilities(variables: Any, images: jax.Array, scheme: LabelScheme,
       scheme: label scheme (static).
       segsizes: square input sizes to vote over.
       downsample: output stride; maps are ``(N, H // downsample, W // downsample, K)``.
+      groups: which softmax groups to compute (see :func:`_size_probabilities`); None = all.
     """
     seg_shape = (images.shape[1] // downsample, images.shape[2] // downsample)
     x = preprocess(images)
     total = None
     for s in segsizes:
         probs = _size_probabilities(variables, x, scheme.heads, scheme.part_slices, seg_shape,
-                                    (int(s), int(s)))
+                                    (int(s), int(s)), groups)
         total = probs if total is None else jax.tree_util.tree_map(jnp.add, total, probs)
     return total
 
@@ -282,6 +290,32 @@ def class_score_from_probabilities(probs: Probabilities, c: jax.Array,
     return score, mask
 
 
+def _column_runs(table: np.ndarray) -> list[tuple[int, int]]:
+    """``table`` (L,) of source channels (-1 = none) as runs ``(first source or -1, length)``."""
+    runs: list[tuple[int, int]] = []
+    for source in (int(t) for t in table):
+        if runs:
+            first, length = runs[-1]
+            if (source < 0 and first < 0) or (source >= 0 and first >= 0 and source == first + length):
+                runs[-1] = (first, length + 1)
+                continue
+        runs.append((source if source >= 0 else -1, 1))
+    return runs
+
+
+def _gather_columns(maps: jax.Array, table: np.ndarray) -> jax.Array:
+    """``out[..., l] = maps[..., table[l]]`` (0 where ``table[l] < 0``) for a static ``table``,
+    built from contiguous slices and zero blocks: the same values as ``jnp.take``, but its
+    gradient is a sum of padded slices, not a scatter-add (slow on XLA:CPU)."""
+    pieces = []
+    for first, length in _column_runs(table):
+        if first < 0:
+            pieces.append(jnp.zeros(maps.shape[:-1] + (length,), maps.dtype))
+        else:
+            pieces.append(maps[..., first:first + length])
+    return jnp.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
+
+
 @functools.partial(jax.jit, static_argnames=("scheme",))
 def class_scores_from_probabilities(probs: Probabilities, scheme: LabelScheme) -> jax.Array:
     """float32 ``(N, h, w, L)``: column ``c`` is :func:`class_score_from_probabilities`'s score of
@@ -289,15 +323,46 @@ def class_scores_from_probabilities(probs: Probabilities, scheme: LabelScheme) -
     every class at once by three gathers over the channel axis. Columns of classes without a score
     (the divided quad classes ``-t``, ``-l``, ``-b``, ``-r``) are 0."""
     obj_table, mat_table, part_table = _class_tables(scheme)
-
-    def gather(maps: jax.Array, table: np.ndarray) -> jax.Array:
-        picked = jnp.take(maps, jnp.asarray(np.maximum(table, 0)), axis=-1)
-        return jnp.where(jnp.asarray(table >= 0), picked, jnp.zeros((), maps.dtype))
-
+    gather = _gather_columns
     score = gather(probs.object, obj_table) + gather(probs.material, mat_table)
     for g, owner_probs in enumerate(probs.parts):
         score = score + gather(owner_probs, part_table[g])
     return score
+
+
+def label_groups(scheme: LabelScheme, labels: Sequence[int]) -> tuple[bool, ...]:
+    """The softmax groups (object, material, part of each owner) the scores of ``labels`` read."""
+    obj, mat, part = _class_tables(scheme)
+    labels = np.asarray(labels, np.int64)
+    return (bool((obj[labels] >= 0).any()), bool((mat[labels] >= 0).any()),
+            *(bool((row[labels] >= 0).any()) for row in part))
+
+
+def selected_class_scores(probs: Probabilities, scheme: LabelScheme,
+                          labels: Sequence[int]) -> jax.Array:
+    """float32 ``(N, h, w, K)``: the columns ``labels`` (static ints) of
+    :func:`class_scores_from_probabilities`, equal to them bit for bit (the same additions in the
+    same order, without the exact zeros), read with static slices from the groups they need only
+    (``probs`` may hold ``None`` for the others; see :func:`label_groups`)."""
+    obj_table, mat_table, part_table = _class_tables(scheme)
+    columns = []
+    for c in labels:
+        terms = []
+        if obj_table[c] >= 0:
+            terms.append(probs.object[..., int(obj_table[c])])
+        if mat_table[c] >= 0:
+            terms.append(probs.material[..., int(mat_table[c])])
+        for g, owner_probs in enumerate(probs.parts):
+            if part_table[g, c] >= 0:
+                terms.append(owner_probs[..., int(part_table[g, c])])
+        if not terms:
+            some = next(p for p in (probs.object, probs.material, *probs.parts) if p is not None)
+            terms.append(jnp.zeros(some.shape[:-1], some.dtype))
+        score = terms[0]
+        for term in terms[1:]:
+            score = score + term
+        columns.append(score)
+    return jnp.stack(columns, axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,23 +454,43 @@ class UnifiedParsingSegmenter:
         return class_score_from_probabilities(probs, c, self.scheme)
 
 
-    def class_scores(self, params: Any, images: jax.Array, downsample: int = 1) -> jax.Array:
-        """Differentiable scores of every class from one pass of the network.
+    def class_scores(self, params: Any, images: jax.Array, downsample: int = 1,
+                     labels: Sequence[int] | None = None) -> jax.Array:
+        """Differentiable scores of every class (or of ``labels``) from one pass of the network.
 
         Args:
           params: :attr:`params` (or other variables of the same network; may be traced).
           images: float32 ``(N, H, W, 3)`` RGB in [-1, 1].
           downsample: output stride (a static Python int).
+          labels: None for every class, or a static sequence of K class numbers: then only those
+            columns are returned, and only the heads and softmax groups they read are computed
+            (scoring ``tree`` skips the part, material and scene heads, forward and backward).
 
         Returns:
-          float32 ``(N, H // downsample, W // downsample, L)``: column ``c`` equals
-          ``class_score(params, images, c, downsample)[0]`` (the same part semantics: ``door``
-          scores its object probability plus its building-part probability); the columns of the
-          divided quad classes, which ``class_score`` refuses, are 0. Used by ACE optimization to
-          score several labels with one backward pass (``gandissect_jax.ace.label_scores``).
+          float32 ``(N, H // downsample, W // downsample, L)`` (``K`` with ``labels``): column
+          ``c`` equals ``class_score(params, images, c, downsample)[0]`` (the same part
+          semantics: ``door`` scores its object probability plus its building-part probability);
+          the columns of the divided quad classes, which ``class_score`` refuses, are 0. Used by
+          ACE optimization to score several labels with one backward pass
+          (``gandissect_jax.ace.label_scores``).
+
+        Raises:
+          ValueError for a class number in ``labels`` outside 0..L-1.
         """
-        probs = self.probabilities(params, images, downsample)
-        return class_scores_from_probabilities(probs, self.scheme)
+        if labels is None:
+            probs = self.probabilities(params, images, downsample)
+            return class_scores_from_probabilities(probs, self.scheme)
+        labels = tuple(int(c) for c in labels)
+        bad = [c for c in labels if not 0 <= c < len(self.labels)]
+        if bad or not labels:
+            raise ValueError(f"labels must be class numbers in 0..{len(self.labels) - 1}, got {labels}")
+        images = check_images(images)
+        downsample = _check_downsample(downsample, images.shape)
+        groups = label_groups(self.scheme, labels)
+        if not any(groups):  # only scoreless classes: still the shape of the answer
+            groups = (True,) + groups[1:]
+        probs = raw_probabilities(params, images, self.scheme, self.segsizes, downsample, groups)
+        return selected_class_scores(probs, self.scheme, labels)
 
 
 def _check_downsample(downsample: Any, shape: tuple[int, ...]) -> int:

@@ -22,21 +22,23 @@ from typing import NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .layers import HIGHEST, batch_norm, conv, conv_bn_relu_seq
 from .prroi import whole_map_prroi_pool
-from .resize import resize_bilinear
+from .resize import bilinear_matrix, resize_bilinear
 from .resnet import RESNET50_BLOCKS, ResNetEncoder
 
 __all__ = ["HeadSizes", "ResizedConcatConv", "UPerNetDecoder", "UnifiedParsingNetwork",
            "UnifiedLogits"]
 
 
-def _shift(x: jax.Array, dy: int, dx: int) -> jax.Array:
-    """``out[:, i, j] = x[:, i + dy, j + dx]`` with zeros outside (|dy|, |dx| <= 1), NHWC."""
-    height, width = x.shape[1:3]
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return padded[:, 1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
+def _shifted_bilinear_matrices(in_size: int, out_size: int) -> np.ndarray:
+    """float64 ``(3, out_size, in_size)``: tap ``t`` resizes bilinearly, then shifts by ``t - 1``
+    (``out[i] = resized[i + t - 1]``, zero outside): one axis of a 3x3 tap of a resized map."""
+    matrix = bilinear_matrix(in_size, out_size)
+    padded = np.pad(matrix, ((1, 1), (0, 0)))
+    return np.stack([padded[t:t + out_size] for t in range(3)])
 
 
 class ResizedConcatConv(nn.Module):
@@ -45,11 +47,13 @@ class ResizedConcatConv(nn.Module):
     Bilinear resizing acts on each channel linearly, so it commutes with the per-tap channel
     products of the convolution: ``conv3x3(resize(x))[p] = sum_k shift_k(resize(x @ W_k))[p]``
     (zero padding is preserved because the products of zeros are zero). Each low-resolution
-    input is therefore multiplied by the 9 taps at its own resolution and only the 9 products
-    (``features`` channels each) are resized and shifted into place: for the UPerNet fusion
-    (P3, P4, P5 at 1/2, 1/4, 1/8 of P2's size) this cuts its multiply-adds by about 3x. The
-    result equals the direct computation up to float32 rounding. The single ``kernel``
-    parameter ``(3, 3, sum of input channels, features)`` has the layout of ``nn.Conv``.
+    input is therefore multiplied by the 9 taps at its own resolution, and the 9 products
+    (``features`` channels each) are resized, shifted into place and summed by two contractions
+    with fixed matrices (one per axis, each stacking the 3 shifted resizes of its taps), so the
+    backward pass is two matrix products as well. For the UPerNet fusion (P3, P4, P5 at 1/2,
+    1/4, 1/8 of P2's size) this cuts its multiply-adds by about 3x. The result equals the direct
+    computation up to float32 rounding. The single ``kernel`` parameter ``(3, 3, sum of input
+    channels, features)`` has the layout of ``nn.Conv``.
     """
 
     features: int
@@ -70,9 +74,11 @@ class ResizedConcatConv(nn.Module):
                     x, part, (1, 1), ((1, 1), (1, 1)),
                     dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
             else:
+                rows = jnp.asarray(_shifted_bilinear_matrices(x.shape[1], size[0]), x.dtype)
+                cols = jnp.asarray(_shifted_bilinear_matrices(x.shape[2], size[1]), x.dtype)
                 taps = jnp.einsum("nhwc,yxco->nhwyxo", x, part, precision=HIGHEST)
-                y = sum(_shift(resize_bilinear(taps[:, :, :, dy, dx], size), dy - 1, dx - 1)
-                        for dy in range(3) for dx in range(3))
+                y = jnp.einsum("xqw,nhwyxo->nhyqo", cols, taps, precision=HIGHEST)
+                y = jnp.einsum("yph,nhyqo->npqo", rows, y, precision=HIGHEST)
             out = y if out is None else out + y
         return out
 
