@@ -108,3 +108,62 @@ def test_strips_stopped_midway_resume_from_the_kept_gallery(run, tmp_path, monke
     assert np.array_equal(again["layer6"].topk_indices, results["layer6"].topk_indices)
     for layer in ("layer4", "layer6"):
         assert strip_bytes(tmp_path / layer) == strip_bytes(os.path.join(first, layer))
+
+
+def test_a_kept_gallery_fits_only_its_own_units_and_thumbnail_size():
+    gallery = Gallery(np.array([1, 4, 7]), np.zeros((3, 96, 96, 3), np.uint8), np.zeros((2, 2, 8, 8), np.float32))
+    assert gallery.fits(np.array([[1, 4], [7, 4]]), 96)
+    assert not gallery.fits(np.array([[1, 4], [7, 4]]), 128)  # another --thumbsize
+    assert not gallery.fits(np.array([[1, 4], [7, 5]]), 96)  # a top-k sample it does not hold
+    assert not gallery.fits(np.array([[1, 4, 7], [7, 4, 1]]), 96)  # another k
+    assert not gallery.fits(np.array([[1, 4]]), 96)  # another number of units
+
+
+def test_count_pass_stopped_then_rerun_at_another_batch_size_keeps_the_progress(run, tmp_path, monkeypatch):
+    """The count pass's checkpoint holds the gallery, whose image slots follow the per-device batch:
+    a rerun at another batch size must resume (the quantile passes are not run again; the count pass
+    starts afresh in its own directory), never refuse or discard the run's progress."""
+    _, results, _, _ = run
+    generator = gandissect_jax.load_generator("scenes64")
+    segmenter = gandissect_jax.load_segmenter("scenes64-segmenter")
+    fetch, calls = GeneratorSource.fetch, []
+
+    def stop_in_count_pass(self, indices, sharding, labels=True, images=False):
+        if images:
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return fetch(self, indices, sharding, labels=labels, images=images)
+
+    options = dict(size=NUM_SAMPLES, topk=TOPK, micro_batch=8, outdir=str(tmp_path), progress=False,
+                   make_report=False, checkpoint_every=0.0)
+    monkeypatch.setattr(GeneratorSource, "fetch", stop_in_count_pass)
+    with pytest.raises(KeyboardInterrupt):
+        dissect_generator(generator, segmenter, ["layer4", "layer6"], batch_size=16, **options)
+    [passes_dir] = (tmp_path / ".progress").glob("passes-*")
+    assert (passes_dir / "plan.npz").exists() and list(passes_dir.glob("counts*/*"))
+    monkeypatch.setattr(GeneratorSource, "fetch", fetch)
+    from gandissect_jax.dissection import passes
+
+    monkeypatch.setattr(passes, "_save_plan", lambda *a, **k: pytest.fail("a quantile pass ran again"))
+    again = dissect_generator(generator, segmenter, ["layer4", "layer6"], batch_size=8, **options)
+    for layer in ("layer4", "layer6"):
+        for field, value in vars(results[layer]).items():
+            if isinstance(value, np.ndarray):
+                assert value.tobytes() == getattr(again[layer], field).tobytes(), (layer, field)
+
+
+def test_a_gallery_over_the_memory_cap_is_not_kept_and_the_strips_render(run, tmp_path, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("gandissect_jax.dissection.dissect")
+    first, _, _, _ = run
+    monkeypatch.setattr(module, "MAX_GALLERY_BYTES", 0)
+    rendered, original = [], GeneratorSource.visual_batch
+    monkeypatch.setattr(GeneratorSource, "visual_batch",
+                        lambda self, indices, layer: rendered.append(layer) or original(self, indices, layer))
+    dissect_generator(gandissect_jax.load_generator("scenes64"), gandissect_jax.load_segmenter("scenes64-segmenter"),
+                      ["layer4"], size=NUM_SAMPLES, topk=TOPK, batch_size=16, micro_batch=8, outdir=str(tmp_path),
+                      progress=False, make_report=False)
+    assert rendered and set(rendered) == {"layer4"}
+    assert strip_bytes(tmp_path / "layer4") == strip_bytes(os.path.join(first, "layer4"))

@@ -250,13 +250,13 @@ def test_ctrl_c_while_writing_strips_or_report_redoes_only_those(data, tmp_path,
 def test_ctrl_c_before_the_passes_says_whether_earlier_progress_is_kept(data, tmp_path, monkeypatch,
                                                                         python_sigint_handler):
     feats, segs, expected = data
-    original = dissect_module._check_label_values
-    monkeypatch.setattr(dissect_module, "_check_label_values", _raise_on_call(1, original))
+    original = dissect_module.check_label_values
+    monkeypatch.setattr(dissect_module, "check_label_values", _raise_on_call(1, original))
     assert _interrupted(feats, segs, tmp_path) == ("interrupted: before the passes (checking the input); nothing was "
                                                    "measured yet: rerun the same command to start")
     monkeypatch.undo()
     _interrupted(SigintAt(feats, 3), segs, tmp_path)  # an earlier run stopped in pass 1 ...
-    monkeypatch.setattr(dissect_module, "_check_label_values", _raise_on_call(1, original))
+    monkeypatch.setattr(dissect_module, "check_label_values", _raise_on_call(1, original))
     assert _interrupted(feats, segs, tmp_path) == (  # ... then this one before the passes
         f"interrupted: before the passes (checking the input); the progress of an earlier run is kept in "
         f"{tmp_path}/.progress: rerun the same command to resume from it")
@@ -306,3 +306,19 @@ def test_cli_prints_one_line_and_exits_130_at_any_stage(data, tmp_path, monkeypa
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith(f"gandissect-jax dissect: {start}"), err
     assert re.search(r"rerun the same command to \w", err)
+
+
+def test_a_foreign_pass_checkpoint_is_refused_without_discarding_the_progress(data, tmp_path, python_sigint_handler):
+    """A pass checkpoint of another kind is not bad input: the run's other progress (here the
+    quantile plan) stays, and the error names the file."""
+    from gandissect_jax.dissection import resume
+    from gandissect_jax.dissection.engine import CheckpointMismatch
+
+    feats, segs, _ = data
+    message = _interrupted(SigintAt(feats, 12), segs, tmp_path, checkpoint_every=3600.0)  # inside the count pass
+    assert "pass 4/4: concept counts stopped at sample 32 of 48" in message
+    [checkpoint] = (tmp_path / ".progress").glob("passes-*/counts/*.npz")
+    resume.save_checkpoint(str(checkpoint), {"other": np.zeros(3)}, {"signature": {"other": 1}, "samples_done": 16})
+    with pytest.raises(CheckpointMismatch, match=str(checkpoint)):
+        dissect_features(feats, segs, LABELS, outdir=str(tmp_path), **OPTIONS)
+    assert list((tmp_path / ".progress").glob("passes-*/plan.npz"))  # not discarded

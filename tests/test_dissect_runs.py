@@ -328,12 +328,12 @@ def test_nchw_features_are_refused_with_layout_hint(tmp_path):
 
 
 def test_layout_check_accepts_rounded_feature_maps():
-    from gandissect_jax.dissection.dissect import _aspect_agrees
+    from gandissect_jax.dissection.dissect import aspect_agrees
 
-    assert _aspect_agrees((47, 63), (375, 500)) and _aspect_agrees((7, 7), (28, 28))
-    assert _aspect_agrees((1, 1), (224, 224)) and _aspect_agrees((12, 16), (375, 500))
-    assert not _aspect_agrees((16, 7), (28, 28)) and not _aspect_agrees((512, 7), (224, 224))
-    assert not _aspect_agrees((3, 7), (28, 28))
+    assert aspect_agrees((47, 63), (375, 500)) and aspect_agrees((7, 7), (28, 28))
+    assert aspect_agrees((1, 1), (224, 224)) and aspect_agrees((12, 16), (375, 500))
+    assert not aspect_agrees((16, 7), (28, 28)) and not aspect_agrees((512, 7), (224, 224))
+    assert not aspect_agrees((3, 7), (28, 28))
 
 
 # ----------------------------------------------------------------------------- progress state

@@ -18,7 +18,7 @@ LAYOUTS = ("nhwc", "nchw")
 IGNORE_VALUES = (255, -1, 65535)
 
 
-def _check_labels(labels, categories) -> tuple[list[tuple[str, str]], list[str]]:
+def check_labels(labels, categories) -> tuple[list[tuple[str, str]], list[str]]:
     """Labels and categories, normalized; ValueError for a label listed twice, a category listed
     twice, or a label whose category is not among the categories."""
     labels, categories = labels_and_categories(labels, categories)
@@ -37,7 +37,7 @@ def _check_labels(labels, categories) -> tuple[list[tuple[str, str]], list[str]]
     return labels, categories
 
 
-def _check_source(source, config: DissectConfig) -> None:
+def check_source(source, config: DissectConfig) -> None:
     """Sample count, top-k length and sizes, before anything is read."""
     if source.num_samples < 1:
         raise ValueError("there are no samples to dissect (N = 0)")
@@ -49,7 +49,7 @@ def _check_source(source, config: DissectConfig) -> None:
             raise ValueError(f"features of layer {layer!r} have an empty shape {tuple(shape)} (h, w, U)")
 
 
-def _check_label_values(source, num_labels: int, mesh, batch_size: int) -> None:
+def check_label_values(source, num_labels: int, mesh, batch_size: int) -> None:
     """Every segmentation entry of precomputed data (an exact scan, done with the content hash), or
     those of the first batch of a generator source, must lie in [0, num_labels); ValueError
     before the passes otherwise. (The count pass checks every entry of every source again.)"""
@@ -73,7 +73,7 @@ def _check_label_values(source, num_labels: int, mesh, batch_size: int) -> None:
                      f"{num_labels} labels (0 = no label){hint}")
 
 
-def _check_levels(levels: Mapping[str, Any] | None, source) -> dict[str, np.ndarray] | None:
+def check_levels(levels: Mapping[str, Any] | None, source) -> dict[str, np.ndarray] | None:
     if levels is None:
         return None
     checked = {}
@@ -90,14 +90,14 @@ def _check_levels(levels: Mapping[str, Any] | None, source) -> dict[str, np.ndar
     return checked
 
 
-def _aspect_agrees(spatial: Sequence[int], seg_size: Sequence[int]) -> bool:
+def aspect_agrees(spatial: Sequence[int], seg_size: Sequence[int]) -> bool:
     """True when a feature map of size ``spatial`` (h, w) covers ``seg_size`` (H, W) with the same
     aspect ratio, to within one feature pixel (convolutions round odd sizes)."""
     (h, w), (H, W) = spatial, seg_size
     return abs(h * W / H - w) <= 1 or abs(w * H / W - h) <= 1
 
 
-def _arrange_features(features: Mapping[str, Any], segmentations, layout: str) -> dict[str, Any]:
+def arrange_features(features: Mapping[str, Any], segmentations, layout: str) -> dict[str, Any]:
     """NHWC views of the features given in ``layout``; ValueError when a layer's spatial aspect
     ratio disagrees with the segmentations' (suggesting the other layout when that one fits)."""
     if layout not in LAYOUTS:
@@ -112,11 +112,11 @@ def _arrange_features(features: Mapping[str, Any], segmentations, layout: str) -
                              ("; for a single unit add a last axis of length 1" if getattr(array, "ndim", 0) == 3
                               else ""))
         view = array if layout == "nhwc" else array.transpose(0, 2, 3, 1)
-        if seg_size is not None and not _aspect_agrees(view.shape[1:3], seg_size):
+        if seg_size is not None and not aspect_agrees(view.shape[1:3], seg_size):
             other = "nchw" if layout == "nhwc" else "nhwc"
             swapped = array.shape[2:4] if other == "nchw" else array.shape[1:3]
             hint = (f"; if the array is {'channels-first (N, U, h, w), as PyTorch and Caffe save features' if other == 'nchw' else 'channels-last (N, h, w, U)'}, "
-                    f"pass --layout {other} (API: layout='{other}')" if _aspect_agrees(swapped, seg_size) else "")
+                    f"pass --layout {other} (API: layout='{other}')" if aspect_agrees(swapped, seg_size) else "")
             raise ValueError(f"features {name!r} of shape {tuple(array.shape)} have a {view.shape[1]}x{view.shape[2]} "
                              f"feature map in layout {layout!r}, whose aspect ratio differs from the "
                              f"segmentations' {seg_size[0]}x{seg_size[1]}{hint}")
@@ -124,4 +124,5 @@ def _arrange_features(features: Mapping[str, Any], segmentations, layout: str) -
     return arranged
 
 
-__all__ = ["LAYOUTS", "IGNORE_VALUES"]
+__all__ = ["LAYOUTS", "IGNORE_VALUES", "arrange_features", "aspect_agrees", "check_label_values", "check_labels",
+           "check_levels", "check_source"]

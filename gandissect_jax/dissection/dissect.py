@@ -25,11 +25,11 @@ from typing import Any, Mapping, Sequence
 
 from . import distributed, passes
 from .analysis import score_layer
-from .checks import (IGNORE_VALUES, LAYOUTS, _arrange_features, _aspect_agrees, _check_label_values,  # noqa: F401
-                     _check_labels, _check_levels, _check_source)
+from .checks import (IGNORE_VALUES, LAYOUTS, arrange_features, aspect_agrees, check_label_values,  # noqa: F401
+                     check_labels, check_levels, check_source)
 from .config import MAX_SAMPLES, MAX_SEED, DissectConfig
-from .engine import make_mesh
-from .gallery import Gallery, StripsRequest
+from .engine import CheckpointMismatch, make_mesh
+from .gallery import MAX_GALLERY_BYTES, Gallery, StripsRequest, gallery_bytes
 from .groups import measure_units
 from .interruption import ResumeTracker
 from .labels import label_category_indices
@@ -40,7 +40,7 @@ from .results import LayerDissection
 from .resume import RunDirectory, digest, file_sha256, outdir_lock
 from .datasets import ModelSource
 from .sources import ArraySource, GeneratorSource, Unlabelled
-from .strips import write_strips
+from .strips import thumbnail_side, write_strips
 
 
 def _config(config: DissectConfig | None, overrides: Mapping[str, Any]) -> DissectConfig:
@@ -95,7 +95,7 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
 
 def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, default_threshold, levels, devices,
              outdir, restart) -> dict[str, LayerDissection]:
-    labels, categories = _check_labels(labels, categories)
+    labels, categories = check_labels(labels, categories)
     if not config.make_labels:  # no labelling: label 0 alone, segmentations all 0 (never computed nor read)
         if config.threshold == "iqr" or config.search_iqr:
             raise ValueError("make_labels=False (--no-labels) needs the 'quantile' threshold rule or fixed levels: "
@@ -105,8 +105,8 @@ def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, defa
         source = Unlabelled(source)
     label_category = label_category_indices(labels, categories)
     threshold, search_iqr = config.resolved_threshold(default_threshold, levels is not None)
-    _check_source(source, config)
-    levels = _check_levels(levels, source)
+    check_source(source, config)
+    levels = check_levels(levels, source)
     dirnames = _dir_names(source.layers) if outdir else {}
     mesh = make_mesh(devices)
     # refuse what cannot fit before reading any data (the identity below streams it)
@@ -120,7 +120,7 @@ def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, defa
     }
     if not getattr(source, "batch_invariant", False):  # results depend on how samples are grouped
         fingerprint["batch"] = {"batch_size": int(config.batch_size), "devices": int(mesh.devices.size)}
-    _check_label_values(source, len(labels), mesh, config.batch_size)
+    check_label_values(source, len(labels), mesh, config.batch_size)
     # Several processes (multi-host): only process 0 touches the outdir; it decides what is finished
     # and tells the others (distributed.py). With one process, writes == outdir.
     multi = distributed.multiprocess()
@@ -182,11 +182,14 @@ def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, defa
                 print(plan.describe(), file=sys.stderr)
             # the count pass keeps what the strips draw when it runs the generator anyway (.gallery)
             strips = StripsRequest(config.thumbsize, {}) if (
-                config.make_images and (outdir or multi) and getattr(source, "fetches_images", False)) else None
+                config.make_images and (outdir or multi) and getattr(source, "fetches_images", False)
+                and _gallery_fits_memory(source, pending, config)) else None
             try:
                 measured, galleries = _measure(source, plan.groups, labels, categories, label_category, threshold,
                                                search_iqr, levels, config, settings, tracker, strips)
                 results.update(measured)
+            except CheckpointMismatch:
+                raise  # a pass checkpoint of another kind: keep the run's other progress
             except ValueError:
                 run.discard()  # bad input found by the passes: nothing of this run is worth resuming
                 raise
@@ -214,6 +217,10 @@ def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, defa
                         # no gallery (a source that does not fetch images, a run begun by an older
                         # version): the top-k samples are rendered again
                         kept = galleries.get(layer) or Gallery.load(gallery_file(layer))
+                        image_size = getattr(source, "image_size", None)
+                        if kept is not None and (image_size is None or not kept.fits(
+                                result.topk_indices, thumbnail_side(image_size[0], config.thumbsize))):
+                            kept = None  # a kept file of another run or thumbnail size: render instead
                         write_strips(os.path.join(outdir, dirnames[layer]), result, source,
                                      batch_size=config.batch_size, thumbnail=config.thumbsize,
                                      show_progress=config.progress, gallery=kept)
@@ -226,6 +233,15 @@ def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, defa
                                  settings={k: v for k, v in run.fingerprint.items() if k != "labels"},
                                  has_images=config.make_images)
     return ordered
+
+
+def _gallery_fits_memory(source, layers, config) -> bool:
+    """Whether the count pass may keep the strips' gallery (:mod:`.gallery`) of ``layers`` within
+    :data:`~.gallery.MAX_GALLERY_BYTES`; else the strips render the top-k samples again."""
+    k = config.resolved_topk(source.num_samples)
+    shapes = {layer: (source.feature_shapes[layer][2], k) + tuple(source.feature_shapes[layer][:2]) for layer in layers}
+    side = thumbnail_side(source.image_size[0], config.thumbsize)
+    return gallery_bytes(source.num_samples, shapes, side) <= MAX_GALLERY_BYTES
 
 
 def _plan(source, layers, labels, categories, threshold, search_iqr, config, mesh):
@@ -258,7 +274,7 @@ def _measure(source, groups, labels, categories, label_category, threshold, sear
         label_state, measured = measure_units(
             source, groups, threshold=threshold, quantile=config.quantile, search_iqr=search_iqr, fixed_levels=levels,
             topk=config.resolved_topk(source.num_samples), label_category=label_category,
-            num_categories=len(categories), settings=settings, strips=strips, keep_counts=config.keep_progress)
+            num_categories=len(categories), settings=settings, strips=strips, keep_progress=config.keep_progress)
     finally:
         if progress is not None:
             progress.close()
@@ -306,7 +322,7 @@ def dissect_features(features, segmentations, labels, config: DissectConfig | No
             levels = {layer: levels}
     elif levels is not None and not isinstance(levels, Mapping):
         raise ValueError("with several layers, levels must be a dict layer -> (U,) array")
-    features = _arrange_features(features, segmentations, layout)
+    features = arrange_features(features, segmentations, layout)
     source = ArraySource(features, segmentations, images, identity={"layout": layout})
     return dissect(source, labels, categories, config, default_threshold="quantile", levels=levels, devices=devices,
                    outdir=outdir, restart=restart)

@@ -17,7 +17,7 @@ AXIS = "devices"
 
 
 @functools.lru_cache(maxsize=64)
-def _init(names: tuple[str, ...], statistics: tuple[StreamingStatistic, ...], mesh: Mesh):
+def init_states(names: tuple[str, ...], statistics: tuple[StreamingStatistic, ...], mesh: Mesh):
     """A jitted function making fresh device states, one per device along the leading axis."""
     count = mesh.devices.size
 
@@ -86,7 +86,7 @@ def _per_device_global(state: Any, mesh: Mesh) -> Iterator[Any]:
         del copy
 
 
-def _drain(statistics: Mapping[str, StreamingStatistic], host: dict, states: dict, mesh: Mesh | None = None) -> dict:
+def drain(statistics: Mapping[str, StreamingStatistic], host: dict, states: dict, mesh: Mesh | None = None) -> dict:
     """Merge every device's state into the host states (on every process when the mesh spans several)."""
     spans_processes = mesh is not None and not all(d.process_index == jax.process_index() for d in mesh.devices.flat)
     for name, stat in statistics.items():
@@ -97,14 +97,17 @@ def _drain(statistics: Mapping[str, StreamingStatistic], host: dict, states: dic
     return host
 
 
-def _drain_some(statistics: Mapping[str, StreamingStatistic], names: list[str], host: dict, states: dict,
+def drain_some(statistics: Mapping[str, StreamingStatistic], names: list[str], host: dict, states: dict,
                 mesh: Mesh) -> dict:
     """Drain the device states of statistics ``names`` into ``host`` and return the device states
     with fresh ones in their place (the others untouched)."""
     chosen = {name: statistics[name] for name in names}
-    _drain(chosen, host, states, mesh)
-    fresh = _init(tuple(chosen), tuple(chosen.values()), mesh)()
+    drain(chosen, host, states, mesh)
+    fresh = init_states(tuple(chosen), tuple(chosen.values()), mesh)()
     states = dict(states)
     for name in names:
         states[name] = fresh[name]
     return states
+
+
+__all__ = ["AXIS", "init_states", "drain", "drain_some"]

@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import distributed, resume
 from .config import MAX_BATCH, MAX_CHECKPOINT_SECONDS
-from .drains import AXIS, _drain, _drain_some, _init
+from .drains import AXIS, drain, drain_some, init_states
 from .statistics import StreamingStatistic
 
 CHECKPOINT_NAME = "tally.npz"
@@ -173,6 +173,11 @@ def _capacities(compute, statistics, params, batch, per_device: int) -> dict[str
     return limits
 
 
+class CheckpointMismatch(ValueError):
+    """A pass checkpoint was written by a different tally (other statistics, shapes or number of
+    samples). Not bad input: a caller must not discard the run's other progress because of it."""
+
+
 def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
           statistics: Mapping[str, StreamingStatistic] | StreamingStatistic, *, params: Any = None,
           checkpoint_dir: str | None = None, mesh: Mesh | None = None, batch_size: int = 32,
@@ -231,7 +236,7 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
     global_batch = per_device * devices
     sharding = NamedSharding(mesh, P(AXIS))
     names, stats = tuple(statistics), tuple(statistics.values())
-    step, init = _step(compute, names, stats, mesh), _init(names, stats, mesh)
+    step, init = _step(compute, names, stats, mesh), init_states(names, stats, mesh)
     host = {name: jax.device_get(stat.init()) for name, stat in statistics.items()}
     start = 0
     signature = _signature(statistics, total)
@@ -241,7 +246,7 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
         data = distributed.leader_file(checkpoint)
         if data is not None:
             if resume.checkpoint_meta(io.BytesIO(data)).get("signature") != resume.json_normalize(signature):
-                raise ValueError(f"checkpoint {checkpoint} was written by a different tally (other statistics, "
+                raise CheckpointMismatch(f"checkpoint {checkpoint} was written by a different tally (other statistics, "
                                  f"shapes or number of samples); remove {checkpoint_dir} or use another "
                                  f"checkpoint_dir")
             host, meta = resume.load_checkpoint(io.BytesIO(data), host)
@@ -250,7 +255,7 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
             os.makedirs(checkpoint_dir, exist_ok=True)
     elif checkpoint and os.path.exists(checkpoint):
         if resume.checkpoint_meta(checkpoint).get("signature") != resume.json_normalize(signature):
-            raise ValueError(f"checkpoint {checkpoint} was written by a different tally (other statistics, shapes "
+            raise CheckpointMismatch(f"checkpoint {checkpoint} was written by a different tally (other statistics, shapes "
                              f"or number of samples); remove {checkpoint_dir} or use another checkpoint_dir")
         host, meta = resume.load_checkpoint(checkpoint, host)
         start = int(meta["samples_done"])
@@ -312,7 +317,7 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
                         if must_save or (position < total and limit is not None
                                          and since_drain[name] + per_device > limit)]
                 if full:
-                    states = _drain_some(statistics, full, host, states, mesh)
+                    states = drain_some(statistics, full, host, states, mesh)
                     for name in full:
                         since_drain[name] = 0
                     if must_save and checkpoint is not None:
@@ -321,7 +326,7 @@ def tally(compute: Callable[[Any, dict], Mapping[str, Any]], source: Source,
                 if stopping:
                     raise Interrupted(desc, position, total, checkpoint)
             if states is not None:
-                host = _drain(statistics, host, states, mesh)
+                host = drain(statistics, host, states, mesh)
                 del states
             # Ctrl-C during the last batch: the pass is complete and saved
             stopped = distributed.any_process(stop_requested()) if multi else stop_requested()

@@ -9,13 +9,15 @@ the whole generator anyway (its images go to the segmenter), then keeps for the 
   device buffers the float32 images of the wanted samples it meets (``slots`` of them, 12 H W
   bytes each; drained alone when full), and the host turns each into the thumbnail the strips
   show (:func:`~.strips.thumbnail_images`), ``3 T^2`` bytes per distinct top-k sample: at most
-  min(N, U k) of them per layer, whatever N (at T = 160, 76.8 KB each).
+  min(N, sum of U k over the layers), whatever N (at T = 160, 76.8 KB each; the dissection keeps
+  no gallery when they would exceed :data:`MAX_GALLERY_BYTES` and renders the strips instead).
 
 Both are host states of the count pass, so its checkpoints hold them and a resumed pass has
 them; the strips then need no generator run (:func:`~.strips.write_strips` with a
 :class:`Gallery`). Every value is selected, never summed, so the result does not depend on the
-sharding, the batch size or the resume point, and equals what rendering the samples again gives
-(the same programs on the same bits: tested byte for byte on the strips).
+sharding, the batch size or the resume point. The maps are the very activations the statistics
+measured; the thumbnails equal a re-render wherever the count pass's program and the render
+program compute the same bits (tested byte for byte on CPU in float32; not checked on GPU/TPU).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from gandissect_jax.images import to_uint8
 
 from .resume import atomic_file
 from .statistics import INT32_MAX, StreamingStatistic
-from .strips import thumbnail_images
+from .strips import thumbnail_images, thumbnail_side
 
 
 class MapsState(NamedTuple):
@@ -97,7 +99,7 @@ def thumbnails(num_wanted: int, image_size: tuple[int, int], thumbnail: int | No
     order of ``wanted``; RuntimeError when a wanted sample never came by.
     """
     H, W = (int(s) for s in image_size)
-    side = int(thumbnail or min(max(H, 96), 160))
+    side = thumbnail_side(H, thumbnail)
     slots = int(slots)
 
     def init():
@@ -117,7 +119,7 @@ def thumbnails(num_wanted: int, image_size: tuple[int, int], thumbnail: int | No
         thumbs, have = np.asarray(a.thumbs), np.asarray(a.have)
         if have.shape[0] != num_wanted:
             thumbs, have = np.zeros((num_wanted, side, side, 3), np.uint8), np.zeros(num_wanted, bool)
-        else:
+        elif not (thumbs.flags.writeable and have.flags.writeable):  # else filled in place: no copy per drain
             thumbs, have = thumbs.copy(), have.copy()
         for state in (a, b):
             if np.asarray(state.have).shape[0] == num_wanted and state is not a:
@@ -160,7 +162,16 @@ class Gallery:
         return Gallery(needed, np.stack([self.thumbnail(int(i)) for i in needed]) if needed.size else
                        self.thumbs[:0], self.maps)
 
+    def fits(self, topk_indices: np.ndarray, side: int) -> bool:
+        """Whether this gallery can draw strips of units with top-k samples ``topk_indices`` int (U, k)
+        at thumbnail side ``side`` (a kept file from another run or thumbnail size cannot)."""
+        topk = np.asarray(topk_indices, np.int64)
+        return (self.maps.ndim == 4 and self.maps.shape[:2] == topk.shape and self.thumbs.ndim == 4
+                and self.thumbs.shape[1:] == (side, side, 3) and self.thumbs.shape[0] == self.indices.shape[0]
+                and bool(np.isin(topk, self.indices).all()))
+
     def save(self, path: str) -> None:
+        """Write the gallery to ``path`` (an atomic .npz) for a rerun that writes the strips."""
         with atomic_file(path) as handle:
             np.savez(handle, indices=self.indices, thumbs=self.thumbs, maps=self.maps)
 
@@ -246,11 +257,21 @@ def assemble(parts: list[tuple[int, int, Gallery]], num_units: int) -> Gallery:
     return Gallery(indices, thumbs, maps)
 
 
+MAX_GALLERY_BYTES = 512 << 20  # host bytes of thumbnails and unit maps a dissection keeps for its strips
+
+
+def gallery_bytes(num_samples: int, units_topk: dict[str, tuple[int, int, int, int]], side: int) -> int:
+    """Host bytes of a count pass's gallery, at most: the thumbnails (3 T^2 each) of min(N, sum U k)
+    samples and every unit's maps (4 k h w each). units_topk: {layer: (U, k, h, w)}."""
+    samples = min(int(num_samples), sum(u * k for u, k, _, _ in units_topk.values()))
+    return 3 * side * side * samples + sum(4 * u * k * h * w for u, k, h, w in units_topk.values())
+
+
 def gallery_slots(per_device: int, image_size: tuple[int, int], max_bytes: int = 64 << 20) -> int:
     """Image slots per device: four steps' worth, within ``max_bytes`` of float32 images (at least one step's)."""
     per_image = 12 * int(image_size[0]) * int(image_size[1])
     return max(int(per_device), min(4 * int(per_device), int(max_bytes) // per_image))
 
 
-__all__ = ["unit_maps", "thumbnails", "Gallery", "gallery_slots", "MapsState", "ImagesState", "WithImages",
+__all__ = ["unit_maps", "thumbnails", "Gallery", "gallery_slots", "gallery_bytes", "MAX_GALLERY_BYTES", "MapsState", "ImagesState", "WithImages",
            "StripsRequest", "statistics", "assemble"]

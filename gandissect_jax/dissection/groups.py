@@ -81,7 +81,7 @@ def _check_groups(groups, units: Mapping[str, int]) -> dict[str, int]:
 def measure_units(source, groups, *, threshold: str, quantile: float, search_iqr: bool,
                   fixed_levels: Mapping[str, np.ndarray] | None, topk: int, label_category: np.ndarray,
                   num_categories: int, settings: PassSettings, strips: gallery.StripsRequest | None = None,
-                  keep_counts: bool = False) -> tuple[st.LabelState, dict[str, LayerMeasurement]]:
+                  keep_progress: bool = False) -> tuple[st.LabelState, dict[str, LayerMeasurement]]:
     """Quantile passes, levels and count pass of every unit group in turn, assembled per layer.
 
     source: a dissection source; groups: unit groups ((layer, start, stop), ...) covering every
@@ -93,7 +93,7 @@ def measure_units(source, groups, *, threshold: str, quantile: float, search_iqr
     slices), so a rerun resumes group by group. RuntimeError when two groups saw different
     segmentations (a source must return the same sample for the same number). strips (its
     ``topk`` ignored): the count passes also keep each layer's :class:`~.gallery.Gallery`. The
-    last group's count pass saves no final checkpoint unless ``keep_counts`` (the caller writes
+    last group's count pass saves no final checkpoint unless ``keep_progress`` (the caller writes
     its results next); a rerun after a stop there continues from its last periodic save.
     """
     totals = _check_groups(groups, {layer: shape[2] for layer, shape in source.feature_shapes.items()})
@@ -117,7 +117,7 @@ def measure_units(source, groups, *, threshold: str, quantile: float, search_iqr
             strips, topk={layer: best[layer][1] for layer in slices})
         labels, counts, galleries = count_pass(source, levels, label_category, num_categories, source.seg_size,
                                                group_settings, slices, request,
-                                               final_checkpoint=keep_counts or number < len(groups) - 1)
+                                               final_checkpoint=keep_progress or number < len(groups) - 1)
         for layer, (start, stop) in slices.items():
             if layer in galleries:
                 pictures.setdefault(layer, []).append((start, stop, galleries.pop(layer)))

@@ -114,6 +114,8 @@ class ResumeTracker:
 
     def _unsaved_pass(self) -> bool:
         """The pass that ran last is finished but a rerun would not find its results saved."""
+        if distributed.multiprocess() and not distributed.is_leader():
+            return False  # only process 0 saves: the others cannot tell (the CLI prints a generic line there)
         return bool(self.outdir) and self.current is not None and not self.current.persisted
 
     def _redo(self, stage: str) -> str:

@@ -33,7 +33,7 @@ def cast_floats(tree: Any, dtype) -> Any:
     return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _in_dtype(head: Callable, tail: Callable, dtype) -> tuple[Callable, Callable]:
+def in_dtype(head: Callable, tail: Callable, dtype) -> tuple[Callable, Callable]:
     """(head, tail) computing in ``dtype``: parameters and inputs cast to it, the layer's features
     and the image returned as float32 (the statistics stay float32; the segmenter casts again)."""
 
@@ -93,7 +93,7 @@ def micro_batched(fn: Callable, micro_batch: int) -> Callable:
     return run
 
 
-def _pad_to_multiple(indices: np.ndarray, multiple: int) -> np.ndarray:
+def pad_to_multiple(indices: np.ndarray, multiple: int) -> np.ndarray:
     """indices padded with copies of the last one to a multiple of ``multiple`` entries."""
     indices = np.asarray(indices)
     extra = -indices.size % multiple
@@ -101,4 +101,4 @@ def _pad_to_multiple(indices: np.ndarray, multiple: int) -> np.ndarray:
 
 
 __all__ = ["COMPUTE_DTYPES", "check_compute_dtype", "cast_floats", "DEFAULT_MICRO_BATCH", "default_micro_batch",
-           "check_micro_batch", "micro_batched"]
+           "check_micro_batch", "micro_batched", "in_dtype", "pad_to_multiple"]

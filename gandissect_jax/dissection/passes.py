@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import io
 import os
 import shutil
@@ -296,6 +297,15 @@ def _count_stage(spec: tuple):
     return compute, stats
 
 
+def _counts_dir(strips_spec: tuple | None) -> str:
+    """The count pass's checkpoint directory: its statistics (and so its checkpoint) change with what
+    it keeps for the strips (thumbnail side, image slots per device), which a rerun may change
+    with the batch size, the devices or ``thumbsize``; each kind resumes only from its own."""
+    if strips_spec is None:
+        return "counts"
+    return "counts-strips-" + hashlib.sha256(repr(strips_spec).encode()).hexdigest()[:12]
+
+
 def count_pass(source, levels: Mapping[str, LayerLevels], label_category: np.ndarray, num_categories: int,
                seg_size, settings: PassSettings, slices: Mapping[str, tuple[int, int]] | None = None,
                strips: gallery.StripsRequest | None = None, final_checkpoint: bool = True
@@ -325,7 +335,8 @@ def count_pass(source, levels: Mapping[str, LayerLevels], label_category: np.nda
             num_labels, num_categories, tuple(seg_size), settings.unit_chunk, strips_spec)
     compute, stats = _count_stage(spec)
     results = engine.tally(compute, source, stats, params=params, mesh=settings.mesh, batch_size=settings.batch_size,
-                           checkpoint_dir=settings.checkpoint_dir("counts"), checkpoint_every=settings.checkpoint_every,
+                           checkpoint_dir=settings.checkpoint_dir(_counts_dir(strips_spec)),
+                           checkpoint_every=settings.checkpoint_every,
                            progress=settings.progress, desc="counts", final_checkpoint=final_checkpoint)
     label_state = results["labels"]
     if int(label_state.bad_labels):

@@ -34,7 +34,7 @@ from gandissect_jax.images import to_uint8
 
 from .labels import colorize_segmentation
 # compute dtype and micro-batches (re-exported here, where they were first defined)
-from .microbatch import (COMPUTE_DTYPES, DEFAULT_MICRO_BATCH, _in_dtype, _pad_to_multiple, cast_floats,
+from .microbatch import (COMPUTE_DTYPES, DEFAULT_MICRO_BATCH, in_dtype, pad_to_multiple, cast_floats,
                          check_compute_dtype, check_micro_batch, default_micro_batch, micro_batched)
 from .resume import content_digest, pytree_digest
 
@@ -264,7 +264,7 @@ class GeneratorSource:
         for layer, part in parts.items():  # refuse before the passes a split that breaks G (side inputs)
             verify_split(generator, layer, probe=2, split=Split(*part))
         if self.compute_dtype != "float32":
-            parts = {layer: _in_dtype(head, tail, jnp.dtype(self.compute_dtype)) for layer, (head, tail) in parts.items()}
+            parts = {layer: in_dtype(head, tail, jnp.dtype(self.compute_dtype)) for layer, (head, tail) in parts.items()}
         # The last of the layers in forward order produces the image through its tail.
         last = sorted(self.layers, key=lambda l: names.index(l) if l in names else 0)[-1]
 
@@ -381,7 +381,7 @@ class GeneratorSource:
     def visual_batch(self, indices: np.ndarray, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (n, H, W, 3) generated images and float32 (n, h, w, U) features of ``layer`` (micro-batched)."""
         n = len(indices)
-        padded = _pad_to_multiple(indices, self.micro_batch)
+        padded = pad_to_multiple(indices, self.micro_batch)
         feats, images = self._features_and_images(self.generator.params, jnp.asarray(self._z(padded)))
         return to_uint8(images[:n]), np.asarray(feats[layer][:n], np.float32)
 

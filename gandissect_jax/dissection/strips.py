@@ -38,10 +38,15 @@ def outline_activation(image: np.ndarray, mask: np.ndarray, dim: float = 0.5) ->
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+def thumbnail_side(image_height: int, thumbnail: int | None) -> int:
+    """The strips' thumbnail side T in pixels: ``thumbnail``, or the image height clamped to [96, 160]."""
+    return int(thumbnail or min(max(int(image_height), 96), 160))
+
+
 def thumbnail_images(background: np.ndarray, thumbnail: int | None) -> np.ndarray:
     """The uint8 (n, T, T, 3) strip thumbnails of uint8 (n, H, W, 3) backgrounds: T = ``thumbnail``, or
     H clamped to [96, 160]; area-resized down (PIL bilinear), nearest-neighbour up."""
-    size = thumbnail or int(min(max(background.shape[1], 96), 160))
+    size = thumbnail_side(background.shape[1], thumbnail)
     if background.shape[1] > size:
         return _resize_area(background, size)
     if background.shape[1] < size:
