@@ -121,15 +121,16 @@ def thumbnails(num_wanted: int, image_size: tuple[int, int], thumbnail: int | No
             thumbs, have = np.zeros((num_wanted, side, side, 3), np.uint8), np.zeros(num_wanted, bool)
         elif not (thumbs.flags.writeable and have.flags.writeable):  # else filled in place: no copy per drain
             thumbs, have = thumbs.copy(), have.copy()
-        for state in (a, b):
-            if np.asarray(state.have).shape[0] == num_wanted and state is not a:
-                mask = np.asarray(state.have)
-                thumbs[mask], have[mask] = np.asarray(state.thumbs)[mask], True
-            filled = np.flatnonzero(np.asarray(state.slot) != INT32_MAX)
-            for j in filled:
-                position = int(state.slot[j])
-                thumbs[position] = thumbnail_images(to_uint8(np.asarray(state.images[j])[None]), thumbnail)[0]
-                have[position] = True
+        if np.asarray(b.have).shape[0] == num_wanted:  # b is a host state too (merging two hosts)
+            mask = np.asarray(b.have)
+            thumbs[mask], have[mask] = np.asarray(b.thumbs)[mask], True
+        for state in (a, b):  # the buffered images of a device state (a host state's slots are empty)
+            slot = np.asarray(state.slot)
+            filled = np.flatnonzero(slot != INT32_MAX)
+            if filled.size:
+                positions = slot[filled]
+                thumbs[positions] = thumbnail_images(to_uint8(np.asarray(state.images)[filled]), thumbnail)
+                have[positions] = True
         return ImagesState(np.zeros((0,), np.int32), np.zeros((0, H, W, 3), np.float32), np.int32(0), thumbs, have)
 
     def finalize(state):
