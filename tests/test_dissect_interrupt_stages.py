@@ -322,3 +322,17 @@ def test_a_foreign_pass_checkpoint_is_refused_without_discarding_the_progress(da
     with pytest.raises(CheckpointMismatch, match=str(checkpoint)):
         dissect_features(feats, segs, LABELS, outdir=str(tmp_path), **OPTIONS)
     assert list((tmp_path / ".progress").glob("passes-*/plan.npz"))  # not discarded
+
+
+@pytest.mark.parametrize("damage", ["truncated", "junk"])
+@pytest.mark.parametrize("which", ["counts/tally.npz", "plan.npz"])
+def test_a_damaged_progress_file_gives_one_line_naming_it(data, tmp_path, python_sigint_handler, damage, which):
+    """A truncated or foreign checkpoint or quantile plan: a ValueError naming the file and how to
+    start afresh (the CLI's one line), never a zip or numpy traceback."""
+    feats, segs, _ = data
+    _interrupted(SigintAt(feats, 12), segs, tmp_path, checkpoint_every=3600.0)  # inside the count pass
+    [path] = (tmp_path / ".progress").glob(f"passes-*/{which}")
+    path.write_bytes(path.read_bytes()[:300] if damage == "truncated" else b"junk\n")
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*remove it to start afresh"):
+        dissect_features(feats, segs, LABELS, outdir=str(tmp_path), **OPTIONS)
+    assert path.exists() and list((tmp_path / ".progress").glob("passes-*/plan.npz"))  # nothing discarded

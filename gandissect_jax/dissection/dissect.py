@@ -28,7 +28,7 @@ from .analysis import score_layer
 from .checks import (IGNORE_VALUES, LAYOUTS, arrange_features, aspect_agrees, check_label_values,  # noqa: F401
                      check_labels, check_levels, check_source)
 from .config import MAX_SAMPLES, MAX_SEED, DissectConfig
-from .engine import CheckpointMismatch, make_mesh
+from .engine import make_mesh
 from .gallery import MAX_GALLERY_BYTES, Gallery, StripsRequest, gallery_bytes
 from .groups import measure_units
 from .interruption import ResumeTracker
@@ -37,7 +37,7 @@ from .memory import plan_dissection
 from .progress import COUNT_PASS_COST, RunProgress
 from .report import safe_dir_name, write_report
 from .results import LayerDissection
-from .resume import RunDirectory, digest, file_sha256, outdir_lock
+from .resume import ProgressFileError, RunDirectory, digest, file_sha256, outdir_lock
 from .datasets import ModelSource
 from .sources import ArraySource, GeneratorSource, Unlabelled
 from .strips import thumbnail_side, write_strips
@@ -188,8 +188,8 @@ def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, defa
                 measured, galleries = _measure(source, plan.groups, labels, categories, label_category, threshold,
                                                search_iqr, levels, config, settings, tracker, strips)
                 results.update(measured)
-            except CheckpointMismatch:
-                raise  # a pass checkpoint of another kind: keep the run's other progress
+            except ProgressFileError:
+                raise  # a damaged or foreign progress file: keep the run's other progress
             except ValueError:
                 run.discard()  # bad input found by the passes: nothing of this run is worth resuming
                 raise

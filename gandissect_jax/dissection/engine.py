@@ -173,7 +173,7 @@ def _capacities(compute, statistics, params, batch, per_device: int) -> dict[str
     return limits
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(resume.ProgressFileError):
     """A pass checkpoint was written by a different tally (other statistics, shapes or number of
     samples). Not bad input: a caller must not discard the run's other progress because of it."""
 

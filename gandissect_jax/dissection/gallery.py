@@ -31,7 +31,7 @@ import numpy as np
 
 from gandissect_jax.images import to_uint8
 
-from .resume import atomic_file
+from .resume import UNREADABLE, atomic_file
 from .statistics import INT32_MAX, StreamingStatistic
 from .strips import thumbnail_images, thumbnail_side
 
@@ -184,7 +184,7 @@ class Gallery:
         try:
             with np.load(path, allow_pickle=False) as data:
                 return cls(data["indices"], data["thumbs"], data["maps"])
-        except (OSError, KeyError, ValueError, EOFError):
+        except UNREADABLE:
             return None
 
 

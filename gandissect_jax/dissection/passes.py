@@ -31,7 +31,7 @@ from jax import lax
 from . import distributed, engine, gallery
 from . import statistics as st
 from .quantiles import RadixQuantiles, RadixStage, radix_histogram
-from .resume import atomic_file
+from .resume import UNREADABLE, ProgressFileError, atomic_file
 from .threshold_search import IQR_FRACTIONS
 from .upsample import upsample_bilinear_unit_major
 
@@ -179,7 +179,17 @@ def _save_plan(path: str, plans, topk, stage_index: int, progress=None) -> None:
         saved(f"quantiles-{stage_index - 1}")
 
 
-def _load_plan(path: str, plans) -> tuple[int, dict]:
+def _load_plan(path, plans, name: str | None = None) -> tuple[int, dict]:
+    """(stage index, {layer: top-k}) of the quantile plan at ``path`` (a file, or its bytes); (0, {})
+    for a plan of other layers. ValueError naming the file (``name``) when it is damaged or foreign."""
+    try:
+        return _read_plan(path, plans)
+    except UNREADABLE as err:
+        raise ProgressFileError(f"quantile plan {name or path} cannot be read ({err}); remove it to start afresh "
+                         f"(or rerun with --restart)") from err
+
+
+def _read_plan(path, plans) -> tuple[int, dict]:
     topk = {}
     with np.load(path, allow_pickle=False) as data:
         if [str(x) for x in data["layers"]] != list(plans):
@@ -206,7 +216,7 @@ def quantile_passes(source, plans: dict[str, QuantilePlan], seg_size, topk: int,
     if distributed.multiprocess():  # process 0 reads the plan; every process continues from it
         data = distributed.leader_file(plan_path)
         if data is not None:
-            stage_index, best = _load_plan(io.BytesIO(data), plans)
+            stage_index, best = _load_plan(io.BytesIO(data), plans, plan_path)
     elif plan_path and os.path.exists(plan_path):
         stage_index, best = _load_plan(plan_path, plans)
     while stage_index == 0 or any(p is not None and not p.done for plan in plans.values() for _, p in plan.planners()):

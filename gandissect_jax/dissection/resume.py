@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -67,13 +68,22 @@ def save_checkpoint(path: str, tree: Any, meta: Mapping[str, Any]) -> None:
         np.savez(handle, **arrays)
 
 
+class ProgressFileError(ValueError):
+    """A progress file (a pass checkpoint, the quantile plan) that this run cannot use: damaged or
+    written by another kind of run. Not bad input: a caller must not discard the run's other progress."""
+
+
+# what reading a damaged or foreign .npz progress file raises (truncated zip, pickled or missing entries, bad JSON)
+UNREADABLE = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)
+
+
 def checkpoint_meta(path: str) -> dict:
     """The ``meta`` record of a :func:`save_checkpoint` file. ValueError naming the file when unreadable."""
     try:
         with np.load(path, allow_pickle=False) as data:
             return json.loads(str(data["meta"]))
-    except (OSError, KeyError, ValueError, EOFError) as err:
-        raise ValueError(f"checkpoint {path} cannot be read ({err}); remove it to start afresh") from err
+    except UNREADABLE as err:
+        raise ProgressFileError(f"checkpoint {path} cannot be read ({err}); remove it to start afresh") from err
 
 
 def load_checkpoint(path: str, template: Any) -> tuple[Any, dict]:
@@ -89,8 +99,8 @@ def load_checkpoint(path: str, template: Any) -> tuple[Any, dict]:
             if count != len(leaves):
                 raise ValueError(f"checkpoint {path} holds {count} arrays; this run has {len(leaves)}")
             loaded = [data[f"leaf{i}"].copy() for i in range(count)]
-    except (OSError, KeyError, json.JSONDecodeError, EOFError) as err:
-        raise ValueError(f"checkpoint {path} cannot be read ({err}); remove it to start afresh") from err
+    except UNREADABLE as err:  # (json.JSONDecodeError is a ValueError)
+        raise ProgressFileError(f"checkpoint {path} cannot be read ({err}); remove it to start afresh") from err
     return jax.tree_util.tree_unflatten(treedef, loaded), meta
 
 
