@@ -6,7 +6,7 @@ the real vocabulary's sizes). Segmentation as the paper's GAN setting: ``segsize
 ``seg_downsample=2`` (labels at 128x128). Each configuration runs in its own process so that
 its peak RSS (``ru_maxrss``, JAX/XLA included) is its own:
 
-    python benchmarks/bench_lsun_dissect.py run --samples 16 [--micro-batch 8] [--dtype bfloat16]
+    python benchmarks/bench_lsun_dissect.py run --samples 16 [--micro-batch 4] [--dtype bfloat16]
     python benchmarks/bench_lsun_dissect.py segbatch --batch 8      # segmenter alone at one batch
 
 ``pytest benchmarks/bench_lsun_dissect.py`` runs ``GANDISSECT_BENCH_LSUN_SAMPLES`` samples
@@ -193,7 +193,7 @@ def _env_list(name: str, default: str) -> list[int]:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_lsun_dissection_end_to_end(dtype):
     samples = _env_list("GANDISSECT_BENCH_LSUN_SAMPLES", "16")[0]
-    figures = in_subprocess("run", "--samples", str(samples), "--micro-batch", "8", "--batch-size", "16",
+    figures = in_subprocess("run", "--samples", str(samples), "--micro-batch", "4", "--batch-size", "16",
                             "--dtype", dtype)
     save(f"lsun-e2e-{dtype}-n{samples}", figures)
     print("\n" + markdown_row(figures))
@@ -231,7 +231,7 @@ def test_reference_end_to_end():
 
     samples = _env_list("GANDISSECT_BENCH_LSUN_SAMPLES", "16")[0]
     figures = reference_lsun.interleaved(samples, lambda: in_subprocess(
-        "run", "--samples", str(samples), "--micro-batch", "8", "--batch-size", "16", "--dtype", "float32"))
+        "run", "--samples", str(samples), "--micro-batch", "4", "--batch-size", "16", "--dtype", "float32"))
     save(f"lsun-e2e-reference-n{samples}", figures)
     assert figures["reference_samples_per_s"] > 0
 
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="one end-to-end dissection")
     run.add_argument("--samples", type=int, default=16)
-    run.add_argument("--micro-batch", type=int, default=8)
+    run.add_argument("--micro-batch", type=int, default=4)
     run.add_argument("--batch-size", type=int, default=16)
     run.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     run.add_argument("--no-strips", action="store_true")
