@@ -131,7 +131,8 @@ def test_eval_loss_is_the_documented_objective():
     corpus = build_ace_corpus(G, S, "toy", "sky", search_size=80, train_size=20, eval_size=8,
                               seed=1, probes=2, batch_size=40)
     alpha = np.array([0.7, 0.2, 0.0, 1.0], np.float32)
-    fit = optimize_ace(G, S, corpus, init=alpha, epochs=0, batch_size=4)
+    fits = {mb: optimize_ace(G, S, corpus, init=alpha, epochs=0, batch_size=4, micro_batch=mb) for mb in (1, 3, 4)}
+    fit = fits[4]
     h, f = G.split("toy")
 
     def mean_score_at(z, loc, replacement):
@@ -146,7 +147,8 @@ def test_eval_loss_is_the_documented_objective():
                 - mean_score_at(corpus.eval_candidate_z, corpus.eval_candidate_location,
                                 corpus.insertion_value))
     assert fit.eval_loss.shape == (1,)
-    assert fit.eval_loss[0] == pytest.approx(expected, abs=1e-5)
+    for mb, each in fits.items():  # whole micro-batches, and 3 + 1 padded with weight 0
+        assert each.eval_loss[0] == pytest.approx(expected, abs=1e-5), mb
     np.testing.assert_array_equal(fit.alpha, alpha)
     # the removal objective: alpha ablated at every position of the present samples, the
     # concept's score summed over the whole feature grid (4 locations of 4x4 pixels)
@@ -377,3 +379,39 @@ def test_label_scores_asks_a_segmenter_that_takes_labels_for_those_labels_only()
     scores = np.asarray(label_scores(S, S.params, images, (2, 1)))
     assert calls == [(2, 1)]
     np.testing.assert_array_equal(scores[0, 0, 0], [2.0, 1.0])
+
+
+@pytest.mark.parametrize("objective", ["ace", "removal"])
+def test_micro_batched_gradient_is_the_whole_batch_gradient(objective):
+    """The step's gradient, summed over micro-batches of 1, 4 (the last padded) and 6 samples,
+    is jax.grad of the whole batch's objective written out independently."""
+    from gandissect_jax.ace.fit import _batch_objective, prepare_ace
+
+    G, S = ToyGenerator(), RedIsSky()
+    corpus = build_ace_corpus(G, S, "toy", "sky", search_size=80, train_size=20, eval_size=8,
+                              seed=1, probes=2, batch_size=40)
+    alpha = jnp.asarray([0.7, 0.2, 0.1, 0.9], jnp.float32)
+    ip, ic = jnp.arange(6), jnp.arange(3, 9)
+    h, f = G.split("toy")
+
+    def score_at(a, z, loc, insert):
+        m = a * jax.nn.one_hot(loc, 4).reshape(-1, 2, 2, 1)
+        r, side = h(G.params, jnp.asarray(z))
+        r = r * (1 - m) + (jnp.asarray(corpus.insertion_value) * m if insert else 0)
+        score = S.class_score(S.params, f(G.params, r, side), 1)[0]
+        return score.reshape(-1, 2, 4, 2, 4).mean((2, 4)).reshape(-1, 4)[jnp.arange(len(loc)), loc]
+
+    def whole(a):
+        if objective == "ace":
+            return (score_at(a, corpus.present_z[:6], corpus.present_location[:6], False).mean()
+                    - score_at(a, corpus.candidate_z[3:9], corpus.candidate_location[3:9], True).mean())
+        r, side = h(G.params, jnp.asarray(corpus.present_z[:6]))
+        return S.class_score(S.params, f(G.params, r * (1 - a), side), 1)[0].mean((1, 2)).sum() * 4 / 6
+
+    expected_value, expected_grad = jax.value_and_grad(whole)(alpha)
+    assert np.abs(np.asarray(expected_grad)).max() > 1e-3
+    for mb in (1, 4, 6):
+        problem = prepare_ace(G, S, corpus, init=alpha, batch_size=6, micro_batch=mb, objective=objective)
+        value, grad = _batch_objective(alpha, problem.consts, problem.train, ip, ic, problem.spec, grad=True)
+        assert float(value) == pytest.approx(float(expected_value), abs=1e-6), mb
+        np.testing.assert_allclose(np.asarray(grad), np.asarray(expected_grad), rtol=1e-5, atol=1e-7, err_msg=str(mb))

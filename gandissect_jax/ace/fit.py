@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from gandissect_jax._structure import Static
 from .corpus import AceCorpus, _location_map, _padded, layer_shape
@@ -17,6 +18,10 @@ from .projections import ace_optimizer, project_to_budget
 
 # ============================================================================================
 # the fit
+
+# samples of each kind per micro-batch (the unit of work of one device, and what bounds a step's
+# memory) when not given: a step's bits depend on it, never on the number of devices
+DEFAULT_MICRO_BATCH = 4
 
 
 class AceFit(NamedTuple):
@@ -43,6 +48,8 @@ class AceSpec(NamedTuple):
     downsample: int
     objective: str
     optimizer: Any  # an optax GradientTransformation
+    micro_batch: int  # samples of each kind per micro-batch: the unit of work of one device
+    mesh: Any  # the jax.sharding.Mesh whose devices share a step's micro-batches (axis "devices")
 
 
 class AceConsts(NamedTuple):
@@ -83,7 +90,21 @@ def _score_at(spec: AceSpec, sparams, images, locations):
     return jnp.take_along_axis(pooled, locations[:, None], 1)[:, 0]
 
 
-def _objective(alpha, c: AceConsts, batch: AceData, spec: AceSpec):
+def _take(data: AceData, ip, ic) -> AceData:
+    """The batch of samples ``ip`` (present) and ``ic`` (candidate), gathered on the device."""
+    def rows(tree, idx):
+        return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), tree)
+
+    return AceData(rows(data.present_r, ip), rows(data.present_side, ip), rows(data.present_location, ip),
+                   rows(data.candidate_r, ic), rows(data.candidate_side, ic),
+                   rows(data.candidate_location, ic), rows(data.before, ip))
+
+
+def _micro_sum(alpha, c: AceConsts, batch: AceData, w: jax.Array, spec: AceSpec):
+    """One micro-batch's contribution, its samples weighted by ``w`` (m,) (0 for padding):
+    ``"ace"``: the sum of the ablated present samples' scores minus the inserted candidates';
+    ``"removal"``: the sum of the present samples' concept scores after ablation; and
+    ``"specific_removal"``: the sum of their shares after ablation, (1 + len(others),)."""
     f, grid = spec.f, spec.grid
     if spec.objective == "ace":
         mp = alpha * _location_map(batch.present_location, grid)
@@ -96,26 +117,90 @@ def _objective(alpha, c: AceConsts, batch: AceData, spec: AceSpec):
         locations = jnp.concatenate([batch.present_location, batch.candidate_location])
         scores = _score_at(spec, c.sparams, f(c.gparams, r, side), locations)
         n = len(batch.present_r)
-        return scores[:n].mean() - scores[n:].mean()
+        return jnp.sum(w * scores[:n]) - jnp.sum(w * scores[n:])
     images = f(c.gparams, batch.present_r * (1 - alpha), batch.present_side)
     if spec.objective == "removal":
         score = label_scores(spec.segmenter.obj, c.sparams, images, spec.labels, spec.downsample).sum(-1)
-        return _pool_to_grid(score, grid).sum((1, 2)).mean()
-    after = _shares(spec, c.sparams, images)  # specific_removal
-    before = batch.before
-    remaining = after[:, 0].mean() / jnp.maximum(before[:, 0].mean(), 1e-12)
-    side = ((after[:, 1:].mean(0) - before[:, 1:].mean(0)) / c.reference) ** 2
+        return jnp.sum(w * _pool_to_grid(score, grid).sum((1, 2)))
+    return jnp.sum(w[:, None] * _shares(spec, c.sparams, images), 0)  # specific_removal
+
+
+def _from_sums(sums, total, before, c: AceConsts, spec: AceSpec):
+    """The objective from the micro-batch sums added up (``total``: the number of samples;
+    ``before``: the unedited shares' means, specific_removal only)."""
+    if spec.objective != "specific_removal":
+        return sums / total
+    after = sums / total
+    remaining = after[0] / jnp.maximum(before[0], 1e-12)
+    side = ((after[1:] - before[1:]) / c.reference) ** 2
     return remaining + c.specificity * side.sum()
 
 
-def _take(data: AceData, ip, ic) -> AceData:
-    """The batch of samples ``ip`` (present) and ``ic`` (candidate), gathered on the device."""
-    def rows(tree, idx):
-        return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), tree)
+def _micro_batches(ip, ic, spec: AceSpec):
+    """Rows (k_pad, m) of sample numbers and weights: the batch cut in micro-batches of m, the last
+    one padded with weight 0, and padded with whole repeated micro-batches up to a multiple of the
+    mesh's devices (their results are dropped). Also k, the number of real micro-batches."""
+    m, n, devices = spec.micro_batch, ip.shape[0], spec.mesh.devices.size
+    k = -(-n // m)
+    rows = -(-k // devices) * devices
+    pad = rows * m - n
+    weights = jnp.concatenate([jnp.ones((n,), jnp.float32), jnp.zeros((pad,), jnp.float32)])
+    ip, ic = (jnp.concatenate([x, jnp.zeros((pad,), x.dtype)]).reshape(rows, m) for x in (ip, ic))
+    return ip, ic, weights.reshape(rows, m), k
 
-    return AceData(rows(data.present_r, ip), rows(data.present_side, ip), rows(data.present_location, ip),
-                   rows(data.candidate_r, ic), rows(data.candidate_side, ic),
-                   rows(data.candidate_location, ic), rows(data.before, ip))
+
+def _summed(alpha, consts: AceConsts, data: AceData, ip, ic, cotangent, spec: AceSpec, grad: bool):
+    """Every micro-batch's :func:`_micro_sum` (and its gradient in alpha, after a vector-Jacobian
+    product with ``cotangent`` for specific_removal), spread over the mesh's devices, then added
+    in micro-batch order: the same bits on any number of devices."""
+    from .sharded import AXIS
+
+    rows_p, rows_c, weights, k = _micro_batches(ip, ic, spec)
+
+    def one(alpha, consts, data, cotangent, rp, rc, w):
+        batch = _take(data, rp, rc)
+        if not grad:
+            return _micro_sum(alpha, consts, batch, w, spec), jnp.zeros((0,), jnp.float32)
+        if spec.objective == "specific_removal":
+            return jax.value_and_grad(lambda a: jnp.vdot(cotangent, _micro_sum(a, consts, batch, w, spec)))(alpha)
+        return jax.value_and_grad(lambda a: _micro_sum(a, consts, batch, w, spec))(alpha)
+
+    def device(alpha, consts, data, cotangent, count, rows_p, rows_c, weights):
+        # a while loop with a run-time trip count: the per-micro-batch program is the same
+        # whatever the number of micro-batches a device gets (no loop unrolled or removed)
+        probe = jax.eval_shape(one, alpha, consts, data, cotangent, rows_p[0], rows_c[0], weights[0])
+        outs = jax.tree_util.tree_map(lambda s: jnp.zeros((len(rows_p),) + s.shape, s.dtype), probe)
+
+        def body(carry):
+            i, outs = carry
+            got = one(alpha, consts, data, cotangent, rows_p[i], rows_c[i], weights[i])
+            return i + 1, jax.tree_util.tree_map(lambda o, g: o.at[i].set(g), outs, got)
+
+        _, outs = jax.lax.while_loop(lambda carry: carry[0] < count, body, (jnp.int32(0), outs))
+        return jax.tree_util.tree_map(lambda o: jax.lax.all_gather(o, AXIS, tiled=True), outs)
+
+    # behind a barrier: XLA sees a run-time trip count, never a constant it could unroll or inline
+    count = jax.lax.optimization_barrier(jnp.int32(len(rows_p) // spec.mesh.devices.size))
+    mapped = jax.shard_map(device, mesh=spec.mesh, in_specs=(P(), P(), P(), P(), P(), P(AXIS), P(AXIS), P(AXIS)),
+                           out_specs=P(), check_vma=False)
+    values, grads = mapped(alpha, consts, data, cotangent, count, rows_p, rows_c, weights)
+    return values[:k].sum(0), grads[:k].sum(0)
+
+
+def _batch_objective(alpha, consts: AceConsts, data: AceData, ip, ic, spec: AceSpec, grad: bool):
+    """(objective, its gradient in alpha or an empty array) of the batch ``ip``/``ic``."""
+    total = jnp.float32(ip.shape[0])
+    before = None
+    if spec.objective == "specific_removal":
+        before = jnp.take(data.before, ip, axis=0).mean(0)
+        sums, _ = _summed(alpha, consts, data, ip, ic, None, spec, grad=False)
+        if not grad:
+            return _from_sums(sums, total, before, consts, spec), jnp.zeros((0,), jnp.float32)
+        objective, cotangent = jax.value_and_grad(lambda s: _from_sums(s, total, before, consts, spec))(sums)
+        _, gradient = _summed(alpha, consts, data, ip, ic, cotangent, spec, grad=True)
+        return objective, gradient
+    sums, gradient = _summed(alpha, consts, data, ip, ic, None, spec, grad=grad)
+    return sums / total, (gradient / total if grad else gradient)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -124,48 +209,61 @@ def ace_step(alpha, opt_state, ramp, consts: AceConsts, data: AceData, ip, ic, *
 
     The loss is the objective plus ``l2 |alpha|^2`` and ``ramp * sum(alpha (1 - alpha))``; the
     gradient is taken with respect to ``alpha`` only; the updated alpha is clipped to [0, 1] (the
-    optimizer's projection already lands there, up to one float32 rounding)."""
+    optimizer's projection already lands there, up to one float32 rounding). The batch is cut in
+    micro-batches of ``spec.micro_batch`` samples of each kind, spread over the devices of
+    ``spec.mesh`` (:mod:`gandissect_jax.ace.sharded`); their sums are added in micro-batch order,
+    so the step's bits depend on the micro-batch size, never on the number of devices."""
     import optax
 
-    batch = _take(data, ip, ic)
-
-    def loss_fn(a):
-        return (_objective(a, consts, batch, spec) + consts.l2 * jnp.sum(a**2)
-                + ramp * jnp.sum(a * (1 - a)))
-
-    loss, grad = jax.value_and_grad(loss_fn)(alpha)
-    updates, opt_state = spec.optimizer.update(grad, opt_state, alpha)
+    objective, gradient = _batch_objective(alpha, consts, data, ip, ic, spec, grad=True)
+    loss = objective + consts.l2 * jnp.sum(alpha**2) + ramp * jnp.sum(alpha * (1 - alpha))
+    gradient = gradient + 2 * consts.l2 * alpha + ramp * (1 - 2 * alpha)
+    updates, opt_state = spec.optimizer.update(gradient, opt_state, alpha)
     return jnp.clip(optax.apply_updates(alpha, updates), 0.0, 1.0), opt_state, loss
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _evaluate(alpha, consts: AceConsts, data: AceData, ip, ic, *, spec: AceSpec):
-    return _objective(alpha, consts, _take(data, ip, ic), spec)
+    return _batch_objective(alpha, consts, data, ip, ic, spec, grad=False)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
 def _unedited_shares(consts: AceConsts, r, side, *, spec: AceSpec):
     return _shares(spec, consts.sparams, spec.f(consts.gparams, r, side))
 
 
-@functools.partial(jax.jit, static_argnames=("h",))
 def _representation(gparams, z, *, h):
     return h(gparams, z)
 
 
-def representations(generator: Any, layer: str, z: np.ndarray, batch_size: int) -> tuple[jax.Array, Any]:
-    """``(r, side) = h(z)`` for every row of ``z``, in padded batches, concatenated on the device.
+def _stacked(array: Any, batch_size: int) -> Any:
+    """Leaves (N, ...) as (nb, batch_size, ...), the last batch zero-padded."""
+    def stack(leaf):
+        leaf = np.asarray(leaf)
+        batches = -(-len(leaf) // batch_size)
+        pad = np.zeros((batches * batch_size - len(leaf), *leaf.shape[1:]), leaf.dtype)
+        return np.concatenate([leaf, pad]).reshape(batches, batch_size, *leaf.shape[1:])
 
-    Returns ``r`` (N, H, W, C) and ``side`` (a pytree whose leaves have a leading sample axis, or
-    ``()``)."""
+    return jax.tree_util.tree_map(stack, array)
+
+
+def _unstacked(tree: Any, count: int) -> Any:
+    return jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:])[:count], tree)
+
+
+def representations(generator: Any, layer: str, z: np.ndarray, batch_size: int, *, mesh: Any = None
+                    ) -> tuple[np.ndarray, Any]:
+    """``(r, side) = h(z)`` for every row of ``z``, in zero-padded batches spread over the devices
+    of ``mesh`` (default: all; :func:`gandissect_jax.ace.sharded.map_batches`).
+
+    Returns numpy ``r`` (N, H, W, C) and ``side`` (a pytree whose leaves have a leading sample
+    axis, or ``()``), the same on every process."""
+    from .sharded import map_batches
+
     h, _ = generator.split(layer)
     z = np.asarray(z, np.float32)
-    parts = []
-    for start in range(0, len(z), batch_size):
-        batch, count = _padded(z, start, batch_size)
-        r, side = _representation(generator.params, jnp.asarray(batch), h=h)
-        parts.append(jax.tree_util.tree_map(lambda a, n=count: a[:n], (r, side)))
-    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, 0), *parts)
+    out = map_batches(_representation, [_stacked(z, batch_size)], generator.params, mesh=mesh,
+                      static=(("h", h),))
+    return _unstacked(out, len(z))
 
 
 class AceProblem(NamedTuple):
@@ -191,11 +289,13 @@ class AceProblem(NamedTuple):
 def prepare_ace(generator: Any, segmenter: Any, corpus: AceCorpus, *, init: Any = None, l2: float = 0.005,
                 learning_rate: float = 0.01, batch_size: int = 20, seg_downsample: int = 1,
                 objective: str = "ace", specificity: float = 1.0, max_units: float | None = None,
-                optimizer: Any = None) -> AceProblem:
+                optimizer: Any = None, micro_batch: int | None = None, mesh: Any = None) -> AceProblem:
     """The :class:`AceProblem` of a fit (arguments as :func:`optimize_ace`): checks the arguments,
     computes ``r = h(z)`` of every corpus sample once (and, for ``specific_removal``, the unedited
     shares), and initialises the optimizer. ``ace_step(problem.alpha, problem.opt_state, ramp,
-    problem.consts, problem.train, ip, ic, spec=problem.spec)`` then runs one step.
+    problem.consts, problem.train, ip, ic, spec=problem.spec)`` then runs one step. Everything is
+    replicated on the devices of ``mesh`` (default: all devices of all processes), which share
+    each step's micro-batches.
 
     Raises:
       ValueError naming the argument (see :func:`optimize_ace`).
@@ -214,6 +314,12 @@ def prepare_ace(generator: Any, segmenter: Any, corpus: AceCorpus, *, init: Any 
     n_train = min(len(corpus.present_z), len(corpus.candidate_z))
     if batch_size < 1 or n_train < batch_size:
         raise ValueError(f"batch_size = {batch_size} needs 1..{n_train} (the training samples)")
+    micro_batch = min(batch_size, DEFAULT_MICRO_BATCH) if micro_batch is None else int(micro_batch)
+    if not 1 <= micro_batch <= batch_size:
+        raise ValueError(f"micro_batch = {micro_batch} needs 1..{batch_size} (the batch size)")
+    from .sharded import ace_mesh, replicate
+
+    mesh = ace_mesh() if mesh is None else mesh
     if init is None:
         alpha = jnp.zeros(channels, jnp.float32)
     else:
@@ -227,37 +333,38 @@ def prepare_ace(generator: Any, segmenter: Any, corpus: AceCorpus, *, init: Any 
     others = (tuple(l for l in range(1, len(segmenter.labels)) if l not in labels)
               if objective == "specific_removal" else ())
     spec = AceSpec(f=f, segmenter=Static(segmenter), labels=labels, others=others, grid=(rows, cols),
-                   downsample=int(seg_downsample), objective=objective, optimizer=optimizer)
+                   downsample=int(seg_downsample), objective=objective, optimizer=optimizer,
+                   micro_batch=micro_batch, mesh=mesh)
     consts = AceConsts(generator.params, segmenter.params, value, jnp.ones((len(others),), jnp.float32),
                        jnp.float32(l2), jnp.float32(specificity))
 
-    # r = h(z) does not depend on alpha: computed once per sample, kept on the device
+    # r = h(z) does not depend on alpha: computed once per sample, kept on every device
     def data_of(pz, pl, cz, cl):
-        pr, ps = representations(generator, corpus.layer, pz, batch_size)
-        cr, cs = representations(generator, corpus.layer, cz, batch_size)
-        return AceData(pr, ps, jnp.asarray(pl, jnp.int32), cr, cs, jnp.asarray(cl, jnp.int32),
-                       jnp.zeros((len(pz), 0), jnp.float32))
+        pr, ps = representations(generator, corpus.layer, pz, batch_size, mesh=mesh)
+        cr, cs = representations(generator, corpus.layer, cz, batch_size, mesh=mesh)
+        return AceData(pr, ps, np.asarray(pl, np.int32), cr, cs, np.asarray(cl, np.int32),
+                       np.zeros((len(pz), 0), np.float32))
 
     train = data_of(corpus.present_z, corpus.present_location, corpus.candidate_z, corpus.candidate_location)
     held = data_of(corpus.eval_present_z, corpus.eval_present_location, corpus.eval_candidate_z,
                    corpus.eval_candidate_location)
     if objective == "specific_removal":
-        # the unedited shares do not depend on alpha either: computed once
-        def unedited(data: AceData) -> jax.Array:
-            n = len(data.present_r)
-            out = []
-            for start in range(0, n, batch_size):
-                idx = jnp.asarray(np.minimum(np.arange(start, start + batch_size), n - 1))
-                rows_ = jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0),
-                                               (data.present_r, data.present_side))
-                out.append(_unedited_shares(consts, *rows_, spec=spec)[: min(batch_size, n - start)])
-            return jnp.concatenate(out, 0)
+        # the unedited shares do not depend on alpha either: computed once per sample
+        from .sharded import map_batches
+
+        def unedited(data: AceData) -> np.ndarray:
+            out = map_batches(_unedited_shares, [_stacked(data.present_r, batch_size),
+                                                 _stacked(data.present_side, batch_size)], consts, mesh=mesh,
+                              static=(("spec", spec),))
+            return _unstacked(out, len(data.present_r))
 
         train = train._replace(before=unedited(train))
         held = held._replace(before=unedited(held))
-        consts = consts._replace(reference=jnp.maximum(train.before[:, 1:].mean(0), 1e-3))
+        consts = consts._replace(reference=np.maximum(train.before[:, 1:].mean(0), np.float32(1e-3)))
 
-    return AceProblem(spec, consts, train, held, alpha, optimizer.init(alpha))
+    alpha = np.asarray(alpha, np.float32)
+    return AceProblem(spec, replicate(consts, mesh), replicate(train, mesh), replicate(held, mesh),
+                      replicate(alpha, mesh), replicate(optimizer.init(jnp.asarray(alpha)), mesh))
 
 
 def optimize_ace(
@@ -277,6 +384,8 @@ def optimize_ace(
     max_units: float | None = None,
     binarize: float = 0.0,
     optimizer: Any = None,
+    micro_batch: int | None = None,
+    mesh: Any = None,
     progress: bool = False,
 ) -> AceFit:
     """Fit the per-unit ablation weights alpha (see the module docstring for the objective; the
@@ -315,6 +424,13 @@ def optimize_ace(
         with :func:`project_unit_budget` or :func:`project_unit_interval` to keep alpha feasible;
         alpha is clipped to [0, 1] after every update in any case. Pass the same object again to
         reuse the compiled step.
+      micro_batch: samples of each kind per micro-batch, in [1, batch_size] (default
+        ``min(batch_size, 4)``): each step is cut in micro-batches, the unit of work of one device
+        and what bounds a step's memory; their sums are added in micro-batch order. The fit's bits
+        depend on it, never on the number of devices or processes.
+      mesh: the devices that share each step's micro-batches and the corpus's representations
+        (default :func:`gandissect_jax.ace.sharded.ace_mesh`: all devices of all processes; every
+        process of a multi-host run calls this function with the same arguments).
       progress: show tqdm bars.
 
     Returns:
@@ -322,24 +438,33 @@ def optimize_ace(
 
     Raises:
       ValueError naming the argument for an unknown objective, a non-positive max_units, an
-      init of the wrong shape, a batch size larger than the training samples, or a corpus whose
-      insertion value does not fit the layer.
+      init of the wrong shape, a batch size larger than the training samples, a micro-batch
+      outside [1, batch_size], or a corpus whose insertion value does not fit the layer.
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     problem = prepare_ace(generator, segmenter, corpus, init=init, l2=l2, learning_rate=learning_rate,
                           batch_size=batch_size, seg_downsample=seg_downsample, objective=objective,
-                          specificity=specificity, max_units=max_units, optimizer=optimizer)
+                          specificity=specificity, max_units=max_units, optimizer=optimizer,
+                          micro_batch=micro_batch, mesh=mesh)
     spec, consts, train, held = problem.spec, problem.consts, problem.train, problem.held
     alpha, opt_state = problem.alpha, problem.opt_state
     n_train = min(len(corpus.present_z), len(corpus.candidate_z))
+
+    from .sharded import global_array
+
+    mesh = spec.mesh
+
+    def on_mesh(array):
+        return global_array(np.asarray(array), mesh)
 
     def eval_loss(alpha):
         n = min(len(corpus.eval_present_z), len(corpus.eval_candidate_z))
         total = 0.0
         for start in range(0, n, batch_size):
-            idx = jnp.arange(start, min(start + batch_size, n))
-            total += float(_evaluate(alpha, consts, held, idx, idx, spec=spec)) * len(idx)
+            idx = on_mesh(np.arange(start, min(start + batch_size, n), dtype=np.int32))
+            loss = _evaluate(alpha, consts, held, idx, idx, spec=spec)
+            total += float(np.asarray(loss.addressable_data(0))) * idx.shape[0]
         return total / n
 
     history = [eval_loss(alpha)]
@@ -350,18 +475,19 @@ def optimize_ace(
 
         epoch_range = tqdm(epoch_range, desc=f"ACE {corpus.layer}", unit="epoch")
     for epoch in epoch_range:
-        ramp = jnp.float32(binarize * epoch / max(epochs - 1, 1))
+        ramp = on_mesh(np.float32(binarize * epoch / max(epochs - 1, 1)))
         key, key_p, key_c = jax.random.split(key, 3)
-        order_p = jax.random.permutation(key_p, len(corpus.present_z))
-        order_c = jax.random.permutation(key_c, len(corpus.candidate_z))
+        order_p = np.asarray(jax.random.permutation(key_p, len(corpus.present_z)), np.int32)
+        order_c = np.asarray(jax.random.permutation(key_c, len(corpus.candidate_z)), np.int32)
         for b in range(n_train // batch_size):
-            ip = order_p[b * batch_size : (b + 1) * batch_size]
-            ic = order_c[b * batch_size : (b + 1) * batch_size]
+            ip = on_mesh(order_p[b * batch_size : (b + 1) * batch_size])
+            ic = on_mesh(order_c[b * batch_size : (b + 1) * batch_size])
             alpha, opt_state, _ = ace_step(alpha, opt_state, ramp, consts, train, ip, ic, spec=spec)
         history.append(eval_loss(alpha))
         if progress:
             epoch_range.set_postfix(eval_loss=f"{history[-1]:.4f}")
-    return AceFit(alpha=np.asarray(alpha, np.float32), eval_loss=np.asarray(history, np.float64))
+    alpha = np.asarray(alpha.addressable_data(0), np.float32)
+    return AceFit(alpha=alpha, eval_loss=np.asarray(history, np.float64))
 
 
 def ace_ranking(alpha: Any, tie_break: Any = None) -> np.ndarray:

@@ -57,7 +57,7 @@ def _batch_program(fn: Callable, static: tuple, mesh: Mesh) -> Callable:
     """jit(shard_map): device d computes ``fn(consts, *batch_d, **static)`` of its own batch."""
 
     def body(consts, *batches):
-        out = fn(consts, *(b[0] for b in batches), **dict(static))
+        out = fn(consts, *jax.tree_util.tree_map(lambda b: b[0], batches), **dict(static))
         return jax.tree_util.tree_map(lambda leaf: leaf[None], out)
 
     def program(consts, *batches):
@@ -76,8 +76,9 @@ def map_batches(fn: Callable, batches: Sequence[np.ndarray], consts: Any, *, mes
       fn: a module-level jittable function of ``consts`` (a pytree of arrays, the same for every
         batch: parameters, inserted values) and one batch of each array; returns a pytree of
         arrays. The same ``fn`` and ``static`` reuse the compiled program.
-      batches: numpy arrays (nb, B, ...) with a leading batch-number axis, the same on every
-        process (e.g. z stacked in batches, the last one zero-padded).
+      batches: numpy arrays (or pytrees of them, e.g. a generator's side inputs, possibly empty)
+        (nb, B, ...) with a leading batch-number axis, the same on every process (e.g. z stacked
+        in batches, the last one zero-padded).
       consts: replicated on every device (numpy or jax arrays).
       mesh: default :func:`ace_mesh` (all devices of all processes).
       static: ``(name, value)`` pairs of hashable static keyword arguments of ``fn``.
@@ -93,10 +94,11 @@ def map_batches(fn: Callable, batches: Sequence[np.ndarray], consts: Any, *, mes
       ValueError when ``batches`` is empty or their leading axes differ.
     """
     mesh = ace_mesh() if mesh is None else mesh
-    batches = [np.asarray(b) for b in batches]
-    if not batches or len({len(b) for b in batches}) != 1:
-        raise ValueError(f"batches must be arrays of one leading length, got {[b.shape for b in batches]}")
-    count, devices = len(batches[0]), mesh.devices.size
+    leaves, treedef = jax.tree_util.tree_flatten(list(batches))
+    leaves = [np.asarray(leaf) for leaf in leaves]
+    if not leaves or len({len(leaf) for leaf in leaves}) != 1:
+        raise ValueError(f"batches must be arrays of one leading length, got {[leaf.shape for leaf in leaves]}")
+    count, devices = len(leaves[0]), mesh.devices.size
     program = _batch_program(fn, tuple(static), mesh)
     consts = replicate(consts, mesh)
     outputs: list = []
@@ -111,7 +113,7 @@ def map_batches(fn: Callable, batches: Sequence[np.ndarray], consts: Any, *, mes
 
     for start in range(0, count, devices):
         index = np.minimum(np.arange(start, start + devices), count - 1)  # the last call repeats a batch
-        placed = [global_array(b[index], mesh, P(AXIS)) for b in batches]
+        placed = jax.tree_util.tree_unflatten(treedef, [global_array(leaf[index], mesh, P(AXIS)) for leaf in leaves])
         out = program(consts, *placed)
         if pending is not None:
             fetch(pending)
