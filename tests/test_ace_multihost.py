@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # about 2 minutes on a 2-core CPU (3 runs of 2 processes, 1 of 1)
+
 ARGS = ["ace", "--layer", "layer4", "--concept", "tree", "--search-size", "40", "--train-size", "8",
         "--eval-size", "4", "--epochs", "2", "--train-batch", "4", "--curve-samples", "6", "--curve-max", "4",
         "--show-units", "4", "--batch-size", "4", "--quiet"]

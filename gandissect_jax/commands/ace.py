@@ -16,6 +16,11 @@ Writes ``D/intervention/ace/<layer>/<name>/``: ``ace.json`` (ranking, alpha, los
 ``alpha.png``, ``loss.png``, ``curves.png``, ``ablation.png`` (images with the top units of each
 ranking ablated) and ``page.html``. A rerun with the same arguments resumes after the last finished
 step (corpus, fit, curves).
+
+Multi-host: the same command on N processes (--coordinator/--num-processes/--process-id, or
+--multi-host) spreads the batches over every device of every process, with the results of one
+device. Only process 0 reads D (and sends the others the dissection) and writes there; the other
+processes need the models, not D.
 """
 
 from __future__ import annotations
