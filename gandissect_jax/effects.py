@@ -52,6 +52,8 @@ __all__ = [
     "block_at",
     "cell_labels",
     "ace_curve",
+    "ace_curve_program",
+    "curve_batch",
     "unit_counts",
     "bootstrap_mean",
     "BootstrapMean",
@@ -352,6 +354,27 @@ def ace_curve(generator: Any, segmenter: Any, gparams: Any, sparams: Any, z: Any
     Returns:
       float32 (K, N): the concept's share of each sample's image for each count.
     """
+    consts, static = ace_curve_program(generator, segmenter, gparams, sparams, layer, ranking, counts, labels,
+                                       mode=mode, value=value, where=where, downsample=downsample)
+    return curve_batch(consts, jnp.asarray(z, jnp.float32), **dict(static))
+
+
+def curve_batch(consts, z, *, split, segmenter, labels, downsample, insertion):
+    """:func:`ace_curve` of one batch z float32 (N, z_dim), float32 (K, N), from the ``consts``
+    and ``static`` of :func:`ace_curve_program` (a function of the form
+    :func:`gandissect_jax.ace.sharded.map_batches` runs)."""
+    gparams, sparams, masks, value, where = consts
+    return _curve(gparams, sparams, z, masks, value, where, split=split, segmenter=segmenter, labels=labels,
+                  downsample=downsample, insertion=insertion)
+
+
+def ace_curve_program(generator: Any, segmenter: Any, gparams: Any, sparams: Any, layer: str, ranking: Any,
+                      counts: Sequence[int], labels: Sequence[int], *, mode: str = "ablate",
+                      value: Any = None, where: Any = None, downsample: int = 1) -> tuple[tuple, tuple]:
+    """``(consts, static)`` of :func:`curve_batch` for the curve :func:`ace_curve` describes (its
+    arguments but z): ``consts`` = (gparams, sparams, float32 (K, C) unit
+    masks, float32 inserted value, float32 (H, W) edited positions), ``static`` = hashable
+    ``(name, value)`` pairs. ValueError for a bad ``mode`` / ``value`` pair."""
     if mode not in ("ablate", "insert"):
         raise ValueError(f"mode must be 'ablate' or 'insert', got {mode!r}")
     if (mode == "insert") != (value is not None):
@@ -365,9 +388,9 @@ def ace_curve(generator: Any, segmenter: Any, gparams: Any, sparams: Any, z: Any
     value = jnp.zeros((), jnp.float32) if value is None else jnp.asarray(value, jnp.float32)
     grid = layer_shape(generator, layer)[:2]
     where = jnp.ones(grid, jnp.float32) if where is None else jnp.asarray(where, jnp.float32)
-    return _curve(gparams, sparams, jnp.asarray(z, jnp.float32), masks, value, where, split=split,
-                  segmenter=Static(segmenter), labels=tuple(int(c) for c in labels),
-                  downsample=int(downsample), insertion=mode == "insert")
+    static = (("split", split), ("segmenter", Static(segmenter)), ("labels", tuple(int(c) for c in labels)),
+              ("downsample", int(downsample)), ("insertion", mode == "insert"))
+    return (gparams, sparams, masks, value, where), static
 
 
 # ============================================================================================

@@ -15,12 +15,21 @@ folder, ``<outdir>/intervention/<kind>/<layer>/<name>/``:
 
 ``<outdir>/intervention/index.json`` lists the experiments (kind, layer, name, title, page) and
 ``index.html`` links their pages.
+
+In a multi-process run (:mod:`gandissect_jax.dissection.distributed`) **only process 0 touches the
+directory**: it reads ``dissect.json`` and the scores and sends them to the others; it alone takes
+the lock, checks and records the settings, decides which steps are finished and writes every file
+(the other processes' writes are no-ops). What it decides and loads it broadcasts, so every
+process skips the same steps with the same arrays, or computes them together; an error it raises
+there (a busy folder, other settings) is raised on every process. The other processes need no
+output directory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import html
+import io
 import json
 import os
 from typing import Any, Iterator, Mapping, Sequence
@@ -31,6 +40,21 @@ __all__ = ["DissectionSource", "Experiment", "intervention_lock", "register", "w
 
 INTERVENTION = "intervention"
 SETTINGS_VERSION = 1
+
+
+def _leader_bytes(read) -> Any:
+    """``read()`` on process 0, its result (bytes or None) on every process; its errors raised on
+    every process (:func:`gandissect_jax.dissection.distributed.leader_bytes`)."""
+    from gandissect_jax.dissection import distributed
+
+    return distributed.leader_bytes(read)
+
+
+def _leader() -> bool:
+    """True on process 0 (the one that writes), and with one process."""
+    from gandissect_jax.dissection import distributed
+
+    return distributed.is_leader()
 
 
 def _safe(name: str) -> str:
@@ -60,10 +84,15 @@ class DissectionSource:
         self.document: dict | None = None
         path = os.path.join(self.outdir, "dissect.json")
         source: dict = {}
-        if os.path.exists(path):
+
+        def read() -> bytes | None:  # on process 0; the others get its document
             from gandissect_jax.dissection.schema import read_dissect_json
 
-            self.document = read_dissect_json(path)
+            return json.dumps(read_dissect_json(path)).encode() if os.path.exists(path) else None
+
+        data = _leader_bytes(read)
+        if data is not None:
+            self.document = json.loads(data)
             source = dict(self.document.get("settings", {}).get("source", {}) or {})
         self.model_name = model or source.get("model")
         self.segmenter_name = segmenter or source.get("segmenter")
@@ -132,9 +161,15 @@ class DissectionSource:
         from gandissect_jax.dissection import LayerDissection
 
         path = os.path.join(self.outdir, record.get("dirname", _safe(layer)), "scores.npz")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} is missing: the dissection of {layer!r} is incomplete")
-        result = LayerDissection.load_npz(path)
+
+        def read() -> bytes:  # on process 0 (the file checked there); the others get its bytes
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} is missing: the dissection of {layer!r} is incomplete")
+            LayerDissection.load_npz(path)
+            with open(path, "rb") as handle:
+                return handle.read()
+
+        result = LayerDissection.load_npz(io.BytesIO(_leader_bytes(read)))
         if list(result.label_names) != [name for name, _ in self.segmenter.labels]:
             raise ValueError(f"{path} was dissected with another label set than segmenter "
                              f"{self.segmenter_name!r} has")
@@ -223,7 +258,9 @@ class Experiment:
       name: the experiment's name within the layer (made safe).
       settings: everything the results depend on (JSON-able); recorded, compared on reruns.
 
-    Use as a context manager: the folder is locked while open.
+    Use as a context manager: the folder is locked while open. In a multi-process run every
+    process opens it and runs the same steps; only process 0 reads and writes the folder (see the
+    module docstring).
     """
 
     def __init__(self, outdir: str, kind: str, layer: str, name: str, settings: Mapping[str, Any]):
@@ -237,6 +274,10 @@ class Experiment:
         self._lock = None
 
     def __enter__(self) -> "Experiment":
+        _leader_bytes(self._open)  # process 0 locks and checks; its errors reach every process
+        return self
+
+    def _open(self) -> None:
         from gandissect_jax.dissection.resume import first_difference
 
         os.makedirs(os.path.join(self.directory, ".progress"), exist_ok=True)
@@ -258,8 +299,8 @@ class Experiment:
                 self.write_json(os.path.join(".progress", "settings.json"), self.settings)
         except BaseException:
             self._lock.__exit__(None, None, None)
+            self._lock = None
             raise
-        return self
 
     def __exit__(self, *exc) -> None:
         if self._lock is not None:
@@ -277,53 +318,89 @@ class Experiment:
         self.write_json(os.path.join(".progress", step + ".done"), {"step": step})
 
     def write_json(self, name: str, payload: Any) -> None:
+        """``<experiment>/<name>`` as JSON, atomically (process 0 only; a no-op on the others)."""
         from gandissect_jax.dissection.resume import atomic_file
 
+        if not _leader():
+            return
         with atomic_file(self.path(name), "w") as handle:
             json.dump(payload, handle, indent=1, allow_nan=False)
 
     def write_bytes(self, name: str, payload: bytes) -> None:
+        """``<experiment>/<name>``, atomically (process 0 only; a no-op on the others)."""
         from gandissect_jax.dissection.resume import atomic_file
 
+        if not _leader():
+            return
         with atomic_file(self.path(name)) as handle:
             handle.write(payload)
 
     def save_arrays(self, name: str, **arrays: Any) -> None:
+        """``<experiment>/<name>`` an .npz of ``arrays``, atomically (process 0 only)."""
         from gandissect_jax.dissection.resume import atomic_file
 
+        if not _leader():
+            return
         with atomic_file(self.path(name)) as handle:
             np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
 
     def load_arrays(self, name: str) -> dict[str, np.ndarray] | None:
+        """The arrays of ``<experiment>/<name>`` (an .npz) as this process reads them, or None when
+        there is no such file. ValueError naming the file when it is unreadable."""
         path = self.path(name)
         if not os.path.exists(path):
             return None
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return {k: data[k].copy() for k in data.files}
-        except (OSError, ValueError, EOFError) as err:
-            raise ValueError(f"{path} is unreadable ({err}); remove it to compute it again") from err
+        with open(path, "rb") as handle:
+            return _npz_arrays(handle.read(), path)
 
     def step(self, name: str, compute, *, progress_label: str | None = None) -> dict[str, np.ndarray]:
         """Arrays of step ``name``: loaded when a previous run finished it, else ``compute()``d
-        (a dict of arrays), saved as ``<name>.npz`` and marked done."""
-        if self.done(name):
-            loaded = self.load_arrays(name + ".npz")
-            if loaded is not None:
-                return loaded
+        (a dict of arrays), saved as ``<name>.npz`` and marked done.
+
+        In a multi-process run process 0 decides and loads, and every process returns its arrays;
+        or every process calls ``compute()`` (which may run collectives) and process 0 saves."""
+        path = self.path(name + ".npz")
+
+        def read() -> bytes | None:  # on process 0: the finished step's file, checked
+            if not self.done(name) or not os.path.exists(path):
+                return None
+            with open(path, "rb") as handle:
+                data = handle.read()
+            _npz_arrays(data, path)
+            return data
+
+        data = _leader_bytes(read)
+        if data is not None:
+            return _npz_arrays(data, path)
         arrays = compute()
         self.save_arrays(name + ".npz", **arrays)
         self.mark(name)
         return {k: np.asarray(v) for k, v in arrays.items()}
 
 
+def _npz_arrays(data: bytes, path: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file's bytes; ValueError naming ``path`` when they are not one."""
+    import zipfile
+
+    try:
+        arrays = np.load(io.BytesIO(data), allow_pickle=False)
+        if not isinstance(arrays, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with arrays:
+            return {k: arrays[k].copy() for k in arrays.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is unreadable ({err}); remove it to compute it again") from err
+
+
 def register(experiment: Experiment, title: str, summary: Mapping[str, Any] | None = None) -> None:
     """Add (or update) the experiment in ``<outdir>/intervention/index.json`` and ``index.html``,
     then refresh the dissection report's rankings and links (:func:`gandissect_jax.dissection.rankings.
-    refresh_report`)."""
+    refresh_report`). Process 0 only (a no-op on the others)."""
     from gandissect_jax.dissection.resume import atomic_write_json
     from gandissect_jax.dissection.rankings import refresh_report
 
+    if not _leader():
+        return  # process 0 alone writes the index
     outdir = experiment.outdir
     with intervention_lock(outdir):
         path = os.path.join(outdir, INTERVENTION, "index.json")

@@ -57,13 +57,18 @@ def _usage_error(argv, capsys) -> str:
 # ------------------------------------------------------------------------ usage faults: status 2
 
 # (argv without --outdir, flags the error line must name); OUT is replaced by a fresh directory
-USAGE_FAULTS = [
-    (["dissect", "--coordinator", "h:1234"], ["--num-processes", "--process-id"]),
-    (["dissect", "--num-processes", "2", "--process-id", "0"], ["--coordinator"]),
-    (["dissect", "--coordinator", "h", "--num-processes", "2", "--process-id", "0"], ["--coordinator"]),
-    (["dissect", "--coordinator", "h:1234", "--num-processes", "2", "--process-id", "2"], ["--process-id"]),
-    (["dissect", "--multi-host", "--coordinator", "h:1234", "--num-processes", "2", "--process-id", "0"],
+# the multi-host flags of the commands that run as N processes (dissect, ace), each after the command's own
+MULTI_HOST_FAULTS = [
+    (["--coordinator", "h:1234"], ["--num-processes", "--process-id"]),
+    (["--num-processes", "2", "--process-id", "0"], ["--coordinator"]),
+    (["--coordinator", "h", "--num-processes", "2", "--process-id", "0"], ["--coordinator"]),
+    (["--coordinator", "h:1234", "--num-processes", "2", "--process-id", "2"], ["--process-id"]),
+    (["--multi-host", "--coordinator", "h:1234", "--num-processes", "2", "--process-id", "0"],
      ["--multi-host", "--coordinator"]),
+]
+USAGE_FAULTS = [
+    *[(["dissect", *argv], flags) for argv, flags in MULTI_HOST_FAULTS],
+    *[(["ace", "--layer", "layer4", "--concept", "tree", *argv], flags) for argv, flags in MULTI_HOST_FAULTS],
     (["dissect", "--features", "f.npy"], ["--features", "--segmentations", "--labels"]),
     (["dissect", "--features", "f.npy", "--segmentations", "s.npy"], ["--features", "--labels"]),
     (["dissect", "--features", "f.npy", "--model", "scenes64"], ["--features", "--model"]),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -12,6 +11,7 @@ import numpy as np
 from gandissect_jax._structure import Static
 from gandissect_jax.sampling import sample_z
 from .scores import _pool_to_grid, concept_labels, concept_score
+from .sharded import map_batches
 
 
 # ============================================================================================
@@ -52,15 +52,6 @@ class AceCorpus(NamedTuple):
     insertion_value: np.ndarray
 
 
-def _batches(n: int, batch_size: int, progress: bool, desc: str):
-    starts = range(0, n, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, unit="batch")
-    return starts
-
-
 def _padded(array: np.ndarray, start: int, size: int) -> tuple[np.ndarray, int]:
     """Rows ``start:start+size`` of ``array``, zero-padded to ``size`` rows (so every batch has
     one shape and one compiled program); also the number of real rows."""
@@ -90,8 +81,13 @@ def layer_shape(generator: Any, layer: str) -> tuple[int, ...]:
     return tuple(int(s) for s in r.shape[1:])
 
 
-@functools.partial(jax.jit, static_argnames=("split", "segmenter", "labels", "downsample", "grid"))
-def _presence_pass(gparams, sparams, z, valid, *, split, segmenter, labels, downsample, grid):
+def _presence_pass(consts, z, valid, *, split, segmenter, labels, downsample, grid):
+    """One batch of the present search (run by :func:`~gandissect_jax.ace.sharded.map_batches`).
+
+    consts: ``(gparams, sparams)``; z: float32 (B, z_dim); valid: float32 (B,), 1 for real rows,
+    0 for padding. Returns float32 (B, H*W) the concept's share of each feature location's
+    pixels, and float32 (C,) the features summed with those shares as weights."""
+    gparams, sparams = consts
     h, f = split
     r, side = h(gparams, z)
     _, mask = concept_score(segmenter.obj, sparams, f(gparams, r, side), labels, downsample)
@@ -100,9 +96,14 @@ def _presence_pass(gparams, sparams, z, valid, *, split, segmenter, labels, down
     return presence.reshape(len(z), grid[0] * grid[1]), weighted_sum
 
 
-@functools.partial(jax.jit, static_argnames=("split", "segmenter", "labels", "downsample", "grid"))
-def _candidate_pass(gparams, sparams, value, z, probe_locations, *, split, segmenter, labels,
-                    downsample, grid):
+def _candidate_pass(consts, z, probe_locations, *, split, segmenter, labels, downsample, grid):
+    """One batch of the candidate search (run by :func:`~gandissect_jax.ace.sharded.map_batches`).
+
+    consts: ``(gparams, sparams, value)`` with value float32 (C,) the insertion value; z: float32
+    (B, z_dim); probe_locations: int (probes,) flat feature locations. Returns float32
+    (B, probes): the concept pixels gained by writing ``value`` at each probe location, 0 where
+    the concept was already present there."""
+    gparams, sparams, value = consts
     h, f = split
     S = segmenter.obj
     r, side = h(gparams, z)
@@ -121,6 +122,24 @@ def _candidate_pass(gparams, sparams, value, z, probe_locations, *, split, segme
     return gains * absent[:, probe_locations]
 
 
+def _stacked(array: np.ndarray, batch_size: int) -> np.ndarray:
+    """``array`` (N, ...) as batches (ceil(N / batch_size), batch_size, ...), the last zero-padded
+    (so every batch has one shape and one compiled program)."""
+    batches = -(-len(array) // batch_size)
+    padded = np.zeros((batches * batch_size, *array.shape[1:]), array.dtype)
+    padded[: len(array)] = array
+    return padded.reshape(batches, batch_size, *array.shape[1:])
+
+
+def _bar(total: int, progress: bool, desc: str):
+    """A tqdm bar of ``total`` batches on process 0 when ``progress``, else None."""
+    if not progress or jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch")
+
+
 def build_ace_corpus(
     generator: Any,
     segmenter: Any,
@@ -135,6 +154,7 @@ def build_ace_corpus(
     batch_size: int = 50,
     seg_downsample: int = 1,
     progress: bool = False,
+    mesh: Any = None,
 ) -> AceCorpus:
     """Collect present and candidate samples for :func:`optimize_ace` (the reference's phases 1-2,
     ``compute_present_locations`` and ``compute_candidate_locations`` of ``netdissect.aceoptimize``).
@@ -154,9 +174,15 @@ def build_ace_corpus(
       train_size, eval_size: samples kept of each kind.
       seed: z seed of the present search (candidates use seed + 1; probes use seed).
       probes: locations tried per candidate batch.
-      batch_size: images per forward pass (the last batch is padded, so one program serves all).
+      batch_size: images per forward pass (the last batch is zero-padded, so one program serves
+        all). The batches are spread over the devices of ``mesh``, one whole batch per device
+        (:func:`gandissect_jax.ace.sharded.map_batches`): the corpus is bit-identical for any
+        number of devices and processes.
       seg_downsample: segmentation stride.
-      progress: show tqdm bars.
+      progress: show tqdm bars (on process 0).
+      mesh: a 1-D device mesh (default :func:`gandissect_jax.ace.sharded.ace_mesh`: every device
+        of every process). In a multi-process run every process calls this with the same
+        arguments and gets the whole corpus.
 
     Returns:
       An :class:`AceCorpus`. ValueError if fewer than ``train_size + eval_size`` images show the
@@ -170,24 +196,27 @@ def build_ace_corpus(
         )
     labels = concept_labels(segmenter, concept)
     split = generator.split(layer)
-    rows, cols, channels = layer_shape(generator, layer)
+    rows, cols, _ = layer_shape(generator, layer)
     grid = (rows, cols)
     locations = rows * cols
     if probes > locations:
         raise ValueError(f"probes = {probes} exceeds the {locations} locations of {layer}")
     gparams, sparams = generator.params, segmenter.params
-    static = dict(split=tuple(split), segmenter=Static(segmenter), labels=labels,
-                  downsample=int(seg_downsample), grid=grid)
+    static = (("split", tuple(split)), ("segmenter", Static(segmenter)), ("labels", labels),
+              ("downsample", int(seg_downsample)), ("grid", grid))
 
     z_present = sample_z(search_size, generator.z_dim, seed)
-    presence = np.zeros((search_size, locations), np.float32)
-    feature_sum = np.zeros(channels, np.float64)
-    for start in _batches(search_size, batch_size, progress, f"ACE {layer}: present"):
-        z, count = _padded(z_present, start, batch_size)
-        valid = jnp.asarray(np.arange(batch_size) < count, jnp.float32)
-        p, s = _presence_pass(gparams, sparams, jnp.asarray(z), valid, **static)
-        presence[start : start + count] = np.asarray(p)[:count]
-        feature_sum += np.asarray(s, np.float64)
+    z_batches = _stacked(z_present, batch_size)
+    num_batches = len(z_batches)
+    valid = _stacked(np.ones(search_size, np.float32), batch_size)
+    bar = _bar(num_batches, progress, f"ACE {layer}: present")
+    presence, sums = map_batches(_presence_pass, (z_batches, valid), (gparams, sparams), mesh=mesh,
+                                 static=static, progress=bar)
+    if bar is not None:
+        bar.close()
+    presence = np.asarray(presence).reshape(num_batches * batch_size, locations)[:search_size]
+    # float64 sums on the host in batch order (cumsum adds sequentially, as a loop over batches)
+    feature_sum = np.cumsum(np.asarray(sums, np.float64), axis=0)[-1]
     best_presence = presence.max(1)
     shown = int((best_presence > 0).sum())
     if shown < train_size + eval_size:
@@ -203,17 +232,21 @@ def build_ace_corpus(
     popularity = np.bincount(present_location[train], minlength=locations).astype(np.float64)
     weights = popularity + popularity.mean() / 10.0
     weights /= weights.sum()
-    value = jnp.asarray(insertion_value)
 
     z_candidate = sample_z(search_size, generator.z_dim, seed + 1)
-    candidate_scores = np.zeros((search_size, locations), np.float32)
-    rng = np.random.RandomState(seed)
-    for start in _batches(search_size, batch_size, progress, f"ACE {layer}: candidates"):
-        probe_locations = rng.choice(locations, size=probes, replace=False, p=weights)
-        z, count = _padded(z_candidate, start, batch_size)
-        g = np.asarray(_candidate_pass(gparams, sparams, value, jnp.asarray(z),
-                                       jnp.asarray(probe_locations), **static))
-        candidate_scores[start : start + count, probe_locations] = g[:count]
+    z_batches = _stacked(z_candidate, batch_size)
+    rng = np.random.RandomState(seed)  # the probes of every batch, in batch order
+    probe_locations = np.stack([rng.choice(locations, size=probes, replace=False, p=weights)
+                                for _ in range(num_batches)]).astype(np.int32)
+    bar = _bar(num_batches, progress, f"ACE {layer}: candidates")
+    gains = map_batches(_candidate_pass, (z_batches, probe_locations), (gparams, sparams, insertion_value),
+                        mesh=mesh, static=static, progress=bar)
+    if bar is not None:
+        bar.close()
+    candidate_scores = np.zeros((num_batches, batch_size, locations), np.float32)
+    candidate_scores[np.arange(num_batches)[:, None, None], np.arange(batch_size)[None, :, None],
+                     probe_locations[:, None, :]] = np.asarray(gains)
+    candidate_scores = candidate_scores.reshape(num_batches * batch_size, locations)[:search_size]
     candidate_location = candidate_scores.argmax(1).astype(np.int32)
     c_train, c_held_out = _split_best(candidate_scores.max(1), train_size, eval_size)
     return AceCorpus(

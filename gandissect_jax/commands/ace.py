@@ -16,6 +16,11 @@ Writes ``D/intervention/ace/<layer>/<name>/``: ``ace.json`` (ranking, alpha, los
 ``alpha.png``, ``loss.png``, ``curves.png``, ``ablation.png`` (images with the top units of each
 ranking ablated) and ``page.html``. A rerun with the same arguments resumes after the last finished
 step (corpus, fit, curves).
+
+Multi-host: the same command on N processes (--coordinator/--num-processes/--process-id, or
+--multi-host) spreads the batches over every device of every process, with the results of one
+device. Only process 0 reads D (and sends the others the dissection) and writes there; the other
+processes need the models, not D.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import argparse
 
 import numpy as np
 
-from . import arguments
-from .intervention_common import (plain_help, add_source_arguments, batches, check_units, positive_float, positive_int, seed,
+from . import arguments, multihost
+from .intervention_common import (plain_help, add_source_arguments, check_units, positive_float, positive_int, seed,
                                   source_of, to_uint8, weight)
 
 
@@ -77,6 +82,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     curves.add_argument("--show-units", type=positive_int, default=20,
                         help=f"units ablated in ablation.png, in {positive_int.interval}; the layer's units at most "
                              "are shown (default %(default)s)")
+    multihost.add_arguments(parser)
     arguments.add_check(parser, check)
     parser.set_defaults(func=run_command)
     return parser
@@ -95,7 +101,8 @@ def default_name(args) -> str:
 
 
 def check(args) -> None:
-    """Usage checks: the corpus sizes fit together."""
+    """Usage checks: the corpus sizes fit together; the multi-host flags are complete
+    (:func:`gandissect_jax.commands.multihost.check`)."""
     if args.train_size + args.eval_size > args.search_size:
         raise arguments.UsageError(
             f"--train-size {args.train_size} + --eval-size {args.eval_size} = {args.train_size + args.eval_size} "
@@ -103,13 +110,21 @@ def check(args) -> None:
     if args.train_batch > args.train_size:
         raise arguments.UsageError(f"--train-batch {args.train_batch} exceeds --train-size {args.train_size}; "
                                    f"allowed [1, {args.train_size}]")
+    multihost.check(args)
 
 
 def run_command(args) -> int:
-    """Fit, rank, measure the curves, write the page."""
+    """Fit, rank, measure the curves, write the page; as one of the processes the multi-host flags
+    name (:func:`gandissect_jax.commands.multihost.run`: only process 0 writes --outdir)."""
+    return multihost.run("ace", args, _run)
+
+
+def _run(args) -> int:
     import jax.numpy as jnp
 
     from gandissect_jax import ace, effects, pages
+    from gandissect_jax.ace.sharded import map_batches
+    from gandissect_jax.dissection import distributed
     from gandissect_jax.dissection import rankings
     from gandissect_jax.experiment import Experiment, intervention_lock, register
     from gandissect_jax.sampling import sample_z
@@ -158,16 +173,20 @@ def run_command(args) -> int:
         z = sample_z(args.curve_samples, G.z_dim, args.curve_seed)
 
         def curves_step():
+            z_batches = _stacked(z, args.batch_size)
             out = {}
             for mode in ("ablate", "insert"):
                 for rank_name, order in orders.items():
-                    shares = []
-                    for _, batch, count in batches(z, args.batch_size, args.quiet, f"{mode} curve ({rank_name})"):
-                        got = effects.ace_curve(G, S, G.params, S.params, batch, args.layer, order, counts, labels,
-                                                mode=mode, value=value if mode == "insert" else None,
-                                                downsample=downsample)
-                        shares.append(np.asarray(got)[:, :count])
-                    out[f"{mode}_{rank_name}"] = np.concatenate(shares, 1)
+                    consts, static = effects.ace_curve_program(
+                        G, S, G.params, S.params, args.layer, order, counts, labels, mode=mode,
+                        value=value if mode == "insert" else None, downsample=downsample)
+                    bar = _bar(len(z_batches), args.quiet, f"{mode} curve ({rank_name})")
+                    shares = map_batches(effects.curve_batch, (z_batches,), consts, static=static, progress=bar)
+                    if bar is not None:
+                        bar.close()
+                    # (batches, K, B) -> (K, samples)
+                    shares = np.moveaxis(np.asarray(shares), 0, 1).reshape(len(counts), -1)
+                    out[f"{mode}_{rank_name}"] = shares[:, :len(z)]
             return out
 
         curves = experiment.step("curves", curves_step)
@@ -177,6 +196,8 @@ def run_command(args) -> int:
                                          objective=args.objective, experiment=experiment.relative,
                                          dissection=rankings.dissection_digest(
                                              (source.document or {}).get("settings")))
+        if not distributed.is_leader():
+            return 0  # process 0 alone writes the ranking, the pictures and the page
         with intervention_lock(args.outdir):
             rankings.add_ranking(args.outdir, args.layer, record)
 
@@ -237,3 +258,22 @@ def run_command(args) -> int:
           + ", ".join(f"{r} {removed[r][-1]:.1%}" for r in orders))
     print(f"page: {experiment.path('page.html')}")
     return 0
+
+
+def _stacked(z: np.ndarray, batch_size: int) -> np.ndarray:
+    """float32 (ceil(N / batch_size), batch_size, z_dim): z in batches, the last padded with copies
+    of row 0 (dropped from the results)."""
+    batches = -(-len(z) // batch_size)
+    padded = np.concatenate([z, np.repeat(z[:1], batches * batch_size - len(z), 0)])
+    return padded.reshape(batches, batch_size, *z.shape[1:])
+
+
+def _bar(total: int, quiet: bool, desc: str):
+    """A tqdm bar of ``total`` batches on process 0 unless ``quiet``, else None."""
+    import jax
+
+    if quiet or jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-from . import arguments
+from . import arguments, multihost
 
 # With no source given, dissect the shipped demo pair (weights/scenes64): works offline, on CPU.
 DEMO_MODEL = "scenes64"
@@ -49,8 +48,6 @@ batch = arguments.batch_size()
 checkpoint_seconds = arguments.seconds()
 memory = arguments.memory_size()
 thumbsize = arguments.int_in_range(arguments.MIN_THUMBSIZE, arguments.MAX_THUMBSIZE)
-num_processes = arguments.int_in_range(1, 65536)
-process_id = arguments.int_in_range(0, 65535)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -149,21 +146,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--title", type=arguments.text("a title"),
                      help="title of the HTML report (default: from the model or the data)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
-    hosts = parser.add_argument_group(
-        "multi-host", "run as one of N cooperating processes (TPU pod slice, GPU cluster; the same command on\n"
-        "every process); only process 0 reads and writes --outdir. Give the three flags below (or\n"
-        "GANDISSECT_COORDINATOR, GANDISSECT_NUM_PROCESSES, GANDISSECT_PROCESS_ID), or --multi-host to let\n"
-        "JAX detect the cluster (TPU pods, SLURM, Open MPI)")
-    hosts.add_argument("--coordinator", metavar="HOST:PORT", type=arguments.text("HOST:PORT"),
-                       help="address of process 0's coordination service, the port in [1, 65535]")
-    hosts.add_argument("--num-processes", type=num_processes, default=None,
-                       help=f"number of processes, in {num_processes.interval} (default: one process, this one)")
-    hosts.add_argument("--process-id", type=process_id, default=None,
-                       help=f"this process's number, in {process_id.interval} and below --num-processes "
-                       "(default: none, one process)")
-    hosts.add_argument("--multi-host", action="store_true",
-                       help="jax.distributed.initialize() with no arguments: the cluster is detected (TPU pods, "
-                       "SLURM, Open MPI); not with the three flags above")
+    multihost.add_arguments(parser)
     arguments.add_check(parser, check)
     parser.set_defaults(func=run_command)
     return parser
@@ -251,63 +234,13 @@ def check(args) -> None:
     if args.no_labels and args.threshold == "iqr":
         raise fail("--no-labels needs --threshold quantile (its default) or --levels, not --threshold iqr: the IQR "
                    "rule chooses each unit's level by its agreement with the labels")
-    _check_hosts(args)
-
-
-def _check_hosts(args) -> None:
-    """The multi-host flags, completed from the GANDISSECT_* variables, name a run (or none is given:
-    then the variables alone are checked when the run starts)."""
-    flags = [flag for flag, value in (("--coordinator", args.coordinator), ("--num-processes", args.num_processes),
-                                      ("--process-id", args.process_id)) if value is not None]
-    if not flags:
-        return
-    if args.multi_host:
-        raise arguments.UsageError(f"--multi-host lets JAX detect the cluster; give it without {', '.join(flags)} "
-                                   "(or give --coordinator, --num-processes and --process-id without --multi-host)")
-    from gandissect_jax.dissection import distributed
-
-    try:
-        distributed.process_settings(args.coordinator, args.num_processes, args.process_id)
-    except ValueError as err:
-        raise arguments.UsageError(str(err)) from None
+    multihost.check(args)
 
 
 def run_command(args) -> int:
-    """Run the dissection described by the parsed arguments (checked by :func:`check` when parsed)."""
-    from gandissect_jax.dissection import distributed
-
-    # before any JAX computation: join the other processes (a no-op when no multi-host flag is given)
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.multi_host)
-    if not distributed.multiprocess():
-        return _run(args)
-    try:
-        return _run(args)
-    except BaseException as err:  # noqa: BLE001 -- one line, then leave at once (see below)
-        _leave_multiprocess_run(err)
-
-
-def _leave_multiprocess_run(err: BaseException) -> None:
-    """One line naming this process and the error, then exit at once (status 130 after Ctrl-C, else 1).
-
-    A process of a multi-host run that stops on an error must not wait in JAX's shutdown barrier for
-    the others (which would wait for it in their next collective until a heartbeat timeout): it
-    exits, its connections close, and the other processes' collectives fail at once. What process 0
-    saved stays, so relaunching every process with the same command resumes.
-    """
-    import jax
-
-    interrupted = isinstance(err, KeyboardInterrupt)
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    if interrupted and jax.process_index() != 0:  # its own Interrupted knows no checkpoint: process 0 saved it
-        first = "interrupted; process 0 saved the progress: relaunch every process with the same command to resume"
-    if not interrupted and not isinstance(err, (ValueError, FileNotFoundError, KeyError, OSError)):
-        first = (f"{type(err).__name__}: {first} (another process of this run probably stopped); what process 0 "
-                 f"saved stays: relaunch every process with the same command to resume")
-    print(f"gandissect-jax dissect: {'' if interrupted else 'error: '}process {jax.process_index()} of "
-          f"{jax.process_count()}: {first}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(130 if interrupted else 1)
+    """Run the dissection described by the parsed arguments (checked by :func:`check` when parsed),
+    as one of the processes the multi-host flags name (:func:`gandissect_jax.commands.multihost.run`)."""
+    return multihost.run("dissect", args, _run)
 
 
 def _run(args) -> int:
