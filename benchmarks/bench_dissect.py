@@ -196,6 +196,9 @@ def test_paper_scale_memory_is_bounded(benchmark):
 REFERENCE_SCALES = {
     "small": (dict(units=64, feature=8, seg=64, labels=120, channels=3), 24),
     "medium": (dict(units=256, feature=8, seg=128, labels=600, channels=5), 16),
+    # the paper's scale (as PAPER above): 512 units, 1,800 labels, labels at 128x128
+    "paper": (dict(PAPER),
+              int(os.environ.get("GANDISSECT_BENCH_PAPER_SAMPLES", "32"))),
 }
 
 

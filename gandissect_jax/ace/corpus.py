@@ -11,7 +11,7 @@ import numpy as np
 from gandissect_jax._structure import Static
 from gandissect_jax.sampling import sample_z
 from .scores import _pool_to_grid, concept_labels, concept_score
-from .sharded import map_batches
+from .sharded import map_batches, progress_bar, stacked
 
 
 # ============================================================================================
@@ -50,16 +50,6 @@ class AceCorpus(NamedTuple):
     eval_candidate_z: np.ndarray
     eval_candidate_location: np.ndarray
     insertion_value: np.ndarray
-
-
-def _padded(array: np.ndarray, start: int, size: int) -> tuple[np.ndarray, int]:
-    """Rows ``start:start+size`` of ``array``, zero-padded to ``size`` rows (so every batch has
-    one shape and one compiled program); also the number of real rows."""
-    part = array[start:start + size]
-    count = len(part)
-    if count < size:
-        part = np.concatenate([part, np.zeros((size - count, *array.shape[1:]), array.dtype)])
-    return part, count
 
 
 def _split_best(scores: np.ndarray, train_size: int, eval_size: int):
@@ -120,24 +110,6 @@ def _candidate_pass(consts, z, probe_locations, *, split, segmenter, labels, dow
 
     gains = jax.vmap(gain)(probe_locations).T  # (N, probes)
     return gains * absent[:, probe_locations]
-
-
-def _stacked(array: np.ndarray, batch_size: int) -> np.ndarray:
-    """``array`` (N, ...) as batches (ceil(N / batch_size), batch_size, ...), the last zero-padded
-    (so every batch has one shape and one compiled program)."""
-    batches = -(-len(array) // batch_size)
-    padded = np.zeros((batches * batch_size, *array.shape[1:]), array.dtype)
-    padded[: len(array)] = array
-    return padded.reshape(batches, batch_size, *array.shape[1:])
-
-
-def _bar(total: int, progress: bool, desc: str):
-    """A tqdm bar of ``total`` batches on process 0 when ``progress``, else None."""
-    if not progress or jax.process_index() != 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch")
 
 
 def build_ace_corpus(
@@ -206,10 +178,10 @@ def build_ace_corpus(
               ("downsample", int(seg_downsample)), ("grid", grid))
 
     z_present = sample_z(search_size, generator.z_dim, seed)
-    z_batches = _stacked(z_present, batch_size)
+    z_batches = stacked(z_present, batch_size)
     num_batches = len(z_batches)
-    valid = _stacked(np.ones(search_size, np.float32), batch_size)
-    bar = _bar(num_batches, progress, f"ACE {layer}: present")
+    valid = stacked(np.ones(search_size, np.float32), batch_size)
+    bar = progress_bar(num_batches, progress, f"ACE {layer}: present")
     presence, sums = map_batches(_presence_pass, (z_batches, valid), (gparams, sparams), mesh=mesh,
                                  static=static, progress=bar)
     if bar is not None:
@@ -234,11 +206,11 @@ def build_ace_corpus(
     weights /= weights.sum()
 
     z_candidate = sample_z(search_size, generator.z_dim, seed + 1)
-    z_batches = _stacked(z_candidate, batch_size)
+    z_batches = stacked(z_candidate, batch_size)
     rng = np.random.RandomState(seed)  # the probes of every batch, in batch order
     probe_locations = np.stack([rng.choice(locations, size=probes, replace=False, p=weights)
                                 for _ in range(num_batches)]).astype(np.int32)
-    bar = _bar(num_batches, progress, f"ACE {layer}: candidates")
+    bar = progress_bar(num_batches, progress, f"ACE {layer}: candidates")
     gains = map_batches(_candidate_pass, (z_batches, probe_locations), (gparams, sparams, insertion_value),
                         mesh=mesh, static=static, progress=bar)
     if bar is not None:

@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from gandissect_jax._structure import Static
-from .corpus import AceCorpus, _location_map, _padded, layer_shape
+from .corpus import AceCorpus, _location_map, layer_shape
 from .scores import OBJECTIVES, _pool_to_grid, label_scores
 from .projections import ace_optimizer, project_to_budget
 
@@ -235,21 +235,6 @@ def _representation(gparams, z, *, h):
     return h(gparams, z)
 
 
-def _stacked(array: Any, batch_size: int) -> Any:
-    """Leaves (N, ...) as (nb, batch_size, ...), the last batch zero-padded."""
-    def stack(leaf):
-        leaf = np.asarray(leaf)
-        batches = -(-len(leaf) // batch_size)
-        pad = np.zeros((batches * batch_size - len(leaf), *leaf.shape[1:]), leaf.dtype)
-        return np.concatenate([leaf, pad]).reshape(batches, batch_size, *leaf.shape[1:])
-
-    return jax.tree_util.tree_map(stack, array)
-
-
-def _unstacked(tree: Any, count: int) -> Any:
-    return jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:])[:count], tree)
-
-
 def representations(generator: Any, layer: str, z: np.ndarray, batch_size: int, *, mesh: Any = None
                     ) -> tuple[np.ndarray, Any]:
     """``(r, side) = h(z)`` for every row of ``z``, in zero-padded batches spread over the devices
@@ -257,13 +242,13 @@ def representations(generator: Any, layer: str, z: np.ndarray, batch_size: int, 
 
     Returns numpy ``r`` (N, H, W, C) and ``side`` (a pytree whose leaves have a leading sample
     axis, or ``()``), the same on every process."""
-    from .sharded import map_batches
+    from .sharded import map_batches, stacked, unstacked
 
     h, _ = generator.split(layer)
     z = np.asarray(z, np.float32)
-    out = map_batches(_representation, [_stacked(z, batch_size)], generator.params, mesh=mesh,
+    out = map_batches(_representation, [stacked(z, batch_size)], generator.params, mesh=mesh,
                       static=(("h", h),))
-    return _unstacked(out, len(z))
+    return unstacked(out, len(z))
 
 
 class AceProblem(NamedTuple):
@@ -350,13 +335,13 @@ def prepare_ace(generator: Any, segmenter: Any, corpus: AceCorpus, *, init: Any 
                    corpus.eval_candidate_location)
     if objective == "specific_removal":
         # the unedited shares do not depend on alpha either: computed once per sample
-        from .sharded import map_batches
+        from .sharded import map_batches, stacked, unstacked
 
         def unedited(data: AceData) -> np.ndarray:
-            out = map_batches(_unedited_shares, [_stacked(data.present_r, batch_size),
-                                                 _stacked(data.present_side, batch_size)], consts, mesh=mesh,
+            out = map_batches(_unedited_shares, [stacked(data.present_r, batch_size),
+                                                 stacked(data.present_side, batch_size)], consts, mesh=mesh,
                               static=(("spec", spec),))
-            return _unstacked(out, len(data.present_r))
+            return unstacked(out, len(data.present_r))
 
         train = train._replace(before=unedited(train))
         held = held._replace(before=unedited(held))

@@ -52,6 +52,33 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(lambda leaf: global_array(np.asarray(leaf), mesh), tree)
 
 
+def stacked(tree: Any, batch_size: int) -> Any:
+    """Every leaf (N, ...) of ``tree`` as batches (ceil(N / batch_size), batch_size, ...), the last
+    zero-padded (so every batch has one shape and one compiled program), for :func:`map_batches`."""
+    def stack(leaf):
+        leaf = np.asarray(leaf)
+        batches = -(-len(leaf) // batch_size)
+        padded = np.zeros((batches * batch_size, *leaf.shape[1:]), leaf.dtype)
+        padded[: len(leaf)] = leaf
+        return padded.reshape(batches, batch_size, *leaf.shape[1:])
+
+    return jax.tree_util.tree_map(stack, tree)
+
+
+def unstacked(tree: Any, count: int) -> Any:
+    """The inverse of :func:`stacked` on outputs: leaves (nb, B, ...) as (count, ...)."""
+    return jax.tree_util.tree_map(lambda leaf: np.asarray(leaf).reshape(-1, *leaf.shape[2:])[:count], tree)
+
+
+def progress_bar(total: int, show: bool, desc: str):
+    """A tqdm bar of ``total`` batches on process 0 when ``show``, else None (for :func:`map_batches`)."""
+    if not show or jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch")
+
+
 @functools.lru_cache(maxsize=64)
 def _batch_program(fn: Callable, static: tuple, mesh: Mesh) -> Callable:
     """jit(shard_map): device d computes ``fn(consts, *batch_d, **static)`` of its own batch."""
@@ -123,4 +150,4 @@ def map_batches(fn: Callable, batches: Sequence[np.ndarray], consts: Any, *, mes
     return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts, 0), *outputs)
 
 
-__all__ = ["AXIS", "ace_mesh", "global_array", "replicate", "map_batches"]
+__all__ = ["AXIS", "ace_mesh", "global_array", "replicate", "map_batches", "stacked", "unstacked", "progress_bar"]

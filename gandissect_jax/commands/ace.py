@@ -62,6 +62,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     fit.add_argument("--train-batch", type=positive_int, default=20,
                      help=f"present + candidate samples per step, in {positive_int.interval} and at most "
                           "--train-size (default %(default)s)")
+    fit.add_argument("--train-micro-batch", type=positive_int, default=None,
+                     help=f"samples of each kind per micro-batch, in {positive_int.interval} and at most "
+                          "--train-batch: the unit of work of one device, and what bounds a step's memory; the "
+                          "fit's result depends on it, never on the number of devices or processes "
+                          "(default: 4, or --train-batch when smaller)")
     fit.add_argument("--search-size", type=positive_int, default=10000,
                      help=f"z searched for the corpus, in {positive_int.interval} and at least --train-size + "
                           "--eval-size (default %(default)s)")
@@ -107,6 +112,11 @@ def check(args) -> None:
         raise arguments.UsageError(
             f"--train-size {args.train_size} + --eval-size {args.eval_size} = {args.train_size + args.eval_size} "
             f"exceeds --search-size {args.search_size}; give --search-size >= {args.train_size + args.eval_size}")
+    if args.train_micro_batch is None:
+        args.train_micro_batch = min(4, args.train_batch)
+    if args.train_micro_batch > args.train_batch:
+        raise arguments.UsageError(f"--train-micro-batch {args.train_micro_batch} exceeds --train-batch "
+                                   f"{args.train_batch}; allowed [1, {args.train_batch}]")
     if args.train_batch > args.train_size:
         raise arguments.UsageError(f"--train-batch {args.train_batch} exceeds --train-size {args.train_size}; "
                                    f"allowed [1, {args.train_size}]")
@@ -123,7 +133,7 @@ def _run(args) -> int:
     import jax.numpy as jnp
 
     from gandissect_jax import ace, effects, pages
-    from gandissect_jax.ace.sharded import map_batches
+    from gandissect_jax.ace.sharded import map_batches, progress_bar, stacked
     from gandissect_jax.dissection import distributed
     from gandissect_jax.dissection import rankings
     from gandissect_jax.experiment import Experiment, intervention_lock, register
@@ -138,7 +148,7 @@ def _run(args) -> int:
     concept_name = "+".join(S.labels[c][0] for c in labels)
     settings = {k: getattr(args, k) for k in (
         "layer", "concept", "objective", "budget", "l2", "specificity", "binarize", "learning_rate", "epochs",
-        "train_batch", "search_size", "train_size", "eval_size", "seed", "curve_samples", "curve_seed",
+        "train_batch", "train_micro_batch", "search_size", "train_size", "eval_size", "seed", "curve_samples", "curve_seed",
         "curve_max")}
     settings["source"] = source.identity()
     name = args.name or default_name(args)
@@ -157,7 +167,8 @@ def _run(args) -> int:
         def fit_step():
             init = None if iou is None else iou / max(float(iou.max()), 1e-12)
             fit = ace.optimize_ace(G, S, corpus, init=init, l2=args.l2, learning_rate=args.learning_rate,
-                                   epochs=args.epochs, batch_size=args.train_batch, seg_downsample=downsample,
+                                   epochs=args.epochs, batch_size=args.train_batch, micro_batch=args.train_micro_batch,
+                                   seg_downsample=downsample,
                                    objective=args.objective, specificity=args.specificity,
                                    max_units=args.budget, binarize=args.binarize, progress=not args.quiet)
             return {"alpha": fit.alpha, "eval_loss": fit.eval_loss}
@@ -173,14 +184,14 @@ def _run(args) -> int:
         z = sample_z(args.curve_samples, G.z_dim, args.curve_seed)
 
         def curves_step():
-            z_batches = _stacked(z, args.batch_size)
+            z_batches = stacked(z, args.batch_size)
             out = {}
             for mode in ("ablate", "insert"):
                 for rank_name, order in orders.items():
                     consts, static = effects.ace_curve_program(
                         G, S, G.params, S.params, args.layer, order, counts, labels, mode=mode,
                         value=value if mode == "insert" else None, downsample=downsample)
-                    bar = _bar(len(z_batches), args.quiet, f"{mode} curve ({rank_name})")
+                    bar = progress_bar(len(z_batches), not args.quiet, f"{mode} curve ({rank_name})")
                     shares = map_batches(effects.curve_batch, (z_batches,), consts, static=static, progress=bar)
                     if bar is not None:
                         bar.close()
@@ -259,21 +270,3 @@ def _run(args) -> int:
     print(f"page: {experiment.path('page.html')}")
     return 0
 
-
-def _stacked(z: np.ndarray, batch_size: int) -> np.ndarray:
-    """float32 (ceil(N / batch_size), batch_size, z_dim): z in batches, the last padded with copies
-    of row 0 (dropped from the results)."""
-    batches = -(-len(z) // batch_size)
-    padded = np.concatenate([z, np.repeat(z[:1], batches * batch_size - len(z), 0)])
-    return padded.reshape(batches, batch_size, *z.shape[1:])
-
-
-def _bar(total: int, quiet: bool, desc: str):
-    """A tqdm bar of ``total`` batches on process 0 unless ``quiet``, else None."""
-    import jax
-
-    if quiet or jax.process_index() != 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch")
