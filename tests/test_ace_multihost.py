@@ -1,6 +1,9 @@
 """Multi-host ACE on JAX's distributed runtime: 2 processes x 2 CPU devices on localhost give the
-1-process, 1-device result array for array (corpus.npz, fit.npz, curves.npz, ace.json), only process
-0 writes, and the other process needs no output directory (process 0 sends it the dissection).
+1-process result array for array (corpus.npz, fit.npz, curves.npz, ace.json), only process 0
+writes, and the other process needs no output directory (process 0 sends it the dissection).
+The 1-process run has 2 devices: XLA compiles a fit step spread over 2 or more devices the same
+way, and the unpartitioned 1-device program differently, to float32 rounding
+(``tests/test_ace_sharded.py`` measures that difference).
 
 Each process is a ``gandissect-jax ace`` subprocess (``--coordinator 127.0.0.1:PORT --num-processes 2
 --process-id I``, ``XLA_FLAGS=--xla_force_host_platform_device_count=2``, gloo collectives), on a
@@ -22,7 +25,7 @@ import pytest
 pytestmark = pytest.mark.slow  # about 2 minutes on a 2-core CPU (3 runs of 2 processes, 1 of 1)
 
 ARGS = ["ace", "--layer", "layer4", "--concept", "tree", "--search-size", "40", "--train-size", "8",
-        "--eval-size", "4", "--epochs", "2", "--train-batch", "4", "--curve-samples", "6", "--curve-max", "4",
+        "--eval-size", "4", "--epochs", "2", "--train-batch", "4", "--train-micro-batch", "1", "--curve-samples", "6", "--curve-max", "4",
         "--show-units", "4", "--batch-size", "4", "--quiet"]
 FOLDER = Path("intervention", "ace", "layer4", "tree-ace")
 STEPS = ("corpus", "fit", "curves")
@@ -86,9 +89,9 @@ def _copy(dissection: Path, to: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def single(dissection, tmp_path_factory) -> Path:
-    """The 1-process, 1-device ACE experiment's folder."""
+    """The 1-process, 2-device ACE experiment's folder."""
     outdir = _copy(dissection, tmp_path_factory.mktemp("single") / "demo")
-    done = subprocess.run(_command(ARGS, outdir), env=_env(1), capture_output=True, text=True, timeout=TIMEOUT)
+    done = subprocess.run(_command(ARGS, outdir), env=_env(2), capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     return outdir / FOLDER
 
@@ -97,7 +100,7 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_two_processes_of_two_devices_equal_one_device_and_only_process_0_writes(dissection, single, tmp_path):
+def test_two_processes_of_two_devices_equal_one_process_and_only_process_0_writes(dissection, single, tmp_path):
     outdirs = [_copy(dissection, tmp_path / "out0"), tmp_path / "out1"]  # process 1 gets no dissection at all
     before = _files(outdirs[0])
     results = _launch(outdirs)

@@ -150,6 +150,12 @@ def _micro_batches(ip, ic, spec: AceSpec):
 
 
 def _summed(alpha, consts: AceConsts, data: AceData, ip, ic, cotangent, spec: AceSpec, grad: bool):
+    """The micro-batch terms of :func:`_per_micro_batch` added in micro-batch order."""
+    values, grads = _per_micro_batch(alpha, consts, data, ip, ic, cotangent, spec, grad)
+    return values.sum(0), grads.sum(0)
+
+
+def _per_micro_batch(alpha, consts: AceConsts, data: AceData, ip, ic, cotangent, spec: AceSpec, grad: bool):
     """Every micro-batch's :func:`_micro_sum` (and its gradient in alpha, after a vector-Jacobian
     product with ``cotangent`` for specific_removal), spread over the mesh's devices, then added
     in micro-batch order: the same bits on any number of devices."""
@@ -184,7 +190,7 @@ def _summed(alpha, consts: AceConsts, data: AceData, ip, ic, cotangent, spec: Ac
     mapped = jax.shard_map(device, mesh=spec.mesh, in_specs=(P(), P(), P(), P(), P(), P(AXIS), P(AXIS), P(AXIS)),
                            out_specs=P(), check_vma=False)
     values, grads = mapped(alpha, consts, data, cotangent, count, rows_p, rows_c, weights)
-    return values[:k].sum(0), grads[:k].sum(0)
+    return values[:k], grads[:k]
 
 
 def _batch_objective(alpha, consts: AceConsts, data: AceData, ip, ic, spec: AceSpec, grad: bool):
