@@ -20,7 +20,8 @@ from .projections import ace_optimizer, project_to_budget
 # the fit
 
 # samples of each kind per micro-batch (the unit of work of one device, and what bounds a step's
-# memory) when not given: a step's bits depend on it, never on the number of devices
+# memory) when not given: a step's bits depend on it, not on the number of devices (from 2 up;
+# the unpartitioned 1-device program agrees to float32 rounding)
 DEFAULT_MICRO_BATCH = 4
 
 
@@ -158,7 +159,8 @@ def _summed(alpha, consts: AceConsts, data: AceData, ip, ic, cotangent, spec: Ac
 def _per_micro_batch(alpha, consts: AceConsts, data: AceData, ip, ic, cotangent, spec: AceSpec, grad: bool):
     """Every micro-batch's :func:`_micro_sum` (and its gradient in alpha, after a vector-Jacobian
     product with ``cotangent`` for specific_removal), spread over the mesh's devices, then added
-    in micro-batch order: the same bits on any number of devices."""
+    in micro-batch order: the same bits on any number of devices from 2 up (one device: to float32
+    rounding, XLA compiling the unpartitioned program differently)."""
     from .sharded import AXIS
 
     rows_p, rows_c, weights, k = _micro_batches(ip, ic, spec)
@@ -218,7 +220,8 @@ def ace_step(alpha, opt_state, ramp, consts: AceConsts, data: AceData, ip, ic, *
     optimizer's projection already lands there, up to one float32 rounding). The batch is cut in
     micro-batches of ``spec.micro_batch`` samples of each kind, spread over the devices of
     ``spec.mesh`` (:mod:`gandissect_jax.ace.sharded`); their sums are added in micro-batch order,
-    so the step's bits depend on the micro-batch size, never on the number of devices."""
+    so the step's bits depend on the micro-batch size, not on the number of devices from 2 up (a
+    1-device mesh agrees to float32 rounding: XLA compiles the unpartitioned program differently)."""
     import optax
 
     objective, gradient = _batch_objective(alpha, consts, data, ip, ic, spec, grad=True)
@@ -418,7 +421,8 @@ def optimize_ace(
       micro_batch: samples of each kind per micro-batch, in [1, batch_size] (default
         ``min(batch_size, 4)``): each step is cut in micro-batches, the unit of work of one device
         and what bounds a step's memory; their sums are added in micro-batch order. The fit's bits
-        depend on it, never on the number of devices or processes.
+        depend on it, not on the number of devices or processes (from 2 devices up; on one device
+        alpha agrees to float32 rounding).
       mesh: the devices that share each step's micro-batches and the corpus's representations
         (default :func:`gandissect_jax.ace.sharded.ace_mesh`: all devices of all processes; every
         process of a multi-host run calls this function with the same arguments).

@@ -1,4 +1,4 @@
-"""Spreading ACE over every device of every process: whole batches per device for the corpus search and the curves, micro-batches per device for the fit, bit-identical to one device.
+"""Spreading ACE over every device of every process: whole batches per device for the corpus search and the curves, micro-batches per device for the fit, with the bits of one device (the fit: of any 2 or more).
 
 ACE's work is per sample: the corpus search segments ``search_size`` generated images (and as
 many again with a unit vector inserted at each probed location), the ablation curves segment
@@ -13,9 +13,12 @@ every process of a multi-host run, :mod:`gandissect_jax.dissection.distributed`)
   micro-batch order.
 
 Either way every batch or micro-batch is computed by the same per-device program at the same
-shape whatever the number of devices, and the cross-device sums are taken in a fixed order, so a
-run on 8 devices of 2 processes returns the bits of a run on one device (tested by
-``tests/test_ace_sharded.py`` and ``tests/test_ace_multihost.py``).
+shape whatever the number of devices, and the cross-device sums are taken in a fixed order. The
+corpus search and the curves (forward passes) return the bits of a run on one device on any mesh.
+The fit returns the same bits on any mesh of 2 or more devices, of one process or many; on a
+single device XLA compiles the unpartitioned step differently (the generator's backward pass) and
+alpha agrees to float32 rounding (1.5e-8 measured; ``tests/test_ace_sharded.py``,
+``tests/test_ace_multihost.py``).
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     fit.add_argument("--train-micro-batch", type=positive_int, default=None,
                      help=f"samples of each kind per micro-batch, in {positive_int.interval} and at most "
                           "--train-batch: the unit of work of one device, and what bounds a step's memory; the "
-                          "fit's result depends on it, never on the number of devices or processes "
+                          "fit's result depends on it, not on the number of devices or processes (from 2 devices up; "
+                          "on 1 device to float32 rounding) "
                           "(default: 4, or --train-batch when smaller)")
     fit.add_argument("--search-size", type=positive_int, default=10000,
                      help=f"z searched for the corpus, in {positive_int.interval} and at least --train-size + "
