@@ -12,15 +12,14 @@ small dissection of the shipped demo model (layer4, 32 samples) with tiny corpus
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from multihost_helpers import free_port, process_env
 
 pytestmark = pytest.mark.slow  # about 2 minutes on a 2-core CPU (3 runs of 2 processes, 1 of 1)
 
@@ -32,17 +31,6 @@ STEPS = ("corpus", "fit", "curves")
 TIMEOUT = 600  # seconds per run, far above what it takes (a hung collective must not hang the suite)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env(devices: int) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    for name in ("GANDISSECT_COORDINATOR", "GANDISSECT_NUM_PROCESSES", "GANDISSECT_PROCESS_ID"):
-        env.pop(name, None)
-    return env
 
 
 def _command(args, outdir, extra=()) -> list[str]:
@@ -64,11 +52,11 @@ def _finish(processes) -> list[tuple[int, str]]:
 
 def _launch(outdirs, extra=()) -> list[tuple[int, str]]:
     """A 2-process run of ``ace``, 2 devices each; process i is given outdirs[i]."""
-    port = _free_port()
+    port = free_port()
     return _finish([subprocess.Popen(
         _command(ARGS, outdirs[i], ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                     "--process-id", str(i), *extra]),
-        env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)])
+        env=process_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)])
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +65,7 @@ def dissection(tmp_path_factory) -> Path:
     outdir = tmp_path_factory.mktemp("dissection") / "demo"
     done = subprocess.run(_command(["dissect", "--layers", "layer4", "--size", "32", "--batch-size", "16",
                                     "--no-images", "--quiet"], outdir),
-                          env=_env(1), capture_output=True, text=True, timeout=TIMEOUT)
+                          env=process_env(1), capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     return outdir
 
@@ -91,7 +79,7 @@ def _copy(dissection: Path, to: Path) -> Path:
 def single(dissection, tmp_path_factory) -> Path:
     """The 1-process, 2-device ACE experiment's folder."""
     outdir = _copy(dissection, tmp_path_factory.mktemp("single") / "demo")
-    done = subprocess.run(_command(ARGS, outdir), env=_env(2), capture_output=True, text=True, timeout=TIMEOUT)
+    done = subprocess.run(_command(ARGS, outdir), env=process_env(2), capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     return outdir / FOLDER
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,22 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from multihost_helpers import free_port, process_env
 
 ARGS = ["dissect", "--size", "16", "--topk", "3", "--layers", "layer4", "--quiet", "--batch-size", "16"]
 TIMEOUT = 600  # seconds per run, far above what it takes (a hung collective must not hang the suite)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env(devices: int) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    for name in ("GANDISSECT_COORDINATOR", "GANDISSECT_NUM_PROCESSES", "GANDISSECT_PROCESS_ID"):
-        env.pop(name, None)
-    return env
 
 
 def _command(outdir, extra=()) -> list[str]:
@@ -46,7 +34,7 @@ def _launch(outdirs, port: int, extra=()) -> list[subprocess.Popen]:
     """Both processes of a 2-process run; process i writes (if at all) into outdirs[i]."""
     return [subprocess.Popen(_command(outdirs[i], ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                                    "--process-id", str(i), *extra]),
-                             env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             env=process_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in range(2)]
 
 
@@ -67,7 +55,7 @@ def _finish(processes) -> list[tuple[int, str]]:
 def single(tmp_path_factory) -> Path:
     """The 1-process, 1-device dissection."""
     outdir = tmp_path_factory.mktemp("single") / "out"
-    done = subprocess.run(_command(outdir), env=_env(1), capture_output=True, text=True, timeout=TIMEOUT)
+    done = subprocess.run(_command(outdir), env=process_env(1), capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     return outdir
 
@@ -87,7 +75,7 @@ def _assert_same_results(single: Path, outdir: Path) -> None:
 
 def test_two_processes_of_four_devices_equal_one_device_and_only_process_0_writes(single, tmp_path):
     outdirs = [tmp_path / "out0", tmp_path / "out1"]
-    results = _finish(_launch(outdirs, _free_port()))
+    results = _finish(_launch(outdirs, free_port()))
     for rank, (code, log) in enumerate(results):
         assert code == 0, f"process {rank}: {log[-3000:]}"
     _assert_same_results(single, outdirs[0])
@@ -97,7 +85,7 @@ def test_two_processes_of_four_devices_equal_one_device_and_only_process_0_write
 
 def test_killed_process_fails_the_run_and_a_relaunch_resumes(single, tmp_path):
     outdirs = [tmp_path / "out0", tmp_path / "out1"]
-    processes = _launch(outdirs, _free_port(), ["--checkpoint-every", "0", "--keep-progress"])
+    processes = _launch(outdirs, free_port(), ["--checkpoint-every", "0", "--keep-progress"])
     deadline = time.monotonic() + TIMEOUT
     # kill process 1 once process 0 has saved the first quantile stage
     while not glob.glob(str(outdirs[0] / ".progress" / "passes-*" / "plan.npz")):
@@ -115,7 +103,7 @@ def test_killed_process_fails_the_run_and_a_relaunch_resumes(single, tmp_path):
         saved_stage = int(plan["stage_index"])
     assert saved_stage >= 1
 
-    results = _finish(_launch(outdirs, _free_port(), ["--checkpoint-every", "0", "--keep-progress"]))
+    results = _finish(_launch(outdirs, free_port(), ["--checkpoint-every", "0", "--keep-progress"]))
     for rank, (code, log) in enumerate(results):
         assert code == 0, f"process {rank}: {log[-3000:]}"
     _assert_same_results(single, outdirs[0])
