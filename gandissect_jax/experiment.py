@@ -344,16 +344,7 @@ class Experiment:
         with atomic_file(self.path(name)) as handle:
             np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
 
-    def load_arrays(self, name: str) -> dict[str, np.ndarray] | None:
-        """The arrays of ``<experiment>/<name>`` (an .npz) as this process reads them, or None when
-        there is no such file. ValueError naming the file when it is unreadable."""
-        path = self.path(name)
-        if not os.path.exists(path):
-            return None
-        with open(path, "rb") as handle:
-            return _npz_arrays(handle.read(), path)
-
-    def step(self, name: str, compute, *, progress_label: str | None = None) -> dict[str, np.ndarray]:
+    def step(self, name: str, compute) -> dict[str, np.ndarray]:
         """Arrays of step ``name``: loaded when a previous run finished it, else ``compute()``d
         (a dict of arrays), saved as ``<name>.npz`` and marked done.
 

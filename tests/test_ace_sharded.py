@@ -33,6 +33,12 @@ SCRIPT = textwrap.dedent("""
     corpus = ace.build_ace_corpus(G, S, "layer4", ["building", "window"], search_size=48, train_size=10,
                                   eval_size=5, seed=10, batch_size=16)
     out = {}
+    # the corpus search (forward passes by map_batches): the bits of one device on 4
+    corpora = [ace.build_ace_corpus(G, S, "layer4", ["building", "window"], search_size=24, train_size=6,
+                                    eval_size=3, seed=3, batch_size=4, mesh=ace_mesh(jax.devices()[:d]))
+               for d in (1, 4)]
+    out["corpus_equal"] = all(np.asarray(a).tobytes() == np.asarray(b).tobytes()
+                              for a, b in zip(corpora[0][2:], corpora[1][2:]))
     for objective in ("ace", "removal", "specific_removal"):
         for devices in (1, 3, 4):
             fit = ace.optimize_ace(G, S, corpus, init=np.linspace(0, 1, 128), epochs=2, batch_size=7,
@@ -63,3 +69,7 @@ def test_fit_is_bit_identical_on_3_and_4_devices_and_equal_to_1_device_to_roundi
     np.testing.assert_array_equal(np.array(three["eval_loss"]), np.array(four["eval_loss"]))
     np.testing.assert_allclose(np.array(one["alpha"], np.float32), alpha, rtol=0, atol=1e-6)
     np.testing.assert_allclose(one["eval_loss"], four["eval_loss"], rtol=1e-5)
+
+
+def test_corpus_search_is_bit_identical_on_1_and_4_devices(runs):
+    assert runs["corpus_equal"] is True

@@ -22,7 +22,7 @@ from .projections import ace_optimizer, project_to_budget
 # samples of each kind per micro-batch (the unit of work of one device, and what bounds a step's
 # memory) when not given: a step's bits depend on it, not on the number of devices (from 2 up;
 # the unpartitioned 1-device program agrees to float32 rounding)
-DEFAULT_MICRO_BATCH = 4
+DEFAULT_FIT_MICRO_BATCH = 4
 
 
 class AceFit(NamedTuple):
@@ -126,11 +126,9 @@ def _micro_sum(alpha, c: AceConsts, batch: AceData, w: jax.Array, spec: AceSpec)
     return jnp.sum(w[:, None] * _shares(spec, c.sparams, images), 0)  # specific_removal
 
 
-def _from_sums(sums, total, before, c: AceConsts, spec: AceSpec):
-    """The objective from the micro-batch sums added up (``total``: the number of samples;
-    ``before``: the unedited shares' means, specific_removal only)."""
-    if spec.objective != "specific_removal":
-        return sums / total
+def _from_sums(sums, total, before, c: AceConsts):
+    """The specific_removal objective from its micro-batch share sums added up (``total``: the
+    number of samples; ``before``: the unedited shares' means over the batch)."""
     after = sums / total
     remaining = after[0] / jnp.maximum(before[0], 1e-12)
     side = ((after[1:] - before[1:]) / c.reference) ** 2
@@ -138,9 +136,9 @@ def _from_sums(sums, total, before, c: AceConsts, spec: AceSpec):
 
 
 def _micro_batches(ip, ic, spec: AceSpec):
-    """Rows (k_pad, m) of sample numbers and weights: the batch cut in micro-batches of m, the last
-    one padded with weight 0, and padded with whole repeated micro-batches up to a multiple of the
-    mesh's devices (their results are dropped). Also k, the number of real micro-batches."""
+    """Rows (k_pad, m) of sample numbers and weights: the batch cut in micro-batches of m, padded
+    with rows of sample 0 at weight 0, to whole micro-batches and then to a multiple of the mesh's
+    devices (those extra micro-batches' results are dropped). Also k, the number of real ones."""
     m, n, devices = spec.micro_batch, ip.shape[0], spec.mesh.devices.size
     k = -(-n // m)
     rows = -(-k // devices) * devices
@@ -151,15 +149,16 @@ def _micro_batches(ip, ic, spec: AceSpec):
 
 
 def _summed(alpha, consts: AceConsts, data: AceData, ip, ic, cotangent, spec: AceSpec, grad: bool):
-    """The micro-batch terms of :func:`_per_micro_batch` added in micro-batch order."""
+    """The micro-batch terms of :func:`_per_micro_batch` added up, in an order fixed by the number
+    of micro-batches (one XLA reduce of their stacked (k, ...) array on every device)."""
     values, grads = _per_micro_batch(alpha, consts, data, ip, ic, cotangent, spec, grad)
     return values.sum(0), grads.sum(0)
 
 
 def _per_micro_batch(alpha, consts: AceConsts, data: AceData, ip, ic, cotangent, spec: AceSpec, grad: bool):
     """Every micro-batch's :func:`_micro_sum` (and its gradient in alpha, after a vector-Jacobian
-    product with ``cotangent`` for specific_removal), spread over the mesh's devices, then added
-    in micro-batch order: the same bits on any number of devices from 2 up (one device: to float32
+    product with ``cotangent`` for specific_removal), spread over the mesh's devices and
+    all-gathered in micro-batch order (k, ...): the same bits on any number of devices from 2 up (one device: to float32
     rounding, XLA compiling the unpartitioned program differently)."""
     from .sharded import AXIS
 
@@ -203,8 +202,8 @@ def _batch_objective(alpha, consts: AceConsts, data: AceData, ip, ic, spec: AceS
         before = jnp.take(data.before, ip, axis=0).mean(0)
         sums, _ = _summed(alpha, consts, data, ip, ic, None, spec, grad=False)
         if not grad:
-            return _from_sums(sums, total, before, consts, spec), jnp.zeros((0,), jnp.float32)
-        objective, cotangent = jax.value_and_grad(lambda s: _from_sums(s, total, before, consts, spec))(sums)
+            return _from_sums(sums, total, before, consts), jnp.zeros((0,), jnp.float32)
+        objective, cotangent = jax.value_and_grad(lambda s: _from_sums(s, total, before, consts))(sums)
         _, gradient = _summed(alpha, consts, data, ip, ic, cotangent, spec, grad=True)
         return objective, gradient
     sums, gradient = _summed(alpha, consts, data, ip, ic, None, spec, grad=grad)
@@ -215,12 +214,18 @@ def _batch_objective(alpha, consts: AceConsts, data: AceData, ip, ic, spec: AceS
 def ace_step(alpha, opt_state, ramp, consts: AceConsts, data: AceData, ip, ic, *, spec: AceSpec):
     """One optimization step on the batch ``ip``/``ic`` of ``data``: returns (alpha, opt_state, loss).
 
+    alpha: float32 (C,); ramp: float32 (); ip, ic: int32 (batch_size,) sample numbers of the
+    present and candidate samples; all, like ``consts`` and ``data`` from :func:`prepare_ace`,
+    arrays on ``spec.mesh`` (replicated: :func:`gandissect_jax.ace.sharded.global_array`; plain
+    arrays will do with one process). The returned alpha, opt_state and loss are replicated on
+    ``spec.mesh``: read one device's copy (``alpha.addressable_data(0)``) with several processes.
+
     The loss is the objective plus ``l2 |alpha|^2`` and ``ramp * sum(alpha (1 - alpha))``; the
     gradient is taken with respect to ``alpha`` only; the updated alpha is clipped to [0, 1] (the
     optimizer's projection already lands there, up to one float32 rounding). The batch is cut in
     micro-batches of ``spec.micro_batch`` samples of each kind, spread over the devices of
-    ``spec.mesh`` (:mod:`gandissect_jax.ace.sharded`); their sums are added in micro-batch order,
-    so the step's bits depend on the micro-batch size, not on the number of devices from 2 up (a
+    ``spec.mesh`` (:mod:`gandissect_jax.ace.sharded`); their sums are added in an order fixed by
+    the number of micro-batches, so the step's bits depend on the micro-batch size, not on the number of devices from 2 up (a
     1-device mesh agrees to float32 rounding: XLA compiles the unpartitioned program differently)."""
     import optax
 
@@ -228,12 +233,19 @@ def ace_step(alpha, opt_state, ramp, consts: AceConsts, data: AceData, ip, ic, *
     loss = objective + consts.l2 * jnp.sum(alpha**2) + ramp * jnp.sum(alpha * (1 - alpha))
     gradient = gradient + 2 * consts.l2 * alpha + ramp * (1 - 2 * alpha)
     updates, opt_state = spec.optimizer.update(gradient, opt_state, alpha)
-    return jnp.clip(optax.apply_updates(alpha, updates), 0.0, 1.0), opt_state, loss
+    # replicated on every device, pinned: callers read one device's copy (addressable_data(0))
+    return _replicated((jnp.clip(optax.apply_updates(alpha, updates), 0.0, 1.0), opt_state, loss), spec)
+
+
+def _replicated(tree, spec: AceSpec):
+    from jax.sharding import NamedSharding
+
+    return jax.lax.with_sharding_constraint(tree, NamedSharding(spec.mesh, P()))
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _evaluate(alpha, consts: AceConsts, data: AceData, ip, ic, *, spec: AceSpec):
-    return _batch_objective(alpha, consts, data, ip, ic, spec, grad=False)[0]
+    return _replicated(_batch_objective(alpha, consts, data, ip, ic, spec, grad=False)[0], spec)
 
 
 def _unedited_shares(consts: AceConsts, r, side, *, spec: AceSpec):
@@ -308,8 +320,10 @@ def prepare_ace(generator: Any, segmenter: Any, corpus: AceCorpus, *, init: Any 
     n_train = min(len(corpus.present_z), len(corpus.candidate_z))
     if batch_size < 1 or n_train < batch_size:
         raise ValueError(f"batch_size = {batch_size} needs 1..{n_train} (the training samples)")
-    micro_batch = min(batch_size, DEFAULT_MICRO_BATCH) if micro_batch is None else int(micro_batch)
-    if not 1 <= micro_batch <= batch_size:
+    from gandissect_jax.dissection.microbatch import check_micro_batch
+
+    micro_batch = min(batch_size, DEFAULT_FIT_MICRO_BATCH) if micro_batch is None else check_micro_batch(micro_batch)
+    if micro_batch > batch_size:
         raise ValueError(f"micro_batch = {micro_batch} needs 1..{batch_size} (the batch size)")
     from .sharded import ace_mesh, replicate
 
@@ -465,6 +479,7 @@ def optimize_ace(
     history = [eval_loss(alpha)]
     key = jax.random.key(seed)
     epoch_range = range(epochs)
+    progress = progress and jax.process_index() == 0
     if progress:
         from tqdm.auto import tqdm
 

@@ -9,11 +9,12 @@ every process of a multi-host run, :mod:`gandissect_jax.dissection.distributed`)
 - :func:`map_batches` gives each device one whole batch per call and gathers the per-batch
   outputs on every process;
 - the fit (:func:`gandissect_jax.ace.fit.ace_step`) gives each device whole micro-batches of a
-  step, and all-gathers their per-micro-batch sums (objective, gradient) before adding them in
-  micro-batch order.
+  step, and all-gathers their per-micro-batch sums (objective, gradient) before adding them up in
+  an order fixed by the number of micro-batches.
 
 Either way every batch or micro-batch is computed by the same per-device program at the same
-shape whatever the number of devices, and the cross-device sums are taken in a fixed order. The
+shape whatever the number of devices, and the cross-device sums are taken in a fixed order.
+Shown on CPU for 1, 2, 3 and 4 devices of one process and 2 processes of 2 devices. The
 corpus search and the curves (forward passes) return the bits of a run on one device on any mesh.
 The fit returns the same bits on any mesh of 2 or more devices, of one process or many; on a
 single device XLA compiles the unpartitioned step differently (the generator's backward pass) and
@@ -121,7 +122,7 @@ def map_batches(fn: Callable, batches: Sequence[np.ndarray], consts: Any, *, mes
       a multi-host run must call it with the same arguments.
 
     Raises:
-      ValueError when ``batches`` is empty or their leading axes differ.
+      ValueError when ``batches`` is empty, holds no batch, or their leading axes differ.
     """
     mesh = ace_mesh() if mesh is None else mesh
     leaves, treedef = jax.tree_util.tree_flatten(list(batches))
@@ -129,6 +130,8 @@ def map_batches(fn: Callable, batches: Sequence[np.ndarray], consts: Any, *, mes
     if not leaves or len({len(leaf) for leaf in leaves}) != 1:
         raise ValueError(f"batches must be arrays of one leading length, got {[leaf.shape for leaf in leaves]}")
     count, devices = len(leaves[0]), mesh.devices.size
+    if count == 0:
+        raise ValueError("batches hold no batch (leading length 0): nothing to map")
     program = _batch_program(fn, tuple(static), mesh)
     consts = replicate(consts, mesh)
     outputs: list = []

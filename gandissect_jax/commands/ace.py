@@ -113,7 +113,7 @@ def check(args) -> None:
         raise arguments.UsageError(
             f"--train-size {args.train_size} + --eval-size {args.eval_size} = {args.train_size + args.eval_size} "
             f"exceeds --search-size {args.search_size}; give --search-size >= {args.train_size + args.eval_size}")
-    if args.train_micro_batch is None:
+    if args.train_micro_batch is None:  # gandissect_jax.ace.fit.DEFAULT_FIT_MICRO_BATCH (jax not imported here)
         args.train_micro_batch = min(4, args.train_batch)
     if args.train_micro_batch > args.train_batch:
         raise arguments.UsageError(f"--train-micro-batch {args.train_micro_batch} exceeds --train-batch "
