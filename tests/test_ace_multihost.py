@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from multihost_helpers import free_port, process_env
+from multihost_helpers import finish, free_port, process_env
 
 pytestmark = pytest.mark.slow  # about 2 minutes on a 2-core CPU (3 runs of 2 processes, 1 of 1)
 
@@ -37,26 +37,13 @@ def _command(args, outdir, extra=()) -> list[str]:
     return [sys.executable, "-m", "gandissect_jax.cli", *args, "--outdir", str(outdir), *extra]
 
 
-def _finish(processes) -> list[tuple[int, str]]:
-    out = []
-    for process in processes:
-        try:
-            stdout, stderr = process.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            raise
-        out.append((process.returncode, stdout + stderr))
-    return out
-
-
 def _launch(outdirs, extra=()) -> list[tuple[int, str]]:
     """A 2-process run of ``ace``, 2 devices each; process i is given outdirs[i]."""
     port = free_port()
-    return _finish([subprocess.Popen(
+    return finish([subprocess.Popen(
         _command(ARGS, outdirs[i], ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                     "--process-id", str(i), *extra]),
-        env=process_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)])
+        env=process_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)], TIMEOUT)
 
 
 @pytest.fixture(scope="module")

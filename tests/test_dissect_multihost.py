@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from multihost_helpers import free_port, process_env
+from multihost_helpers import finish, free_port, process_env
 
 ARGS = ["dissect", "--size", "16", "--topk", "3", "--layers", "layer4", "--quiet", "--batch-size", "16"]
 TIMEOUT = 600  # seconds per run, far above what it takes (a hung collective must not hang the suite)
@@ -36,19 +36,6 @@ def _launch(outdirs, port: int, extra=()) -> list[subprocess.Popen]:
                                                    "--process-id", str(i), *extra]),
                              env=process_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in range(2)]
-
-
-def _finish(processes) -> list[tuple[int, str]]:
-    out = []
-    for process in processes:
-        try:
-            stdout, stderr = process.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            raise
-        out.append((process.returncode, stdout + stderr))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +62,7 @@ def _assert_same_results(single: Path, outdir: Path) -> None:
 
 def test_two_processes_of_four_devices_equal_one_device_and_only_process_0_writes(single, tmp_path):
     outdirs = [tmp_path / "out0", tmp_path / "out1"]
-    results = _finish(_launch(outdirs, free_port()))
+    results = finish(_launch(outdirs, free_port()), TIMEOUT)
     for rank, (code, log) in enumerate(results):
         assert code == 0, f"process {rank}: {log[-3000:]}"
     _assert_same_results(single, outdirs[0])
@@ -89,11 +76,11 @@ def test_killed_process_fails_the_run_and_a_relaunch_resumes(single, tmp_path):
     deadline = time.monotonic() + TIMEOUT
     # kill process 1 once process 0 has saved the first quantile stage
     while not glob.glob(str(outdirs[0] / ".progress" / "passes-*" / "plan.npz")):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in processes), _finish(processes)
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes), finish(processes, TIMEOUT)
         time.sleep(0.2)
     processes[1].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
-    (code0, log0), (code1, _) = _finish(processes)
+    (code0, log0), (code1, _) = finish(processes, TIMEOUT)
     assert code1 == -signal.SIGKILL
     assert code0 == 1, log0[-3000:]  # the survivor fails (its collective loses its peer) and says how to go on
     assert "error: process 0 of 2" in log0 and "relaunch every process with the same command" in log0
@@ -103,7 +90,7 @@ def test_killed_process_fails_the_run_and_a_relaunch_resumes(single, tmp_path):
         saved_stage = int(plan["stage_index"])
     assert saved_stage >= 1
 
-    results = _finish(_launch(outdirs, free_port(), ["--checkpoint-every", "0", "--keep-progress"]))
+    results = finish(_launch(outdirs, free_port(), ["--checkpoint-every", "0", "--keep-progress"]), TIMEOUT)
     for rank, (code, log) in enumerate(results):
         assert code == 0, f"process {rank}: {log[-3000:]}"
     _assert_same_results(single, outdirs[0])
