@@ -152,7 +152,7 @@ def run_scale(samples: int, threshold: str = "iqr", batch_size: int = 8, **scale
     engine.tally = timed  # the passes call engine.tally, one call per pass
     try:
         start = time.perf_counter()
-        config = DissectConfig(threshold=threshold, batch_size=batch_size, checkpoint_every=1e9, progress=False,
+        config = DissectConfig(threshold=threshold, batch_size=batch_size, checkpoint_every=86400, progress=False,
                                make_images=False, make_report=False)
         results = dissect(source, source.labels, source.categories, config, default_threshold=threshold)
         total = time.perf_counter() - start
@@ -244,6 +244,42 @@ def _reference_runner(torch, features_nchw, segs_nchw, labels, categories):
     return Model().eval(), SegRunner()
 
 
+def rounding_tie_units(features, levels, seg_size, rtol=1e-6, batch=8):
+    """Units with an upsampled pixel within ``rtol`` (relative) of the unit's level, anywhere in
+    the data: there our bilinear upsampling and the reference's ``grid_sample`` (equal to float32
+    rounding, not bit for bit) may put the pixel on opposite sides of the level."""
+    import jax
+    import jax.numpy as jnp
+
+    from gandissect_jax.dissection.upsample import upsample_bilinear
+
+    levels = np.asarray(levels, np.float32)
+    tolerance = (np.abs(levels) * rtol + np.float32(1e-30)).astype(np.float32)
+
+    @jax.jit
+    def near(chunk, levels, tolerance):
+        up = upsample_bilinear(chunk, tuple(seg_size))  # (n, H, W, U)
+        return jnp.any(jnp.abs(up - levels) <= tolerance, axis=(0, 1, 2))
+
+    found = np.zeros(features.shape[-1], bool)
+    for start in range(0, features.shape[0], batch):
+        found |= np.asarray(near(jnp.asarray(features[start:start + batch]), levels, tolerance))
+    return found
+
+
+def _assert_iou_parity(ours, reference, features, levels, seg_size) -> int:
+    """Our IoU equals the reference's to 1e-6, except in units with a rounding tie at the level
+    (:func:`rounding_tie_units`), which must be rare. Returns how many units had a tie."""
+    ties = rounding_tie_units(features, levels, seg_size)
+    differs = np.abs(np.asarray(ours, np.float64) - np.asarray(reference, np.float64)) > 1e-6  # (L, U)
+    unexplained = differs & ~ties[None, :]
+    assert not unexplained.any(), (
+        f"{int(unexplained.sum())} IoU values differ from the reference's by more than 1e-6 in units "
+        f"{np.unique(np.nonzero(unexplained)[1]).tolist()} with no pixel within rounding of the level")
+    assert ties.sum() <= max(2, features.shape[-1] // 100), f"{int(ties.sum())} units with rounding ties"
+    return int(ties.sum())
+
+
 @pytest.mark.parametrize("scale_name", sorted(REFERENCE_SCALES))
 def test_iou_and_threshold_search_vs_reference(benchmark, tmp_path, scale_name):
     """Samples/s of the IoU pass and of the IQR threshold search, ours and the reference's, on
@@ -309,7 +345,8 @@ def test_iou_and_threshold_search_vs_reference(benchmark, tmp_path, scale_name):
 
     (reference_counts, ours_iou) = benchmark.pedantic(run_all, rounds=1, iterations=1)
     iou_reference = reference_counts[0]["layer"].numpy()
-    np.testing.assert_allclose(ours_iou.iou, iou_reference, atol=1e-6)
+    ties = _assert_iou_parity(ours_iou.iou, iou_reference, features, levels, segs.shape[1:3])
+    benchmark.extra_info["units_with_rounding_ties"] = ties
     per_second = {name: round(samples / seconds, 2) for name, seconds in figures.items()}
     benchmark.extra_info.update({"samples_per_s": per_second, "scale": scale, "samples": samples})
     print(json.dumps({"samples_per_s": per_second, "scale": scale, "samples": samples}))
