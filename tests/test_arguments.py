@@ -59,6 +59,22 @@ def test_every_command_with_numbers_is_covered():
         assert expected in flags
 
 
+# Flags whose range differs between commands on purpose: the seed of insert / artifacts measures
+# on seed + 1 as well; paint's --top is bounded like its HTTP API.
+RANGES_DIFFER_ON_PURPOSE = {("insert", "--seed"), ("artifacts", "--seed"), ("paint", "--top")}
+
+
+def test_a_flag_has_one_range_in_every_command():
+    """One name per thing: a numeric flag accepts the same interval in every command that has it."""
+    ranges: dict[str, dict[str, str]] = {}
+    for words, flag, parse in TYPED:
+        if (" ".join(words), flag) not in RANGES_DIFFER_ON_PURPOSE:
+            ranges.setdefault(flag, {})[" ".join(words)] = parse.interval
+    differ = {flag: by for flag, by in ranges.items() if len(set(by.values())) > 1}
+    assert not differ, differ
+    assert ranges["--iou-threshold"] == {"dissect": "[0, 1]", "segment-units": "[0, 1]"}
+
+
 @pytest.mark.parametrize("words, flag, parse", TYPED, ids=[f"{' '.join(w)} {f}" for w, f, _ in TYPED])
 def test_no_numeric_flag_takes_a_bare_int_or_float(words, flag, parse):
     """A bare type=int or type=float accepts 0, -1, nan, inf and 1e300: every numeric flag must use

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from gandissect_jax.dissection import quantiles as qt
 from gandissect_jax.dissection import statistics as st
@@ -245,6 +248,72 @@ def test_level_counts_match_brute_force_at_every_level():
         np.testing.assert_array_equal(category_above[C, :, j], (up > levels[:, j]).reshape(-1, U).sum(0))
     for l in range(1, L):
         assert lab.label_pixels[l] == (labels == l).any(-1).sum()
+
+
+def test_label_signatures_number_the_distinct_label_tuples():
+    rng = np.random.RandomState(3)
+    rows = rng.randint(-1, 4, size=(200, 3)).astype(np.int32)
+    rows[::7] = -1  # pixels with no label at all
+    for capacity in (8, 64, 200):
+        ids, table, count = jax.jit(st.label_signatures, static_argnums=1)(jnp.asarray(rows), capacity)
+        ids, table = np.asarray(ids), np.asarray(table)
+        unique = np.unique(rows, axis=0)  # lexicographic, as the ids
+        assert int(count) == len(unique)
+        np.testing.assert_array_equal(unique[ids], rows)  # ids follow the lexicographic order
+        shown = min(capacity, len(unique))
+        np.testing.assert_array_equal(table[:shown], unique[:shown])
+        assert (table[shown:] == -1).all()
+
+
+@functools.lru_cache(maxsize=None)
+def _level_count_program(num_units, num_labels, num_levels, num_categories, max_signatures):
+    stat = st.level_counts(num_units, num_labels, num_levels, num_categories, unit_chunk=2,
+                           max_signatures=max_signatures)
+    return stat, jax.jit(stat.update)  # one compile per configuration, not per example
+
+
+def _level_count_states(up, levels, labels, label_category, num_labels, num_categories, max_signatures, valid):
+    n, U = up.shape[0], up.shape[-1]
+    stat, update = _level_count_program(U, num_labels, levels.shape[1], num_categories, max_signatures)
+    flat = jnp.asarray(labels.reshape(n, -1, labels.shape[-1]))
+    valid = jnp.asarray(valid)
+    presence = st.image_label_presence(flat, valid, num_labels)
+    categories = st.image_category_presence(presence, jnp.asarray(label_category), num_categories, valid)
+    unit_major = jnp.asarray(up.reshape(n, -1, U).transpose(2, 0, 1))
+    state = update(stat.init(), (unit_major, jnp.asarray(levels), st.dedup_channels(flat), categories), valid)
+    return stat.finalize(state)
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=hs.integers(0, 2**31 - 1), distinct=hs.integers(2, 12), capacity=hs.sampled_from([1, 4, 16, 64]))
+def test_level_counts_per_signature_equal_per_pixel(seed, distinct, capacity):
+    """The per-signature count (whether every image fits ``capacity`` signatures or the batch falls
+    back to per pixel) equals the per-pixel count, array for array, on any labels."""
+    rng = np.random.RandomState(seed)
+    n, H, W, U, D, L, C, J = 4, 6, 5, 4, 3, 10, 2, 5
+    up = rng.randn(n, H, W, U).astype(np.float32)
+    levels = np.sort(rng.randn(U, J).astype(np.float32), axis=1)
+    up[..., 0] = levels[0, rng.randint(0, J, size=(n, H, W))]  # values exactly on levels
+    labels = rng.randint(0, distinct, size=(n, H, W, D)).astype(np.int32) * rng.randint(0, 2, size=(1, 1, 1, D))
+    labels[..., 1] = np.where(rng.rand(n, H, W) < 0.3, labels[..., 0], labels[..., 1])  # repeats across channels
+    labels[labels >= L] = L - 1
+    labels[0, 0, 0, 0] = 1
+    label_category = rng.randint(0, C, size=L)
+    valid = np.array([True, True, False, True])
+    pixel = _level_count_states(up, levels, labels, label_category, L, C, 0, valid)
+    signature = _level_count_states(up, levels, labels, label_category, L, C, capacity, valid)
+    np.testing.assert_array_equal(signature.category, pixel.category)
+    np.testing.assert_array_equal(signature.label, pixel.label)
+    assert pixel.label.sum() > 0
+
+
+def test_level_counts_choose_signatures_where_they_pay():
+    assert st.signature_capacity(128 * 128, 101) == st.MAX_SIGNATURES  # the paper's IQR search
+    assert st.signature_capacity(64 * 64, 101) == 162  # 4 x pixels / buckets
+    assert st.signature_capacity(64 * 64, 2) == st.MAX_SIGNATURES  # fixed levels
+    assert st.signature_capacity(8 * 8, 101) == 0  # too few pixels to be worth it
+    with pytest.raises(ValueError, match="max_signatures"):
+        st.level_counts(4, 10, 5, 2, max_signatures=-1)
 
 
 def test_score_counts_reproduce_reference_scores():

@@ -18,7 +18,8 @@ import argparse
 
 import numpy as np
 
-from .intervention_common import (plain_help, add_source_arguments, batches, fraction, positive_int, seed, source_of,
+from .dissect import iou_threshold  # one range for --iou-threshold in every command
+from .intervention_common import (plain_help, add_source_arguments, batches, positive_int, seed, source_of,
                                   to_uint8)
 
 
@@ -31,8 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--samples", type=positive_int, default=100,
                      help=f"images measured, in {positive_int.interval} (default %(default)s)")
     run.add_argument("--seed", type=seed, default=6, help=f"their z seed, in {seed.interval} (default %(default)s)")
-    run.add_argument("--iou-threshold", type=fraction,
-                     help=f"units interpretable from this IoU, in {fraction.interval} (default: the dissection's)")
+    run.add_argument("--iou-threshold", type=iou_threshold,
+                     help=f"units interpretable from this IoU, in {iou_threshold.interval} (default: the dissection's)")
     run.add_argument("--show", type=positive_int, default=8,
                      help=f"images shown, in {positive_int.interval}; --samples at most are shown "
                           "(default %(default)s)")
