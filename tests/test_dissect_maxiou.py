@@ -83,6 +83,8 @@ def test_max_iou_equals_brute_force_over_candidates(seed):
                                    label_category, pixels, levels, label_chunk=4)  # 3 chunks, the last padded
     iou = brute_force_iou(label_above, category_above, label_counts, label_pixels, total_counts, label_category,
                           pixels)
+    # labels without pixels (2, 3) and row 0 are not searched: their best candidates are the first
+    assert (result.candidate[[0, 2, 3]] == 0).all() and (result.max_iqr[[0, 2, 3]] == 0).all()
     for l in range(L):
         for u in range(U):
             best = first_max(iou[l, u])

@@ -103,8 +103,8 @@ def score_layer(layer: str, counts: LevelCountState, levels, labels: LabelState,
         cand_pos = position[:, :F]  # (U, F)
         cat_at = np.take_along_axis(category_above, np.broadcast_to(cand_pos[None], (num_categories + 1,) + cand_pos.shape), 2)
 
-        def label_above(first, last):
-            above = suffix_counts(label_hist[:, first:last])  # (U, Lc, J)
+        def label_above(index):
+            above = suffix_counts(label_hist[:, index])  # (U, Lc, J)
             return np.take_along_axis(above, np.broadcast_to(cand_pos[:, None, :], above.shape[:2] + cand_pos.shape[1:]), 2)
 
         search = search_iqr_thresholds(label_above, cat_at, labels.label_counts, labels.label_pixels, total_counts,

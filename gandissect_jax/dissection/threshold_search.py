@@ -122,8 +122,9 @@ def search_iqr_thresholds(label_above, category_above, label_counts, label_pixel
                           label_chunk: int = 64) -> IQRSearchResult:
     """Find, per label and unit, the candidate level with the largest IQR and the one with the largest IoU.
 
-    label_above: int (U, L, F) or a callable ``(first, last) -> int (U, last - first, F)``, the
-      number of pixels above each candidate level carrying each label (any channel);
+    label_above: int (U, L, F) or a callable ``index -> int (U, len(index), F)`` of an int64
+      array of label numbers, the number of pixels above each candidate level carrying each label
+      (any channel); only labels with pixels are searched (a label without scores 0 everywhere);
     category_above: int (C + 1, U, F) active pixels per category over the images where it is
       present (last row: all images); label_counts: int (L,) label entries over all channels;
       label_pixels: int (L,) pixels carrying each label; total_counts: int (C + 1,) pixels of the
@@ -141,7 +142,7 @@ def search_iqr_thresholds(label_above, category_above, label_counts, label_pixel
     fractions = np.asarray(fractions, np.float32)
     num_labels = label_counts.shape[0]
     num_units, num_candidates = levels.shape
-    get_above = label_above if callable(label_above) else (lambda a, b: np.asarray(label_above)[:, a:b])
+    get_above = label_above if callable(label_above) else (lambda index: np.asarray(label_above)[:, index])
     truth_all = label_counts / float(pixels)
     is_label_all = np.arange(num_labels) > 0
     enabled_all = (truth_all >= MIN_LABEL_FRACTION) & is_label_all
@@ -151,14 +152,17 @@ def search_iqr_thresholds(label_above, category_above, label_counts, label_pixel
     isect_at = np.zeros((num_labels, num_units), np.int64)
     iou_candidate = np.zeros((num_labels, num_units), np.int64)
     iou_isect_at = np.zeros((num_labels, num_units), np.int64)
-    for first in range(0, num_labels, label_chunk):
-        last = min(first + label_chunk, num_labels)
-        above = np.moveaxis(np.asarray(get_above(first, last), np.int64), 1, 0)  # (Lc, U, F)
-        cats = label_category[first:last]
+    # A label with no pixel (truth 0) scores IQR 0 and IoU 0 at every candidate, so its best
+    # candidates are the first ones (0): only labels present in the data are searched.
+    searched = np.flatnonzero(is_label_all & (label_counts > 0))
+    for start in range(0, len(searched), label_chunk):
+        index = searched[start:start + label_chunk]
+        above = np.moveaxis(np.asarray(get_above(index), np.int64), 1, 0)  # (Lc, U, F)
+        cats = label_category[index]
         isects, preds, truth = iqr_table_float64(
-            above, category_above[cats], label_counts[first:last, None, None],
-            label_pixels[first:last, None, None], total_counts[cats][:, None, None], pixels)
-        pad = label_chunk - (last - first)
+            above, category_above[cats], label_counts[index, None, None],
+            label_pixels[index, None, None], total_counts[cats][:, None, None], pixels)
+        pad = label_chunk - len(index)
 
         def padded(x, fill=0):
             return np.concatenate([x, np.full((pad,) + x.shape[1:], fill, x.dtype)]) if pad else x
@@ -166,14 +170,19 @@ def search_iqr_thresholds(label_above, category_above, label_counts, label_pixel
         best, best_iou = _search_chunk(jnp.asarray(padded(isects.astype(np.float32))),
                                        jnp.asarray(padded(preds.astype(np.float32))),
                                        jnp.asarray(padded(truth[:, 0, 0].astype(np.float32))),
-                                       jnp.asarray(padded(enabled_all[first:last], False)),
-                                       jnp.asarray(padded(is_label_all[first:last], False)), level_ok)
-        best = np.asarray(best, np.int64)[: last - first]
-        best_iou = np.asarray(best_iou, np.int64)[: last - first]
-        candidate[first:last] = best
-        isect_at[first:last] = np.take_along_axis(above, best[:, :, None], 2)[:, :, 0]
-        iou_candidate[first:last] = best_iou
-        iou_isect_at[first:last] = np.take_along_axis(above, best_iou[:, :, None], 2)[:, :, 0]
+                                       jnp.asarray(padded(enabled_all[index], False)),
+                                       jnp.asarray(padded(is_label_all[index], False)), level_ok)
+        best = np.asarray(best, np.int64)[: len(index)]
+        best_iou = np.asarray(best_iou, np.int64)[: len(index)]
+        candidate[index] = best
+        isect_at[index] = np.take_along_axis(above, best[:, :, None], 2)[:, :, 0]
+        iou_candidate[index] = best_iou
+        iou_isect_at[index] = np.take_along_axis(above, best_iou[:, :, None], 2)[:, :, 0]
+    absent = np.setdiff1d(np.arange(num_labels), searched)  # best candidate 0: its counts above it
+    if len(absent):
+        above = np.asarray(get_above(absent), np.int64)[:, :, 0].T  # (La, U)
+        isect_at[absent] = above
+        iou_isect_at[absent] = above
 
     units = np.arange(num_units)[None, :]
     pred_at = category_above[label_category[:, None], units, candidate]
