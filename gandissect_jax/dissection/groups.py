@@ -25,7 +25,7 @@ class LayerMeasurement:
 
 class _Assembly:
     """Per-layer arrays for all units, filled group by group (allocated once, so assembling never
-    holds two copies)."""
+    holds two copies; a group that holds a whole layer hands over its arrays uncopied)."""
 
     def __init__(self, units: Mapping[str, int]):
         self.units = dict(units)
@@ -35,6 +35,10 @@ class _Assembly:
         parts = {"sorted": levels.sorted, "position": levels.position, "candidates": levels.candidates,
                  "fixed": levels.fixed, "raw_quantiles": levels.raw_quantiles, "label": counts.label,
                  "topk_values": topk[0], "topk_indices": topk[1]}
+        if layer not in self.arrays and (start, stop) == (0, self.units[layer]):
+            # one group holds the whole layer (the usual case): keep its arrays, copy nothing
+            self.arrays[layer] = dict(parts, category=counts.category)
+            return
         if layer not in self.arrays:
             total = self.units[layer]
             self.arrays[layer] = {name: None if value is None else np.empty((total,) + value.shape[1:], value.dtype)
