@@ -179,10 +179,11 @@ def search_iqr_thresholds(label_above, category_above, label_counts, label_pixel
         iou_candidate[index] = best_iou
         iou_isect_at[index] = np.take_along_axis(above, best_iou[:, :, None], 2)[:, :, 0]
     absent = np.setdiff1d(np.arange(num_labels), searched)  # best candidate 0: its counts above it
-    if len(absent):
-        above = np.asarray(get_above(absent), np.int64)[:, :, 0].T  # (La, U)
-        isect_at[absent] = above
-        iou_isect_at[absent] = above
+    for start in range(0, len(absent), label_chunk):  # in chunks, as the search: bounded memory
+        index = absent[start:start + label_chunk]
+        above = np.asarray(get_above(index), np.int64)[:, :, 0].T  # (Lc, U)
+        isect_at[index] = above
+        iou_isect_at[index] = above
 
     units = np.arange(num_units)[None, :]
     pred_at = category_above[label_category[:, None], units, candidate]
