@@ -307,6 +307,23 @@ def test_level_counts_per_signature_equal_per_pixel(seed, distinct, capacity):
     assert pixel.label.sum() > 0
 
 
+def test_level_counts_per_signature_hold_no_second_label_histogram():
+    """The per-signature path and its per-pixel fallback update the label histogram in place: the
+    compiled update's temporaries do not hold a copy of it (a lax.cond did: +358 MB at LSUN scale)."""
+    U, L, J, n, P, D = 32, 400, 20, 4, 64 * 64, 3
+    histogram_bytes = U * L * (J + 1) * 4
+    temp = {}
+    for max_signatures in (0, 64):
+        stat = st.level_counts(U, L, J, 3, max_signatures=max_signatures)
+        args = (jax.eval_shape(stat.init),
+                (jax.ShapeDtypeStruct((U, n, P), jnp.float32), jax.ShapeDtypeStruct((U, J), jnp.float32),
+                 jax.ShapeDtypeStruct((n, P, D), jnp.int32), jax.ShapeDtypeStruct((n, 4), jnp.int32)),
+                jax.ShapeDtypeStruct((n,), bool))
+        compiled = jax.jit(stat.update, donate_argnums=0).lower(*args).compile()
+        temp[max_signatures] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp[64] < temp[0] + histogram_bytes // 2, (temp, histogram_bytes)
+
+
 def test_level_counts_choose_signatures_where_they_pay():
     assert st.signature_capacity(128 * 128, 101) == st.MAX_SIGNATURES  # the paper's IQR search
     assert st.signature_capacity(64 * 64, 101) == 162  # 4 x pixels / buckets

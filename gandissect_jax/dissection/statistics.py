@@ -346,7 +346,7 @@ def level_counts(num_units: int, num_labels: int, num_levels: int, num_categorie
     per image: None = automatic (at most :data:`MAX_SIGNATURES`, and only where it pays:
     :func:`signature_capacity`), 0 = always per pixel, a positive K = per signature with room for
     K (tests). A batch with an image of more signatures than the bound is counted per pixel
-    (``lax.cond``, no recompilation). ValueError for a negative ``max_signatures``.
+    (decided at run time, no recompilation). ValueError for a negative ``max_signatures``.
     """
     buckets = num_levels + 1
     if num_labels * buckets >= INT32_MAX:
@@ -363,7 +363,7 @@ def level_counts(num_units: int, num_labels: int, num_levels: int, num_categorie
         values = lax.dynamic_slice_in_dim(upsampled, first, chunk, axis=0)  # (G, n, P)
         return jax.vmap(bucketize)(values, lax.dynamic_slice_in_dim(levels, first, chunk, axis=0))  # (G, n, P)
 
-    def per_pixel(label, upsampled, levels, labels):
+    def per_pixel(label, upsampled, levels, labels, steps):
         n = upsampled.shape[1]
         label_size = num_labels * buckets
         image_offset = (jnp.arange(n, dtype=jnp.int32) * num_units * buckets)[:, None]  # (n, 1)
@@ -388,10 +388,10 @@ def level_counts(num_units: int, num_labels: int, num_levels: int, num_categorie
             return per_image, label, checksum
 
         per_image = jnp.zeros((n * num_units * buckets,), jnp.int32)
-        per_image, label, _ = lax.fori_loop(0, num_units // chunk, body, (per_image, label, jnp.int32(0)))
+        per_image, label, _ = lax.fori_loop(0, steps, body, (per_image, label, jnp.int32(0)))
         return per_image.reshape(n, num_units, buckets), label
 
-    def per_signature(label, upsampled, levels, ids, table):
+    def per_signature(label, upsampled, levels, ids, table, steps):
         n, max_sig = table.shape[:2]
         size = n * max_sig * buckets  # one unit's (image, signature, bucket) histogram
         offset = (jnp.arange(n, dtype=jnp.int32) * max_sig * buckets)[:, None] + ids * buckets  # (n, P)
@@ -416,7 +416,7 @@ def level_counts(num_units: int, num_labels: int, num_levels: int, num_categorie
 
         per_image = jnp.zeros((num_units, n, buckets), jnp.int32)
         label = label.reshape(rows_total, buckets)
-        per_image, label = lax.fori_loop(0, num_units // chunk, body, (per_image, label))
+        per_image, label = lax.fori_loop(0, steps, body, (per_image, label))
         return jnp.transpose(per_image, (1, 0, 2)), label.reshape(-1)
 
     def update(state, inputs, valid):
@@ -424,15 +424,18 @@ def level_counts(num_units: int, num_labels: int, num_levels: int, num_categorie
         n, pixels, _ = dedup.shape
         labels = jnp.where(valid[:, None, None] & (dedup > 0) & (dedup < num_labels), dedup, -1)  # (n, P, D)
         max_sig = signature_capacity(pixels, buckets) if max_signatures is None else int(max_signatures)
+        steps = num_units // chunk
         if max_sig > 0:
             ids, table, count = jax.vmap(lambda rows: label_signatures(rows, max_sig))(labels)
-            per_image, label = lax.cond(
-                jnp.all(count <= max_sig),
-                lambda label: per_signature(label, upsampled, levels, ids, table),
-                lambda label: per_pixel(label, upsampled, levels, labels),
-                state.label)
+            fits = jnp.all(count <= max_sig)
+            # Both loops run, one of them for 0 steps (runtime trip counts, no recompilation): a
+            # lax.cond would hold a second copy of the label histogram; a loop updates it in place.
+            by_signature, label = per_signature(state.label, upsampled, levels, ids, table,
+                                                jnp.where(fits, steps, 0))
+            by_pixel, label = per_pixel(label, upsampled, levels, labels, jnp.where(fits, 0, steps))
+            per_image = jnp.where(fits, by_signature, by_pixel)
         else:
-            per_image, label = per_pixel(state.label, upsampled, levels, labels)
+            per_image, label = per_pixel(state.label, upsampled, levels, labels, steps)
         # weight each image's histogram by the categories present in it (last column: every image)
         category = state.category + jnp.sum(categories[:, :, None, None] * per_image[:, None], axis=0)
         return LevelCountState(category, label)
