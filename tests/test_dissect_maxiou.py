@@ -109,6 +109,31 @@ def test_max_iou_equals_brute_force_over_candidates(seed):
         np.testing.assert_array_equal(getattr(whole, name), getattr(result, name), err_msg=name)
 
 
+def test_search_reads_every_label_in_chunks_of_label_chunk():
+    """label_above is a callable so that scoring holds one chunk of labels' suffix sums at a time
+    (the memory plan's bound): labels without pixels, read for their counts at candidate 0, are
+    asked for in chunks too, and the result equals the whole array's."""
+    rng = np.random.RandomState(5)
+    U, L, F, C, pixels = 3, 23, len(IQR_FRACTIONS), 3, 200_000
+    label_above, category_above, label_counts, label_pixels, total_counts, label_category, levels = random_counts(
+        rng, U, L, F, C, pixels)
+    label_counts[6:20] = 0  # 15 labels (with row 0) are not searched
+    label_above[:, 6:20] += 3  # inconsistent counts: pixels above the levels of a label without pixels
+    asked = []
+
+    def label_above_of(index):
+        asked.append(len(index))
+        return label_above[:, index]
+
+    chunked = search_iqr_thresholds(label_above_of, category_above, label_counts, label_pixels, total_counts,
+                                    label_category, pixels, levels, label_chunk=4)
+    assert max(asked) <= 4 and sum(asked) == L
+    whole = search_iqr_thresholds(label_above, category_above, label_counts, label_pixels, total_counts,
+                                  label_category, pixels, levels, label_chunk=L)
+    for name in whole._fields:
+        np.testing.assert_array_equal(getattr(chunked, name), getattr(whole, name), err_msg=name)
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), units=st.integers(1, 3), labels=st.integers(2, 6),
        candidates=st.integers(1, 12), scale=st.sampled_from([16, 1000, 10**6]))

@@ -3,6 +3,7 @@ changes no number."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -197,6 +198,31 @@ def test_groups_that_saw_different_segmentations_are_refused(golden):
     with pytest.raises(RuntimeError, match="different segmentations"):
         measure_units(source, groups, threshold="quantile", quantile=0.005, search_iqr=False, fixed_levels=None,
                              topk=5, label_category=label_category, num_categories=3, settings=settings)
+
+
+@pytest.mark.parametrize("threshold", ["quantile", "levels"])
+def test_a_whole_layer_group_then_another_group_of_that_layer(golden, threshold):
+    """A group holding a whole layer hands its arrays over uncopied; a later group of the same layer
+    writes into copies of them, not into the first group's arrays (read-only top-k, a read-only
+    fixed level given by the caller, the fixed level that is a view of the raw quantiles), and
+    changes no number."""
+    features, segs, _ = golden
+    source = ArraySource({"features": features}, segs)
+    settings = passes.PassSettings(make_mesh(), 16, 600.0, False, None, None)
+    units = features.shape[-1]
+    fixed = np.linspace(0.1, 1.0, units).astype(np.float32)
+    fixed.flags.writeable = False
+    options = dict(threshold=threshold, quantile=0.005, search_iqr=False,
+                   fixed_levels={"features": fixed} if threshold == "levels" else None, topk=5,
+                   label_category=np.array([0] * 13), num_categories=3, settings=settings)
+    _, one = measure_units(source, ((("features", 0, units),),), **options)
+    _, two = measure_units(source, ((("features", 0, units),), (("features", 0, 12),)), **options)
+    a, b = one["features"], two["features"]
+    names = [field.name for field in dataclasses.fields(a.levels)]
+    for x, y in zip([getattr(a.levels, n) for n in names] + [*a.counts, *a.topk],
+                    [getattr(b.levels, n) for n in names] + [*b.counts, *b.topk]):
+        assert (x is None and y is None) or np.array_equal(x, y)
+    assert np.array_equal(fixed, np.linspace(0.1, 1.0, units).astype(np.float32))
 
 
 # ----------------------------------------------------------------------------- the estimate against the measured peak

@@ -333,6 +333,25 @@ def test_level_counts_choose_signatures_where_they_pay():
         st.level_counts(4, 10, 5, 2, max_signatures=-1)
 
 
+def test_level_counts_signature_steps_keep_int32_indices():
+    """The signature path's flat (unit, image, signature, bucket) indices stay below INT32_MAX: fewer
+    units per step where a step's would not fit, per pixel where one unit's does not."""
+    assert st.signature_unit_chunk(512, 64, 32, 256, 101) == 64  # the paper's IQR search on a GPU
+    big = st.INT32_MAX // (256 * 101 * 64) + 1  # images per device where 64 units per step overflow
+    chunk = st.signature_unit_chunk(512, 64, big, 256, 101)
+    assert 0 < chunk < 64 and 512 % chunk == 0 and chunk * big * 256 * 101 <= st.INT32_MAX
+    assert st.signature_unit_chunk(512, 64, st.INT32_MAX // (256 * 101) + 1, 256, 101) == 0
+    # and a batch of that many images is compiled per pixel only (shapes alone, nothing allocated)
+    U, L, J, C, P, D, K = 2, 3, 1, 1, 1, 1, 256
+    stat = st.level_counts(U, L, J, C, unit_chunk=2, max_signatures=K)
+    for images, signature_sorts in ((st.INT32_MAX // (K * (J + 1)) + 1, 0), (8, 1)):
+        inputs = (jax.ShapeDtypeStruct((U, images, P), jnp.float32), jax.ShapeDtypeStruct((U, J), jnp.float32),
+                  jax.ShapeDtypeStruct((images, P, D), jnp.int32), jax.ShapeDtypeStruct((images, C + 1), jnp.int32))
+        valid = jax.ShapeDtypeStruct((images,), bool)
+        text = jax.jit(stat.update).lower(jax.eval_shape(stat.init), inputs, valid).as_text()
+        assert text.count("stablehlo.sort") == signature_sorts, images  # label_signatures' sort
+
+
 def test_score_counts_reproduce_reference_scores():
     data = golden()
     label_category = [0] + [0] * 7 + [2, 2] + [1] * 3

@@ -42,7 +42,7 @@ def plain_help(doc: str) -> str:
 positive_int = arguments.positive_int()              # counts: samples, epochs, resamples, units shown
 batch_size = arguments.batch_size()                  # samples per step
 seed = arguments.seed()                              # numpy RandomState seeds
-fraction = arguments.open_unit_interval()            # quantiles, confidence levels, IoU thresholds
+fraction = arguments.open_unit_interval()            # quantiles, confidence levels
 weight = arguments.float_in_range(0.0, 1e6, what="a weight")      # l2, specificity, binarize
 positive_float = arguments.positive_finite_float(1e6)             # budgets, step sizes
 activation = arguments.float_in_range(0.0, 1e6, what="an activation value")  # inserted value k

@@ -30,6 +30,7 @@ class _Assembly:
     def __init__(self, units: Mapping[str, int]):
         self.units = dict(units)
         self.arrays: dict[str, dict[str, np.ndarray | None]] = {}
+        self.handed_over: set[str] = set()  # layers whose arrays are a group's own (maybe read-only, aliased)
 
     def put(self, layer: str, start: int, stop: int, levels: LayerLevels, counts: st.LevelCountState, topk) -> None:
         parts = {"sorted": levels.sorted, "position": levels.position, "candidates": levels.candidates,
@@ -38,7 +39,12 @@ class _Assembly:
         if layer not in self.arrays and (start, stop) == (0, self.units[layer]):
             # one group holds the whole layer (the usual case): keep its arrays, copy nothing
             self.arrays[layer] = dict(parts, category=counts.category)
+            self.handed_over.add(layer)
             return
+        if layer in self.handed_over:  # another group of a layer already held whole: write into copies
+            self.arrays[layer] = {name: None if value is None else np.array(value)
+                                  for name, value in self.arrays[layer].items()}
+            self.handed_over.discard(layer)
         if layer not in self.arrays:
             total = self.units[layer]
             self.arrays[layer] = {name: None if value is None else np.empty((total,) + value.shape[1:], value.dtype)

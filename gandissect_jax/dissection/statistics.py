@@ -329,6 +329,19 @@ def signature_capacity(pixels: int, buckets: int, max_signatures: int = MAX_SIGN
     return capacity if capacity >= 16 else 0
 
 
+def signature_unit_chunk(num_units: int, unit_chunk: int, images: int, max_signatures: int, buckets: int) -> int:
+    """Units per step of :func:`level_counts`' signature path, or 0 when it cannot run.
+
+    A step holds an int32 (units, images, max_signatures, buckets) histogram indexed flat: its
+    units are the largest divisor of ``num_units`` that is <= ``unit_chunk`` and keeps those
+    indices below INT32_MAX; 0 when one unit's histogram alone does not fit int32 indices.
+    """
+    per_unit = int(images) * int(max_signatures) * int(buckets)
+    if per_unit >= INT32_MAX:
+        return 0
+    return unit_chunk_size(num_units, min(int(unit_chunk), INT32_MAX // per_unit))
+
+
 def level_counts(num_units: int, num_labels: int, num_levels: int, num_categories: int,
                  unit_chunk: int | None = None, max_signatures: int | None = None) -> StreamingStatistic:
     """Exact activation and intersection histograms at J sorted per-unit levels.
@@ -346,7 +359,9 @@ def level_counts(num_units: int, num_labels: int, num_levels: int, num_categorie
     per image: None = automatic (at most :data:`MAX_SIGNATURES`, and only where it pays:
     :func:`signature_capacity`), 0 = always per pixel, a positive K = per signature with room for
     K (tests). A batch with an image of more signatures than the bound is counted per pixel
-    (decided at run time, no recompilation). ValueError for a negative ``max_signatures``.
+    (decided at run time, no recompilation); so is every batch where one unit's (image, signature,
+    bucket) histogram would not fit int32 indices (:func:`signature_unit_chunk`, which also bounds
+    the units per step of the signature path). ValueError for a negative ``max_signatures``.
     """
     buckets = num_levels + 1
     if num_labels * buckets >= INT32_MAX:
@@ -359,9 +374,9 @@ def level_counts(num_units: int, num_labels: int, num_levels: int, num_categorie
         return LevelCountState(jnp.zeros((num_categories + 1, num_units, buckets), jnp.int32),
                                jnp.zeros((num_units * num_labels * buckets,), jnp.int32))
 
-    def unit_buckets(upsampled, levels, first):
-        values = lax.dynamic_slice_in_dim(upsampled, first, chunk, axis=0)  # (G, n, P)
-        return jax.vmap(bucketize)(values, lax.dynamic_slice_in_dim(levels, first, chunk, axis=0))  # (G, n, P)
+    def unit_buckets(upsampled, levels, first, size=chunk):
+        values = lax.dynamic_slice_in_dim(upsampled, first, size, axis=0)  # (G, n, P)
+        return jax.vmap(bucketize)(values, lax.dynamic_slice_in_dim(levels, first, size, axis=0))  # (G, n, P)
 
     def per_pixel(label, upsampled, levels, labels, steps):
         n = upsampled.shape[1]
@@ -391,7 +406,7 @@ def level_counts(num_units: int, num_labels: int, num_levels: int, num_categorie
         per_image, label, _ = lax.fori_loop(0, steps, body, (per_image, label, jnp.int32(0)))
         return per_image.reshape(n, num_units, buckets), label
 
-    def per_signature(label, upsampled, levels, ids, table, steps):
+    def per_signature(label, upsampled, levels, ids, table, chunk, steps):
         n, max_sig = table.shape[:2]
         size = n * max_sig * buckets  # one unit's (image, signature, bucket) histogram
         offset = (jnp.arange(n, dtype=jnp.int32) * max_sig * buckets)[:, None] + ids * buckets  # (n, P)
@@ -403,7 +418,7 @@ def level_counts(num_units: int, num_labels: int, num_levels: int, num_categorie
             per_image, label = carry
             first = step * chunk
             units = first + jnp.arange(chunk, dtype=jnp.int32)
-            bucket = unit_buckets(upsampled, levels, first)  # (G, n, P)
+            bucket = unit_buckets(upsampled, levels, first, chunk)  # (G, n, P)
             key = bucket + offset[None] + (jnp.arange(chunk, dtype=jnp.int32) * size)[:, None, None]
             hist = jnp.zeros((chunk * size,), jnp.int32).at[key.reshape(-1)].add(1)  # cache-sized
             hist = hist.reshape(chunk, n * max_sig, buckets)
@@ -425,13 +440,14 @@ def level_counts(num_units: int, num_labels: int, num_levels: int, num_categorie
         labels = jnp.where(valid[:, None, None] & (dedup > 0) & (dedup < num_labels), dedup, -1)  # (n, P, D)
         max_sig = signature_capacity(pixels, buckets) if max_signatures is None else int(max_signatures)
         steps = num_units // chunk
-        if max_sig > 0:
+        sig_chunk = signature_unit_chunk(num_units, chunk, n, max_sig, buckets) if max_sig > 0 else 0
+        if sig_chunk > 0:
             ids, table, count = jax.vmap(lambda rows: label_signatures(rows, max_sig))(labels)
             fits = jnp.all(count <= max_sig)
             # Both loops run, one of them for 0 steps (runtime trip counts, no recompilation): a
             # lax.cond would hold a second copy of the label histogram; a loop updates it in place.
-            by_signature, label = per_signature(state.label, upsampled, levels, ids, table,
-                                                jnp.where(fits, steps, 0))
+            by_signature, label = per_signature(state.label, upsampled, levels, ids, table, sig_chunk,
+                                                jnp.where(fits, num_units // sig_chunk, 0))
             by_pixel, label = per_pixel(label, upsampled, levels, labels, jnp.where(fits, 0, steps))
             per_image = jnp.where(fits, by_signature, by_pixel)
         else:
@@ -464,6 +480,6 @@ def suffix_counts(histogram: np.ndarray) -> np.ndarray:
 __all__ = [
     "StreamingStatistic", "add_counts", "TopKState", "top_k", "merge_top_k", "nonfinite_counts", "LabelState",
     "label_statistics", "dedup_channels", "image_label_presence", "image_category_presence", "LevelCountState",
-    "level_counts", "label_signatures", "signature_capacity", "MAX_SIGNATURES", "bucketize", "suffix_counts", "samples_before_overflow", "max_count_per_sample",
+    "level_counts", "label_signatures", "signature_capacity", "signature_unit_chunk", "MAX_SIGNATURES", "bucketize", "suffix_counts", "samples_before_overflow", "max_count_per_sample",
     "default_unit_chunk", "unit_chunk_size", "scatter_per_unit", "INT32_MAX",
 ]
