@@ -280,3 +280,59 @@ def test_peak_memory_estimate_bounds_the_measured_peak(units, hw, seg, threshold
         assert result["estimate"] <= parse_memory(budget)
     # and the estimate is not vacuous: within 2x of what was used beyond the runtime allowance
     assert result["estimate"] - RUNTIME_BYTES <= 2 * result["increase"], result
+
+
+# ----------------------------------------------------------------------------- the count pass
+
+
+@pytest.mark.parametrize("seg_side, channels, levels, per_device, chunk", [
+    (128, 5, 100, 4, 4),  # the paper's quad segmentation with the IQR search: counted per signature
+    (64, 3, 1, 8, 8),  # a fixed level: per signature, few buckets
+    (64, 1, 100, 4, 8),
+    (16, 2, 100, 4, 2),  # too few pixels for signatures: per pixel only
+])
+def test_group_overhead_bounds_the_count_steps_temporaries(seg_side, channels, levels, per_device, chunk):
+    """The planner's per-group estimate covers what XLA allocates for a count step (both counting
+    paths, whose buffers XLA keeps apart), for one unit per step (CPU) and many (accelerators)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gandissect_jax.dissection import statistics as st
+    from gandissect_jax.dissection.memory import group_overhead, unit_cost
+
+    U, L, P, m = 8, 200, seg_side * seg_side, 64
+    stat = st.level_counts(U, L, levels, 3, unit_chunk=chunk)
+    args = (jax.eval_shape(stat.init),
+            (jax.ShapeDtypeStruct((U, per_device, P), jnp.float32), jax.ShapeDtypeStruct((U, levels), jnp.float32),
+             jax.ShapeDtypeStruct((per_device, P, channels), jnp.int32),
+             jax.ShapeDtypeStruct((per_device, 4), jnp.int32)), jax.ShapeDtypeStruct((per_device,), bool))
+    temp = jax.jit(stat.update, donate_argnums=0).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    planned = shapes({"x": (U, m)}, seg_pixels=P, seg_channels=channels, num_labels=L, num_levels=levels,
+                     per_device=per_device, unit_chunk=chunk, sample_bytes=0, shared=False, raw_ranks=0,
+                     up_ranks=0, num_candidates=0)
+    overhead, _ = group_overhead(planned)
+    step_temps = U * per_device * 4 * (m + P + levels + 1)  # unit_cost's count-pass temporaries
+    assert temp <= overhead + step_temps, (temp, overhead, step_temps)
+    assert overhead + step_temps < 4 * temp  # and not wildly above
+    assert unit_cost(planned, m).device >= step_temps // U
+
+
+def test_memory_plan_keeps_count_indices_in_int32():
+    """A group counts at most (2^31 - 1) / (labels x (levels + 1)) units of a layer, whatever the
+    budget; one unit beyond int32 is refused by the plan, before any pass, naming the labels."""
+    from gandissect_jax.dissection import statistics as st
+    from gandissect_jax.dissection.memory import max_group_units
+
+    many = shapes({"layer4": (512, 64), "small": (3, 64)}, num_labels=1_000_000, num_levels=100)
+    most = max_group_units(many)
+    assert most == (st.INT32_MAX - 1) // (1_000_000 * 101) == 21
+    plan = plan_memory(many, Budget(1 << 50, None))
+    assert covered(plan.groups) == {"layer4": set(range(512)), "small": set(range(3))}
+    assert max(stop - start for group in plan.groups for _, start, stop in group) <= most
+    for group in plan.groups:
+        for layer, start, stop in group:
+            st.level_counts(stop - start, 1_000_000, 100, 3)  # each group's count statistic can be built
+    with pytest.raises(ValueError, match="counters do not fit int32"):
+        st.level_counts(most + 1, 1_000_000, 100, 3)
+    with pytest.raises(ValueError, match=r"300000000 labels x 101 level intervals do not fit"):
+        plan_memory(shapes({"layer4": (512, 64)}, num_labels=300_000_000, num_levels=100), Budget(1 << 50, None))

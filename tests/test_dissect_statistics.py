@@ -307,6 +307,42 @@ def test_level_counts_per_signature_equal_per_pixel(seed, distinct, capacity):
     assert pixel.label.sum() > 0
 
 
+def test_level_counts_take_the_signature_path_when_every_image_fits(monkeypatch):
+    """At run time, a batch whose images each have at most K label signatures is counted per
+    signature only, and a batch with one image of more per pixel only (without recompiling): each
+    path is wrapped to mark the label histogram with the loop steps it ran."""
+    def marked(function, weight):
+        def wrapper(label, *args, **kwargs):
+            steps = args[-1]
+            per_image, label = function(label, *args, **kwargs)
+            return per_image, label.at[0].add(weight * steps)
+        return wrapper
+
+    U, L, J, C, K, n, P = 4, 10, 3, 2, 8, 3, 64
+    rng = np.random.RandomState(0)
+    up = jnp.asarray(rng.randn(U, n, P).astype(np.float32))
+    levels = jnp.asarray(np.sort(rng.randn(U, J).astype(np.float32), axis=1))
+    categories = jnp.ones((n, C + 1), jnp.int32)
+    valid = jnp.ones((n,), bool)
+    few = rng.randint(1, 4, size=(n, P, 2)).astype(np.int32)
+    few[..., 1] = few[..., 0]  # 3 signatures per image
+    many = few.copy()
+    many[1, :, 1] = np.arange(P) % L  # image 1: 30 > K signatures
+    cases = [(jnp.asarray(few), U // 2, 0), (jnp.asarray(many), 0, U // 2)]
+    unmarked = st.level_counts(U, L, J, C, unit_chunk=2, max_signatures=0)
+    want = [np.asarray(jax.jit(unmarked.update)(unmarked.init(), (up, levels, labels, categories), valid).label)
+            for labels, _, _ in cases]
+    monkeypatch.setattr(st, "_count_per_pixel", marked(st._count_per_pixel, 1))
+    monkeypatch.setattr(st, "_count_per_signature", marked(st._count_per_signature, 1000))
+    stat = st.level_counts(U, L, J, C, unit_chunk=2, max_signatures=K)
+    update = jax.jit(stat.update)
+    for (labels, signature_steps, pixel_steps), expected in zip(cases, want):
+        got = np.asarray(update(stat.init(), (up, levels, labels, categories), valid).label)
+        assert got[0] - expected[0] == 1000 * signature_steps + pixel_steps
+        np.testing.assert_array_equal(got[1:], expected[1:])
+    assert update._cache_size() == 1
+
+
 def test_level_counts_per_signature_hold_no_second_label_histogram():
     """The per-signature path and its per-pixel fallback update the label histogram in place: the
     compiled update's temporaries do not hold a copy of it (a lax.cond did: +358 MB at LSUN scale)."""

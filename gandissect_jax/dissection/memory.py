@@ -30,6 +30,8 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
+from .statistics import INT32_MAX, signature_capacity
+
 HOST_FRACTION = 0.5  # of the host memory available at the start
 DEVICE_FRACTION = 0.7  # of an accelerator's free memory
 # The JAX runtime, compiled programs and the Python objects of a run, beside the arrays estimated
@@ -212,12 +214,31 @@ def unit_cost(shapes: PassShapes, raw_pixels: int) -> UnitCost:
 
 def group_overhead(shapes: PassShapes) -> tuple[int, int]:
     """(device, host) bytes of a group that do not scale with its units: two batches of fetched
-    samples in flight and the count pass's per-chunk scatter indices, per device."""
+    samples in flight and the count pass's per-chunk temporaries, per device.
+
+    The count pass (:func:`~.statistics.level_counts`) holds, per unit of a chunk, the per-pixel
+    path's buckets, keys and scatter indices, up to n x P x (3 + 2D) int32, and (where it runs) the
+    signature path's buckets and keys, n x 2P int32, and its (image, signature, bucket) histogram,
+    n x K x (J + 1) int32: XLA keeps both loops' buffers apart (measured with
+    ``Compiled.memory_analysis``); the signature path also sorts each image's (P, D + 1) label keys.
+    """
     n, P, D = shapes.per_device, shapes.seg_pixels, shapes.seg_channels
+    buckets = shapes.num_levels + 1
+    signatures = signature_capacity(P, buckets)
+    per_unit = P * (3 + 2 * D) + (2 * P + signatures * buckets if signatures else 0)
+    sort = 2 * n * P * (D + 1) * 4 if signatures else 0
     # fetched batches (the running step's and the next), the label pass's per-pixel label arrays,
-    # the scatter indices of one unit chunk
-    device = 2 * n * shapes.sample_bytes + n * P * D * 4 * 4 + shapes.unit_chunk * n * P * 4 * (2 + D)
+    # the count pass's temporaries of one unit chunk
+    device = (2 * n * shapes.sample_bytes + n * P * D * 4 * 4 + sort
+              + shapes.unit_chunk * n * 4 * per_unit)
     return (0, shapes.devices * device) if shapes.shared else (device, 0)
+
+
+def max_group_units(shapes: PassShapes) -> int:
+    """The most units of one layer a group may count at once: the count pass indexes its
+    (units, labels, levels + 1) counters with int32 (:func:`~.statistics.level_counts`); 0 when
+    not even one unit fits."""
+    return (INT32_MAX - 1) // (max(1, shapes.num_labels) * (shapes.num_levels + 1))
 
 
 def dissection_shapes(source, layers: Sequence[str], *, num_labels: int, num_categories: int, threshold: str,
@@ -325,16 +346,27 @@ def plan_memory(shapes: PassShapes, budget: Budget) -> MemoryPlan:
     cut into the fewest slices of equal size that fit (the last slice shifted back to end at the
     layer's last unit, so every slice has the same shape and one compiled program serves them
     all: a few units are measured twice, with identical results); consecutive layers that fit
-    whole share groups. MemoryBudgetError (a ValueError) naming the budget, the estimate and what
-    to change when even one unit per group does not fit (or when what is kept for every unit
-    until scoring does not).
+    whole share groups. A group also holds at most :func:`max_group_units` units of a layer (the
+    count pass's int32 indices). MemoryBudgetError (a ValueError) naming the budget, the estimate
+    and what to change when even one unit per group does not fit (or when what is kept for every
+    unit until scoring does not); ValueError when one unit's labels x (levels + 1) counters
+    exceed int32 indices.
     """
     costs = {layer: unit_cost(shapes, pixels) for layer, (_, pixels) in shapes.layers.items()}
     layers = {layer: count for layer, (count, _) in shapes.layers.items() if count}
     everything = (tuple((layer, 0, count) for layer, count in layers.items()),)
     all_host, _ = _peaks(shapes, everything, costs)
 
+    most = max_group_units(shapes)
+    if most < 1:
+        raise ValueError(
+            f"{shapes.num_labels} labels x {shapes.num_levels + 1} level intervals do not fit the count pass's "
+            f"int32 indices even for one unit (at most {INT32_MAX - 1} counters per group): use fewer labels "
+            f"or fewer levels")
+
     def fits(groups) -> bool:
+        if any(stop - start > most for group in groups for _, start, stop in group):
+            return False
         host, device = _peaks(shapes, groups, costs)
         return host <= budget.host and (budget.device is None or device <= budget.device)
 
@@ -380,6 +412,6 @@ def plan_memory(shapes: PassShapes, budget: Budget) -> MemoryPlan:
 
 
 __all__ = ["MemoryBudgetError", "MemoryPlan", "Budget", "PassShapes", "UnitCost", "plan_memory", "unit_cost",
-           "dissection_shapes", "plan_dissection",
+           "dissection_shapes", "plan_dissection", "group_overhead", "max_group_units",
            "parse_memory", "format_bytes", "available_host_memory", "free_device_memory", "HOST_FRACTION",
            "DEVICE_FRACTION", "RUNTIME_BYTES", "ARENA_FACTOR"]

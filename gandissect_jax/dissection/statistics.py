@@ -342,6 +342,81 @@ def signature_unit_chunk(num_units: int, unit_chunk: int, images: int, max_signa
     return unit_chunk_size(num_units, min(int(unit_chunk), INT32_MAX // per_unit))
 
 
+def _unit_buckets(upsampled, levels, first, size):
+    """int32 (G, n, P) buckets of units first .. first + size of upsampled (U, n, P) at levels (U, J)."""
+    values = lax.dynamic_slice_in_dim(upsampled, first, size, axis=0)  # (G, n, P)
+    return jax.vmap(bucketize)(values, lax.dynamic_slice_in_dim(levels, first, size, axis=0))  # (G, n, P)
+
+
+def _count_per_pixel(label, upsampled, levels, labels, steps, *, num_labels: int, buckets: int, chunk: int):
+    """:func:`level_counts`' per-pixel path over ``steps`` (traced) chunks of ``chunk`` units.
+
+    label: int32 (U * L * buckets,) histogram; upsampled float32 (U, n, P); levels (U, J); labels int32
+    (n, P, D), -1 = none. Returns (per-image bucket histogram int32 (n, U, buckets), updated label).
+    """
+    num_units, n = upsampled.shape[:2]
+    label_size = num_labels * buckets
+    image_offset = (jnp.arange(n, dtype=jnp.int32) * num_units * buckets)[:, None]  # (n, 1)
+
+    # One loop over unit chunks does everything per unit: the loop keeps XLA from fusing the
+    # upsampling into each of the J comparisons, and keeps each scatter in a small region.
+    def body(step, carry):
+        per_image, label, checksum = carry
+        first = step * chunk
+        units = first + jnp.arange(chunk, dtype=jnp.int32)
+        bucket = jnp.moveaxis(_unit_buckets(upsampled, levels, first, chunk), 0, -1)  # (n, P, G)
+        # Reducing `bucket` into a carried value makes XLA materialize it once; otherwise the J
+        # comparisons are fused into, and repeated by, each scatter's index computation (2x slower).
+        checksum = checksum + jnp.sum(bucket, dtype=jnp.int32)
+        # (a) per image and unit, the histogram of buckets
+        key = bucket + (image_offset + units[None, :] * buckets)[:, None, :]
+        per_image = per_image.at[key.reshape(-1)].add(1)
+        # (b) per label: (label, bucket) of every labelled pixel
+        index = labels[..., None] * buckets + bucket[:, :, None, :] + units * label_size  # (n, P, D, G)
+        index = jnp.where(labels[..., None] >= 0, index, label.shape[0])
+        label = label.at[index.reshape(-1)].add(1, mode="drop")
+        return per_image, label, checksum
+
+    per_image = jnp.zeros((n * num_units * buckets,), jnp.int32)
+    per_image, label, _ = lax.fori_loop(0, steps, body, (per_image, label, jnp.int32(0)))
+    return per_image.reshape(n, num_units, buckets), label
+
+
+def _count_per_signature(label, upsampled, levels, ids, table, steps, *, num_labels: int, buckets: int, chunk: int):
+    """:func:`level_counts`' per-signature path over ``steps`` (traced) chunks of ``chunk`` units.
+
+    label: int32 (U * L * buckets,); upsampled float32 (U, n, P); levels (U, J); ids int32 (n, P) and
+    table int32 (n, K, D) from :func:`label_signatures`. Returns (int32 (n, U, buckets), updated label).
+    """
+    num_units = upsampled.shape[0]
+    n, max_sig = table.shape[:2]
+    size = n * max_sig * buckets  # one unit's (image, signature, bucket) histogram
+    offset = (jnp.arange(n, dtype=jnp.int32) * max_sig * buckets)[:, None] + ids * buckets  # (n, P)
+    # table (n, K, D) -> per channel, the label row of each (image, signature); -1 = none
+    targets = [table[:, :, d].reshape(-1) for d in range(table.shape[-1])]
+    rows_total = num_units * num_labels
+
+    def body(step, carry):
+        per_image, label = carry
+        first = step * chunk
+        units = first + jnp.arange(chunk, dtype=jnp.int32)
+        bucket = _unit_buckets(upsampled, levels, first, chunk)  # (G, n, P)
+        key = bucket + offset[None] + (jnp.arange(chunk, dtype=jnp.int32) * size)[:, None, None]
+        hist = jnp.zeros((chunk * size,), jnp.int32).at[key.reshape(-1)].add(1)  # cache-sized
+        hist = hist.reshape(chunk, n * max_sig, buckets)
+        per_image = lax.dynamic_update_slice_in_dim(
+            per_image, hist.reshape(chunk, n, max_sig, buckets).sum(axis=2), first, axis=0)
+        for target in targets:  # each signature's histogram onto its label in channel d
+            rows = jnp.where(target >= 0, units[:, None] * num_labels + target, rows_total)  # (G, n * K)
+            label = label.at[rows.reshape(-1)].add(hist.reshape(-1, buckets), mode="drop")
+        return per_image, label
+
+    per_image = jnp.zeros((num_units, n, buckets), jnp.int32)
+    label = label.reshape(rows_total, buckets)
+    per_image, label = lax.fori_loop(0, steps, body, (per_image, label))
+    return jnp.transpose(per_image, (1, 0, 2)), label.reshape(-1)
+
+
 def level_counts(num_units: int, num_labels: int, num_levels: int, num_categories: int,
                  unit_chunk: int | None = None, max_signatures: int | None = None) -> StreamingStatistic:
     """Exact activation and intersection histograms at J sorted per-unit levels.
@@ -364,8 +439,10 @@ def level_counts(num_units: int, num_labels: int, num_levels: int, num_categorie
     the units per step of the signature path). ValueError for a negative ``max_signatures``.
     """
     buckets = num_levels + 1
-    if num_labels * buckets >= INT32_MAX:
-        raise ValueError(f"{num_labels} labels x {buckets} buckets do not fit int32 indices")
+    if num_units * num_labels * buckets >= INT32_MAX:
+        raise ValueError(f"{num_units} units x {num_labels} labels x {buckets} buckets = "
+                         f"{num_units * num_labels * buckets} counters do not fit int32 indices (at most "
+                         f"{INT32_MAX - 1}): count fewer units at a time (the memory plan's unit groups do)")
     chunk = unit_chunk_size(num_units, unit_chunk or default_unit_chunk())
     if max_signatures is not None and (isinstance(max_signatures, bool) or int(max_signatures) < 0):
         raise ValueError(f"max_signatures must be an integer >= 0 or None, got {max_signatures!r}")
@@ -373,66 +450,6 @@ def level_counts(num_units: int, num_labels: int, num_levels: int, num_categorie
     def init():
         return LevelCountState(jnp.zeros((num_categories + 1, num_units, buckets), jnp.int32),
                                jnp.zeros((num_units * num_labels * buckets,), jnp.int32))
-
-    def unit_buckets(upsampled, levels, first, size=chunk):
-        values = lax.dynamic_slice_in_dim(upsampled, first, size, axis=0)  # (G, n, P)
-        return jax.vmap(bucketize)(values, lax.dynamic_slice_in_dim(levels, first, size, axis=0))  # (G, n, P)
-
-    def per_pixel(label, upsampled, levels, labels, steps):
-        n = upsampled.shape[1]
-        label_size = num_labels * buckets
-        image_offset = (jnp.arange(n, dtype=jnp.int32) * num_units * buckets)[:, None]  # (n, 1)
-
-        # One loop over unit chunks does everything per unit: the loop keeps XLA from fusing the
-        # upsampling into each of the J comparisons, and keeps each scatter in a small region.
-        def body(step, carry):
-            per_image, label, checksum = carry
-            first = step * chunk
-            units = first + jnp.arange(chunk, dtype=jnp.int32)
-            bucket = jnp.moveaxis(unit_buckets(upsampled, levels, first), 0, -1)  # (n, P, G)
-            # Reducing `bucket` into a carried value makes XLA materialize it once; otherwise the J
-            # comparisons are fused into, and repeated by, each scatter's index computation (2x slower).
-            checksum = checksum + jnp.sum(bucket, dtype=jnp.int32)
-            # (a) per image and unit, the histogram of buckets
-            key = bucket + (image_offset + units[None, :] * buckets)[:, None, :]
-            per_image = per_image.at[key.reshape(-1)].add(1)
-            # (b) per label: (label, bucket) of every labelled pixel
-            index = labels[..., None] * buckets + bucket[:, :, None, :] + units * label_size  # (n, P, D, G)
-            index = jnp.where(labels[..., None] >= 0, index, label.shape[0])
-            label = label.at[index.reshape(-1)].add(1, mode="drop")
-            return per_image, label, checksum
-
-        per_image = jnp.zeros((n * num_units * buckets,), jnp.int32)
-        per_image, label, _ = lax.fori_loop(0, steps, body, (per_image, label, jnp.int32(0)))
-        return per_image.reshape(n, num_units, buckets), label
-
-    def per_signature(label, upsampled, levels, ids, table, chunk, steps):
-        n, max_sig = table.shape[:2]
-        size = n * max_sig * buckets  # one unit's (image, signature, bucket) histogram
-        offset = (jnp.arange(n, dtype=jnp.int32) * max_sig * buckets)[:, None] + ids * buckets  # (n, P)
-        # table (n, K, D) -> per channel, the label row of each (image, signature); -1 = none
-        targets = [table[:, :, d].reshape(-1) for d in range(table.shape[-1])]
-        rows_total = num_units * num_labels
-
-        def body(step, carry):
-            per_image, label = carry
-            first = step * chunk
-            units = first + jnp.arange(chunk, dtype=jnp.int32)
-            bucket = unit_buckets(upsampled, levels, first, chunk)  # (G, n, P)
-            key = bucket + offset[None] + (jnp.arange(chunk, dtype=jnp.int32) * size)[:, None, None]
-            hist = jnp.zeros((chunk * size,), jnp.int32).at[key.reshape(-1)].add(1)  # cache-sized
-            hist = hist.reshape(chunk, n * max_sig, buckets)
-            per_image = lax.dynamic_update_slice_in_dim(
-                per_image, hist.reshape(chunk, n, max_sig, buckets).sum(axis=2), first, axis=0)
-            for target in targets:  # each signature's histogram onto its label in channel d
-                rows = jnp.where(target >= 0, units[:, None] * num_labels + target, rows_total)  # (G, n * K)
-                label = label.at[rows.reshape(-1)].add(hist.reshape(-1, buckets), mode="drop")
-            return per_image, label
-
-        per_image = jnp.zeros((num_units, n, buckets), jnp.int32)
-        label = label.reshape(rows_total, buckets)
-        per_image, label = lax.fori_loop(0, steps, body, (per_image, label))
-        return jnp.transpose(per_image, (1, 0, 2)), label.reshape(-1)
 
     def update(state, inputs, valid):
         upsampled, levels, dedup, categories = inputs
@@ -446,12 +463,15 @@ def level_counts(num_units: int, num_labels: int, num_levels: int, num_categorie
             fits = jnp.all(count <= max_sig)
             # Both loops run, one of them for 0 steps (runtime trip counts, no recompilation): a
             # lax.cond would hold a second copy of the label histogram; a loop updates it in place.
-            by_signature, label = per_signature(state.label, upsampled, levels, ids, table, sig_chunk,
-                                                jnp.where(fits, num_units // sig_chunk, 0))
-            by_pixel, label = per_pixel(label, upsampled, levels, labels, jnp.where(fits, 0, steps))
+            by_signature, label = _count_per_signature(state.label, upsampled, levels, ids, table,
+                                                       jnp.where(fits, num_units // sig_chunk, 0),
+                                                       num_labels=num_labels, buckets=buckets, chunk=sig_chunk)
+            by_pixel, label = _count_per_pixel(label, upsampled, levels, labels, jnp.where(fits, 0, steps),
+                                               num_labels=num_labels, buckets=buckets, chunk=chunk)
             per_image = jnp.where(fits, by_signature, by_pixel)
         else:
-            per_image, label = per_pixel(state.label, upsampled, levels, labels, steps)
+            per_image, label = _count_per_pixel(state.label, upsampled, levels, labels, steps,
+                                                num_labels=num_labels, buckets=buckets, chunk=chunk)
         # weight each image's histogram by the categories present in it (last column: every image)
         category = state.category + jnp.sum(categories[:, :, None, None] * per_image[:, None], axis=0)
         return LevelCountState(category, label)
