@@ -93,3 +93,55 @@ def test_a_second_run_into_a_busy_outdir_is_refused_then_runs(tmp_path):
     result = dissect_features(features, segs, labels, outdir=str(outdir), progress=False, make_images=False)
     assert result["features"].num_units == 4
     assert (outdir / "notes.txt").read_text() == "the user's"
+
+
+def _snapshot(root: Path) -> dict[str, bytes | str]:
+    """Every path under root: a file's bytes, a link's target."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        relative = str(path.relative_to(root))
+        if path.is_symlink():
+            found[relative] = "-> " + os.readlink(path)
+        elif path.is_file():
+            found[relative] = path.read_bytes()
+    return found
+
+
+def test_no_output_path_of_a_run_overwrites_a_file_no_run_wrote(tmp_path):
+    """Every path a run writes (found by running it), placed beforehand by someone else (e.g. the
+    reference's own output directory, same names): a fresh run and a restart are refused before
+    writing anything, and the user's files stay byte for byte; a run of ours resumes and restarts."""
+    features, segs, labels = golden_small()
+    ours = tmp_path / "ours"
+    dissect_features(features, segs, labels, outdir=str(ours), progress=False, batch_size=16, topk=2)
+    written = sorted(p for p, v in _snapshot(ours).items() if not p.startswith(".") and isinstance(v, bytes))
+    assert "dissect.html" in written and "features/scores.npz" in written and "features/image/0-top.jpg" in written
+    for index, relative in enumerate(written):
+        outdir = tmp_path / f"user{index}"
+        (outdir / relative).parent.mkdir(parents=True)
+        (outdir / relative).write_bytes(b"the user's " + relative.encode())
+        (outdir / "notes.txt").write_text("mine")
+        before = _snapshot(outdir)
+        for restart in (False, True):
+            with pytest.raises(ValueError, match=f"already holds {relative}.*no gandissect-jax run wrote"):
+                dissect_features(features, segs, labels, outdir=str(outdir), progress=False, batch_size=16,
+                                 topk=2, restart=restart)
+            assert {k: v for k, v in _snapshot(outdir).items() if k != LOCK_NAME} == before, relative
+    # a run's own outputs are not foreign: it resumes, and restarts
+    dissect_features(features, segs, labels, outdir=str(ours), progress=False, batch_size=16, topk=2)
+    dissect_features(features, segs, labels, outdir=str(ours), progress=False, batch_size=16, topk=2, restart=True)
+
+
+@pytest.mark.parametrize("link", ["features", "features/image"])
+def test_a_layer_directory_that_is_a_symbolic_link_is_refused(tmp_path, link):
+    features, segs, labels = golden_small()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "scores.npz").write_text("the user's")
+    outdir = tmp_path / "out"
+    (outdir / link).parent.mkdir(parents=True, exist_ok=True)
+    (outdir / link).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ValueError, match=f"{link} is a symbolic link"):
+        dissect_features(features, segs, labels, outdir=str(outdir), progress=False, make_images=True)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["scores.npz"]
+    assert (elsewhere / "scores.npz").read_text() == "the user's"

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 import numbers
 import os
 import sys
@@ -35,7 +36,7 @@ from .interruption import ResumeTracker
 from .labels import label_category_indices
 from .memory import plan_dissection
 from .progress import COUNT_PASS_COST, RunProgress
-from .report import safe_dir_name, write_report
+from .report import OUTPUT_FILES, safe_dir_name, write_report
 from .results import LayerDissection
 from .resume import ProgressFileError, RunDirectory, digest, file_sha256, outdir_lock
 from .datasets import ModelSource
@@ -60,6 +61,62 @@ def _dir_names(layers: Sequence[str]) -> dict[str, str]:
         if other != layer:
             raise ValueError(f"layers {other!r} and {layer!r} would share the output directory {name!r}")
     return names
+
+
+_LAYER_FILES = ("scores.npz", "dissect.json", "bargraph.svg")
+
+
+def _check_outputs_are_ours(outdir: str, dirnames: Mapping[str, str], restart: bool) -> None:
+    """Before a fresh run (or a ``restart``) writes into ``outdir``: ValueError when a path it
+    would write is already there and no earlier run of this library wrote it (its manifest,
+    ``.progress/outputs.json``, does not list it) -- e.g. the reference's own output directory,
+    which uses the same file names -- or when a layer directory or its ``image`` folder is a
+    symbolic link (the outputs would land outside ``outdir``). A resumed run (the run's identity
+    in ``.progress/settings.json``) wrote those paths itself and is not checked."""
+    progress = os.path.join(outdir, ".progress")
+    if not os.path.isdir(outdir) or (not restart and os.path.exists(os.path.join(progress, "settings.json"))):
+        return
+    ours = set(_manifest_files(progress))
+    links, foreign = [], []
+    for name in OUTPUT_FILES:
+        if os.path.lexists(os.path.join(outdir, name)) and name not in ours:
+            foreign.append(name)
+    for dirname in sorted(set(dirnames.values())):
+        linked = [relative for relative in (dirname, f"{dirname}/image")
+                  if os.path.islink(os.path.join(outdir, relative))]
+        if linked:
+            links.append(linked[0])
+            continue
+        layer_dir = os.path.join(outdir, dirname)
+        if not os.path.isdir(layer_dir):
+            continue
+        candidates = [f"{dirname}/{name}" for name in _LAYER_FILES]
+        image_dir = os.path.join(layer_dir, "image")
+        if os.path.isdir(image_dir):
+            candidates += [f"{dirname}/image/{name}" for name in sorted(os.listdir(image_dir))
+                           if name.endswith("-top.jpg")]
+        foreign += [c for c in candidates if os.path.lexists(os.path.join(outdir, c)) and c not in ours]
+    if links:
+        raise ValueError(f"{outdir}: {', '.join(links)} {'is a symbolic link' if len(links) == 1 else 'are symbolic links'}"
+                         f"; a dissection writes its outputs inside the output directory only: remove the "
+                         f"link{'s' if len(links) > 1 else ''} or choose another output directory")
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"{outdir} already holds {shown}, which no gandissect-jax run wrote there (another "
+                         f"program's results?) and this run would overwrite; move "
+                         f"{'it' if len(foreign) == 1 else 'them'} away or choose another output directory "
+                         f"(nothing was written)")
+
+
+def _manifest_files(progress: str) -> list[str]:
+    """The files of an earlier run's manifest in ``progress`` ([] when there is none or it is unreadable)."""
+    try:
+        with open(os.path.join(progress, RunDirectory.MANIFEST)) as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError):
+        return []
+    files = manifest.get("files", []) if isinstance(manifest, dict) else []
+    return [path for path in files if isinstance(path, str)] if isinstance(files, list) else []
 
 
 def dissect(source, labels, categories: Sequence[str] | None, config: DissectConfig, *, default_threshold: str,
@@ -135,6 +192,7 @@ def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, defa
         def open_run() -> RunDirectory:
             if writes:
                 stack.enter_context(outdir_lock(writes))
+                _check_outputs_are_ours(writes, dirnames, restart)
             return RunDirectory(writes, fingerprint, restart=restart)
 
         def finished(run: RunDirectory, say: bool = True) -> list[str]:
