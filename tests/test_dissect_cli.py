@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from gandissect_jax.cli import main
@@ -249,4 +251,67 @@ def test_cli_bad_labels_get_one_line_before_any_work(tmp_path, capsys):
     assert main(argv + ["--outdir", str(tmp_path / "out")]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "hold label 255, outside [0, 3]" in line and "map 'ignore' values such as 255 or -1 to 0" in line
+    assert not (tmp_path / "out").exists()
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["labels", "categories", "x"]),
+                                                                  inner, max_size=3), max_leaves=12)
+LABEL_DOCUMENTS = st.fixed_dictionaries(
+    {"labels": st.lists(st.lists(JSON_VALUES | st.text(max_size=3), min_size=1, max_size=3), max_size=4) | JSON_VALUES},
+    optional={"categories": st.lists(JSON_VALUES | st.text(max_size=3), max_size=3) | JSON_VALUES})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=LABEL_DOCUMENTS | JSON_VALUES)
+def test_a_labels_file_is_taken_as_written_or_refused_naming_the_file(tmp_path, document):
+    """Any JSON in --labels: either every name and category is a non-empty string, taken as
+    written (nothing is turned into a string silently), or one ValueError names the file."""
+    from gandissect_jax.commands.dissect import _load_labels
+
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps(document))
+    try:
+        loaded = _load_labels(str(path))
+    except ValueError as err:
+        assert str(path) in str(err) and "\n" not in str(err)
+        return
+    assert loaded == document and loaded["labels"]
+    for entry in loaded["labels"]:
+        assert isinstance(entry, list) and len(entry) == 2
+        assert all(isinstance(part, str) and part.strip() for part in entry)
+    if "categories" in loaded:
+        assert loaded["categories"] and all(isinstance(c, str) and c.strip() for c in loaded["categories"])
+
+
+def test_a_labels_file_that_is_not_text_is_refused_naming_the_file(tmp_path):
+    from gandissect_jax.commands.dissect import _load_labels
+
+    path = tmp_path / "labels.json"
+    path.write_bytes(b"\xff\xfe\x00{")
+    with pytest.raises(ValueError, match=f"labels file {re.escape(str(path))} is not UTF-8 text"):
+        _load_labels(str(path))
+
+
+NOT_REAL = [np.complex64, np.dtype([("a", "<f4")]), np.dtype("U3"), np.dtype("datetime64[s]"), np.dtype("V4")]
+
+
+@pytest.mark.parametrize("flag", ["--features", "--levels"])
+@pytest.mark.parametrize("dtype", NOT_REAL, ids=str)
+def test_arrays_that_do_not_hold_real_numbers_are_refused_naming_the_flag(tmp_path, capsys, flag, dtype):
+    """A .npy whose dtype is not a real number (complex, structured, text, dates, raw bytes) is
+    refused in one line naming the flag and the file, before any work (complex was silently cut
+    to its real part)."""
+    argv = _toy_files(tmp_path)
+    source = np.load(tmp_path / "f.npy")
+    if flag == "--levels":
+        source = np.zeros(source.shape[-1], np.float32)
+        argv += ["--levels", str(tmp_path / "levels.npy")]
+    path = tmp_path / ("f.npy" if flag == "--features" else "levels.npy")
+    np.save(path, np.zeros(source.shape, dtype))
+    capsys.readouterr()
+    assert main(argv + ["--outdir", str(tmp_path / "out")]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"{flag} {path} must hold real numbers" in line, line
     assert not (tmp_path / "out").exists()

@@ -169,20 +169,42 @@ def _load_array(path: str, what: str):
 
 
 def _load_labels(path: str) -> dict:
+    """labels.json as ``{"labels": [[name, category], ...], "categories": [...]}`` (categories
+    optional), every name and category a non-empty string; ValueError naming the file and the
+    entry otherwise (nothing is converted to a string silently)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--labels file not found: {path}" if not os.path.exists(path) else
                                 f"--labels {path} is not a file")
-    with open(path) as handle:
-        try:
+    form = '{"labels": [[name, category], ...], "categories": [...]}'
+    try:
+        with open(path, encoding="utf-8") as handle:
             document = json.load(handle)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"labels file {path} is not JSON: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"labels file {path} is not UTF-8 text ({err}); it must hold {form}") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"labels file {path} is not JSON: {err}") from err
     if not isinstance(document, dict) or "labels" not in document:
-        raise ValueError(f'labels file {path} must hold {{"labels": [[name, category], ...], "categories": [...]}}')
-    for entry in document["labels"]:
-        if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
-            raise ValueError(f"labels file {path}: each label must be [name, category], got {entry!r}")
+        raise ValueError(f"labels file {path} must hold {form}")
+    if not isinstance(document["labels"], list) or not document["labels"]:
+        raise ValueError(f'labels file {path}: "labels" must be a non-empty list of [name, category], '
+                         f"got {_short(document['labels'])}")
+    for number, entry in enumerate(document["labels"]):
+        if not (isinstance(entry, list) and len(entry) == 2):
+            raise ValueError(f"labels file {path}: each label must be [name, category], got {_short(entry)}")
+        if not all(isinstance(part, str) and part.strip() for part in entry):
+            raise ValueError(f"labels file {path}: label {number} must be [name, category] with both non-empty "
+                             f"strings, got {_short(entry)}")
+    categories = document.get("categories")
+    if categories is not None and not (isinstance(categories, list) and categories and all(
+            isinstance(category, str) and category.strip() for category in categories)):
+        raise ValueError(f'labels file {path}: "categories" must be a non-empty list of non-empty strings '
+                         f"(or left out: then taken from the labels), got {_short(categories)}")
     return document
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _summary(results, outdir: str, iou_threshold: float, report: bool = True) -> None:
@@ -298,6 +320,12 @@ def _run(args) -> int:
 def _check_arrays(args, features, levels) -> None:
     """Input checks of the precomputed source that name the flag (the API checks the rest: shapes,
     label numbers, --topk against the number of samples)."""
+    from gandissect_jax.dissection.sources import real_dtype
+
+    for flag, array in (("--features", features), ("--levels", levels)):
+        if array is not None and not real_dtype(array.dtype):
+            raise ValueError(f"{flag} {getattr(args, flag[2:])} must hold real numbers (a float, integer or bool "
+                             f"dtype), got dtype {array.dtype}")
     if features.ndim != 4:
         return  # dissect_features says what the shape must be
     units = int(features.shape[-1] if args.layout == "nhwc" else features.shape[1])

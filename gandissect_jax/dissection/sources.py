@@ -117,6 +117,12 @@ class Unlabelled:
         return dict(self.source.identity(), labels="none")
 
 
+def real_dtype(dtype) -> bool:
+    """True for a dtype of real numbers: floating (bfloat16 and float8 too), integer or bool."""
+    return bool(jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+                or jnp.issubdtype(dtype, jnp.bool_))
+
+
 def _clip(indices: np.ndarray, count: int) -> np.ndarray:
     return np.clip(np.asarray(indices), 0, count - 1)
 
@@ -149,6 +155,9 @@ class ArraySource:
         for name, value in features.items():
             if value.ndim != 4:
                 raise ValueError(f"features {name!r} must have shape (N, h, w, U), got {tuple(value.shape)}")
+            if not real_dtype(value.dtype):
+                raise ValueError(f"features {name!r} must hold real numbers (a float, integer or bool dtype), "
+                                 f"got dtype {value.dtype}")
         self.arrays = dict(features)
         self.layers = tuple(self.arrays)
         segmentations = segmentations if segmentations.ndim == 4 else segmentations[..., None]
