@@ -30,10 +30,11 @@ def _command(outdir, extra=()) -> list[str]:
     return [sys.executable, "-m", "gandissect_jax.cli", *ARGS, "--outdir", str(outdir), *extra]
 
 
-def _launch(outdirs, port: int, extra=()) -> list[subprocess.Popen]:
-    """Both processes of a 2-process run; process i writes (if at all) into outdirs[i]."""
+def _launch(outdirs, port: int, extra=(), per_process=((), ())) -> list[subprocess.Popen]:
+    """Both processes of a 2-process run; process i writes (if at all) into outdirs[i] and gets
+    ``per_process[i]`` as further flags."""
     return [subprocess.Popen(_command(outdirs[i], ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                                   "--process-id", str(i), *extra]),
+                                                   "--process-id", str(i), *extra, *per_process[i]]),
                              env=process_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in range(2)]
 
@@ -95,3 +96,17 @@ def test_killed_process_fails_the_run_and_a_relaunch_resumes(single, tmp_path):
         assert code == 0, f"process {rank}: {log[-3000:]}"
     _assert_same_results(single, outdirs[0])
     assert not outdirs[1].exists()
+
+
+@pytest.mark.parametrize("flags", [("--size", "8"), ("--seed", "2")], ids=["size", "seed"])
+def test_processes_given_other_commands_are_refused_naming_what_differs(tmp_path, flags):
+    """Process 1 launched with another --size or --seed than process 0: both stop before any pass
+    with one line, process 1's naming the setting and both values, no Traceback, nothing written."""
+    outdirs = [tmp_path / "out0", tmp_path / "out1"]
+    (code0, log0), (code1, log1) = finish(_launch(outdirs, free_port(), per_process=((), flags)), TIMEOUT)
+    assert code0 == 1 and code1 == 1, (log0[-2000:], log1[-2000:])
+    key = {"--size": "source.num_samples was 16, now 8", "--seed": "source.seed was 1, now 2"}[flags[0]]
+    assert "this process was given other inputs or settings than process 0" in log1 and key in log1, log1[-2000:]
+    assert "another process of this run was given other inputs or settings" in log0, log0[-2000:]
+    assert "Traceback" not in log0 + log1
+    assert not any(p.name != ".dissect.lock" for p in outdirs[0].iterdir()) if outdirs[0].exists() else True
