@@ -232,7 +232,7 @@ def test_failed_run_does_not_poison_outdir(tmp_path):
     feats, seg = toy()
     outdir = tmp_path / "out"
     bad = feats.copy()
-    bad[40, 1, 1, 3] = np.nan  # found by the first pass, after the run's identity was written
+    bad[40, 1, 1, 3] = np.nan  # found by the content scan, before the run's identity is written
     with pytest.raises(ValueError, match="NaN"):
         dissect_features(bad, seg, LABELS, outdir=str(outdir), **QUICK)
     assert not (outdir / ".progress").exists()
@@ -244,6 +244,24 @@ def test_failed_run_does_not_poison_outdir(tmp_path):
     with pytest.raises(ValueError, match="label 9"):
         dissect_features(feats, wrong, LABELS, outdir=str(tmp_path / "fresh"), **QUICK)
     assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_nonfinite_features_are_reported_before_the_passes_naming_sample_and_unit(value, dtype, tmp_path):
+    """NaN or inf anywhere in precomputed features (any float dtype): one ValueError from the
+    content scan, naming the count and the first sample and unit, before any pass reads a batch
+    and before anything is written."""
+    feats, seg = toy()
+    bad = feats.astype(dtype)
+    bad[46, 5, 6, 2] = value  # late in the data
+    bad[47, 0, 0, 1] = value
+    counted = ReadCounter(bad)
+    with pytest.raises(ValueError, match=r"features 'features' hold 2 NaN/inf activations, the first at sample 46, "
+                                         r"unit 2"):
+        dissect_features(counted, seg, LABELS, outdir=str(tmp_path / "out"), **QUICK)
+    assert counted.reads == 1  # the features were hashed, never read by a pass
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("value, hint", [(7, "must list every label number"), (255, "map 'ignore' values"),

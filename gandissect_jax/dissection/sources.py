@@ -123,6 +123,30 @@ def real_dtype(dtype) -> bool:
                 or jnp.issubdtype(dtype, jnp.bool_))
 
 
+class _FiniteCheck:
+    """``content_digest`` visitor of a features array: ValueError, once the whole array is read,
+    when it holds NaN or inf, naming the layer, the count and the first (sample, unit)."""
+
+    def __init__(self, name: str, array):
+        self.name, self.shape = name, tuple(array.shape)
+        self.floating = bool(jnp.issubdtype(array.dtype, jnp.floating))
+        self.rows = self.count = 0
+        self.first = None
+
+    def __call__(self, chunk: np.ndarray) -> None:
+        if self.floating:
+            bad = ~np.isfinite(chunk)
+            if bad.any():
+                self.count += int(bad.sum())
+                if self.first is None:
+                    sample, *_, unit = np.unravel_index(int(np.flatnonzero(bad.reshape(-1))[0]), chunk.shape)
+                    self.first = (self.rows + int(sample), int(unit))
+        self.rows += chunk.shape[0]
+        if self.rows == self.shape[0] and self.count:
+            raise ValueError(f"features {self.name!r} hold {self.count} NaN/inf activations, the first at sample "
+                             f"{self.first[0]}, unit {self.first[1]}; replace them (e.g. np.nan_to_num) first")
+
+
 def _clip(indices: np.ndarray, count: int) -> np.ndarray:
     return np.clip(np.asarray(indices), 0, count - 1)
 
@@ -211,7 +235,7 @@ class ArraySource:
                     low.append(int(chunk.min()))
                     high.append(int(chunk.max()))
 
-            content = {"features": {name: content_digest(a) for name, a in self.arrays.items()},
+            content = {"features": {name: content_digest(a, visit=_FiniteCheck(name, a)) for name, a in self.arrays.items()},
                        "segmentations": content_digest(self.segmentations, visit=extremes)}
             if self.images_array is not None:
                 content["images"] = content_digest(self.images_array)
