@@ -1,4 +1,8 @@
-"""Counting XLA compilations in tests: ``with compilations() as compiled: ...; assert len(compiled) == 0``."""
+"""Counting XLA compilations in tests: ``with compilations() as compiled: ...; assert len(compiled) == 0``.
+
+A program loaded from the persistent compilation cache (``tests/conftest.py`` turns it on) counts
+too: JAX records ``backend_compile_duration`` around the cache lookup as well as around a compile.
+"""
 
 import contextlib
 

@@ -7,6 +7,7 @@ the programs, never constants in them)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from gandissect_jax import effects
 from gandissect_jax.ace import build_ace_corpus, optimize_ace
@@ -84,3 +85,33 @@ def test_nothing_recompiles_for_repeated_calls_or_other_weights():
     assert np.abs(np.asarray(other[3]) - np.asarray(first[3])).max() > 0
     assert np.abs(np.asarray(other[5]) - np.asarray(first[5])).max() > 0
     assert np.abs(np.asarray(other[-1]) - np.asarray(first[-1])).max() > 0
+
+
+def test_a_program_from_the_persistent_compilation_cache_counts_as_a_compilation():
+    """tests/conftest.py turns on JAX's persistent compilation cache: a program compiled again
+    is then loaded, not compiled, and must still count, or the tests above would miss it."""
+    if not jax.config.jax_compilation_cache_dir:
+        pytest.skip("no persistent compilation cache in this session")
+    previous = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        x = jnp.arange(12.0, dtype=jnp.float32).reshape(3, 4)
+        jax.jit(lambda v: jnp.tanh(v) * 3.25 + 1.0)(x).block_until_ready()  # compiled, written to the cache
+        hits = []
+
+        def listener(event, **kwargs):
+            hits.append(event)
+
+        jax.monitoring.register_event_listener(listener)
+        try:
+            with compilations() as compiled:
+                jax.jit(lambda v: jnp.tanh(v) * 3.25 + 1.0)(x).block_until_ready()  # a new jit: the same program
+        finally:
+            unregister = getattr(jax.monitoring, "unregister_event_listener", None)
+            if unregister is None:  # jax < 0.8.1
+                from jax._src.monitoring import _unregister_event_listener_by_callback as unregister
+            unregister(listener)
+        assert "/jax/compilation_cache/cache_hits" in hits  # loaded from the cache, not compiled
+        assert len(compiled) == 1  # and counted
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)

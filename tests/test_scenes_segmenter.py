@@ -87,11 +87,7 @@ def test_implements_the_segmenter_protocol(segmenter):
 def test_methods_are_pure_in_params_inside_an_outer_jit(segmenter, images):
     """Parameters passed as arguments of an outer jit give the eager results; a second set of
     weights runs the same compiled program, and the weights are not baked in as constants."""
-    compiled = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(event)
+    from compilations import compilations
 
     @jax.jit
     def measure(params, x):
@@ -105,15 +101,8 @@ def test_methods_are_pure_in_params_inside_an_outer_jit(segmenter, images):
     np.testing.assert_array_equal(np.asarray(score), np.asarray(scores[..., 6]))
     np.testing.assert_array_equal(np.asarray(mask), np.asarray(seg[..., 0] == 6))
     other = jax.tree_util.tree_map(lambda a: -a, segmenter.params)
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compilations() as compiled:
         other_seg = measure(other, images)[0]
-    finally:
-        # public from jax 0.8.1; the declared minimum (0.6.1) has only the private function
-        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
-        if unregister is None:
-            from jax._src.monitoring import _unregister_event_duration_listener_by_callback as unregister
-        unregister(listener)
     assert compiled == []
     np.testing.assert_array_equal(np.asarray(other_seg), np.asarray(segmenter.segment(other, images, 2)))
     assert (np.asarray(other_seg) != np.asarray(seg)).any()  # the arguments, not captured weights
