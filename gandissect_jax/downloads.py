@@ -188,7 +188,8 @@ def download(
             reason = getattr(err, "reason", None) or err
             raise DownloadError(
                 f"could not download {url}: {reason}. If this machine has no network, fetch the "
-                f"file on another machine, copy it here and run `gandissect-jax convert FILE DEST`."
+                f"file on another machine, copy it here and run `gandissect-jax convert FILE DEST`, then "
+                f"pass DEST as --model (a generator) or --segmenter (a segmenter)."
             ) from err
         if announced is not None and received != announced:
             raise DownloadError(f"download of {url} was cut short: {received} of {announced} bytes "

@@ -170,5 +170,6 @@ def resolve(
         return fetched
     raise FileNotFoundError(
         f"weights {name!r} are not downloaded yet: run `gandissect-jax weights fetch {name}` "
-        f"(or convert a local copy with `gandissect-jax convert FILE DEST`)"
+        f"(or convert a local copy with `gandissect-jax convert FILE DEST` and pass DEST as --model or "
+        f"--segmenter)"
     )

@@ -96,7 +96,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="name of the layer in the outputs (default %(default)s)")
     arrays.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc",
                         help="axis order of --features: nhwc (N, h, w, U; default) or nchw (N, U, h, w, "
-                        "channels first as PyTorch and Caffe save features)")
+                        "channels first as PyTorch and Caffe save features). A wrong layout is detected from "
+                        "the feature map's aspect ratio against the segmentations'; square maps with as many "
+                        "units as rows (U == h == w) look the same both ways: set it explicitly")
     scoring = parser.add_argument_group("thresholds and labels")
     scoring.add_argument("--threshold", choices=("iqr", "quantile"),
                          help="per-unit threshold rule (default: iqr with --model, quantile with --features)")
