@@ -37,12 +37,12 @@ def _command(args, outdir, extra=()) -> list[str]:
     return [sys.executable, "-m", "gandissect_jax.cli", *args, "--outdir", str(outdir), *extra]
 
 
-def _launch(outdirs, extra=()) -> list[tuple[int, str]]:
-    """A 2-process run of ``ace``, 2 devices each; process i is given outdirs[i]."""
+def _launch(outdirs, extra=(), per_process=((), ())) -> list[tuple[int, str]]:
+    """A 2-process run of ``ace``, 2 devices each; process i is given outdirs[i] and ``per_process[i]``."""
     port = free_port()
     return finish([subprocess.Popen(
         _command(ARGS, outdirs[i], ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                    "--process-id", str(i), *extra]),
+                                    "--process-id", str(i), *extra, *per_process[i]]),
         env=process_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)], TIMEOUT)
 
 
@@ -122,3 +122,17 @@ def test_process_0s_refusal_of_other_settings_stops_every_process(dissection, si
         assert code == 1, f"process {rank}: {log[-3000:]}"
         assert f"error: process {rank} of 2:" in log and "other settings" in log and "Traceback" not in log, log
     assert "process 0:" in results[1][1]  # process 1 tells that process 0 refused
+
+
+def test_processes_given_other_commands_are_refused_naming_what_differs(dissection, tmp_path):
+    """Process 1 launched with another --seed than process 0: both stop before the corpus search
+    with one line, process 1's naming the setting and both values; nothing is written."""
+    outdirs = [_copy(dissection, tmp_path / "out0"), tmp_path / "out1"]
+    before = _files(outdirs[0])
+    (code0, log0), (code1, log1) = _launch(outdirs, per_process=((), ("--seed", "5")))
+    assert code0 == 1 and code1 == 1, (log0[-2000:], log1[-2000:])
+    assert "this process was given other inputs or settings than process 0" in log1 and "seed was 10, now 5" in log1, \
+        log1[-2000:]
+    assert "another process of this run was given other inputs or settings" in log0, log0[-2000:]
+    assert "Traceback" not in log0 + log1
+    assert _files(outdirs[0]) == before and not outdirs[1].exists()

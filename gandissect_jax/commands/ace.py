@@ -137,6 +137,7 @@ def _run(args) -> int:
     from gandissect_jax.ace.sharded import map_batches, progress_bar, stacked
     from gandissect_jax.dissection import distributed
     from gandissect_jax.dissection import rankings
+    from gandissect_jax.dissection.resume import pytree_digest
     from gandissect_jax.experiment import Experiment, intervention_lock, register
     from gandissect_jax.sampling import sample_z
 
@@ -152,6 +153,10 @@ def _run(args) -> int:
         "train_batch", "train_micro_batch", "search_size", "train_size", "eval_size", "seed", "curve_samples", "curve_seed",
         "curve_max")}
     settings["source"] = source.identity()
+    # multi-host: the same command, models and dissection on every process (their paths may differ)
+    distributed.check_same_inputs(
+        dict(settings, generator_params=pytree_digest(G.params), segmenter_params=pytree_digest(S.params)),
+        may_differ=[("source", "model"), ("source", "segmenter")])
     name = args.name or default_name(args)
     downsample = source.seg_downsample
     with Experiment(args.outdir, "ace", args.layer, name, settings) as experiment:

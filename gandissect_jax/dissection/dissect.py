@@ -38,8 +38,7 @@ from .memory import plan_dissection
 from .progress import COUNT_PASS_COST, RunProgress
 from .report import OUTPUT_FILES, safe_dir_name, write_report
 from .results import LayerDissection
-from .resume import (ProgressFileError, RunDirectory, describe_change, digest, file_sha256, json_normalize,
-                     outdir_lock)
+from .resume import ProgressFileError, RunDirectory, digest, file_sha256, outdir_lock
 from .datasets import ModelSource
 from .sources import ArraySource, GeneratorSource, Unlabelled
 from .strips import thumbnail_side, write_strips
@@ -120,34 +119,6 @@ def _manifest_files(progress: str) -> list[str]:
     return [path for path in files if isinstance(path, str)] if isinstance(files, list) else []
 
 
-def _check_processes_agree(fingerprint: Mapping[str, Any]) -> None:
-    """Multi-host: every process must dissect the same data with the same settings (the same
-    command): process 0's run identity -- data content, both models' parameter digests, samples,
-    seed, labels, every setting that changes numbers -- is compared on every process with its own
-    (the names or paths a model was given by may differ between hosts). ValueError on every
-    process, naming what differs where it differs, before any pass; no-op with one process."""
-    if not distributed.multiprocess():
-        return
-
-    def comparable(identity):
-        identity = json_normalize(identity)
-        for key in ("model", "segmenter"):
-            identity.get("source", {}).pop(key, None)
-        return identity
-
-    mine = comparable(fingerprint)
-    leader = comparable(distributed.leader_json(lambda: json_normalize(fingerprint)))
-    differs = leader != mine
-    if distributed.any_process(differs):
-        if differs:
-            raise ValueError(f"this process was given other inputs or settings than process 0 "
-                             f"({describe_change(leader, mine)}; 'was' is process 0's, 'now' this process's); run "
-                             f"the same command, with the same models and data, on every process")
-        raise ValueError(f"another process of this run was given other inputs or settings than process 0 (its "
-                         f"error says what differs); run the same command, with the same models and data, on every "
-                         f"process")
-
-
 def dissect(source, labels, categories: Sequence[str] | None, config: DissectConfig, *, default_threshold: str,
             levels: Mapping[str, Any] | None = None, devices=None, outdir: str | None = None, restart: bool = False
             ) -> dict[str, LayerDissection]:
@@ -206,7 +177,8 @@ def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, defa
     }
     if not getattr(source, "batch_invariant", False):  # results depend on how samples are grouped
         fingerprint["batch"] = {"batch_size": int(config.batch_size), "devices": int(mesh.devices.size)}
-    _check_processes_agree(fingerprint)
+    # multi-host: the same command on every process (model names or paths may differ; digests may not)
+    distributed.check_same_inputs(fingerprint, may_differ=[("source", "model"), ("source", "segmenter")])
     check_label_values(source, len(labels), mesh, config.batch_size)
     # Several processes (multi-host): only process 0 touches the outdir; it decides what is finished
     # and tells the others (distributed.py). With one process, writes == outdir.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -187,6 +187,42 @@ def any_process(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.asarray(multihost_utils.process_allgather(np.array([int(bool(flag))], np.int32))).any())
+
+
+def check_same_inputs(identity: Mapping[str, Any], may_differ: Sequence[tuple[str, ...]] = ()) -> None:
+    """Every process of a run must be given the same inputs and settings (the same command).
+
+    identity: a JSON-able run identity (data content and parameter digests, samples, seed,
+    settings); ``may_differ``: key paths left out of the comparison (the names or paths a model
+    was given by may differ between hosts when its parameter digest is compared). Process 0's
+    identity is broadcast and compared on every process; ValueError on every process, naming
+    what differs on the processes where it differs, before any work. No-op with one process.
+    """
+    if not multiprocess():
+        return
+    from .resume import describe_change, json_normalize
+
+    def comparable(value):
+        value = json_normalize(value)
+        for path in may_differ:
+            node = value
+            for key in path[:-1]:
+                node = node.get(key, {}) if isinstance(node, dict) else {}
+            if isinstance(node, dict):
+                node.pop(path[-1], None)
+        return value
+
+    mine = comparable(identity)
+    leader = comparable(leader_json(lambda: json_normalize(identity)))
+    differs = leader != mine
+    if any_process(differs):
+        if differs:
+            raise ValueError(f"this process was given other inputs or settings than process 0 "
+                             f"({describe_change(leader, mine)}; 'was' is process 0's, 'now' this process's); run "
+                             f"the same command, with the same models and data, on every process")
+        raise ValueError("another process of this run was given other inputs or settings than process 0 (its "
+                         "error says what differs); run the same command, with the same models and data, on every "
+                         "process")
 
 
 def agree(stop: bool, due: bool) -> tuple[bool, bool]:
