@@ -1,7 +1,8 @@
 """ACE spread over devices: the fit of the shipped demo pair (representations, unedited shares,
 every step, the held-out losses), for the three objectives, with a batch that splits evenly
 neither in micro-batches nor over devices, is bit-identical on meshes of 3 and 4 (forced host)
-devices, and equal to 1 device to float32 rounding: XLA compiles the generator's backward pass
+devices, and (checked for the ``ace`` objective, whose program differs from the others' only
+in the loss) equal to 1 device to float32 rounding: XLA compiles the generator's backward pass
 in a program partitioned over 2 or more devices differently from the unpartitioned 1-device
 program (asserted: alpha within 1e-6, the held-out loss within 1e-5 relative; 1.5e-8 measured for alpha).
 
@@ -40,7 +41,7 @@ SCRIPT = textwrap.dedent("""
     out["corpus_equal"] = all(np.asarray(a).tobytes() == np.asarray(b).tobytes()
                               for a, b in zip(corpora[0][2:], corpora[1][2:]))
     for objective in ("ace", "removal", "specific_removal"):
-        for devices in (1, 3, 4):
+        for devices in ((1, 3, 4) if objective == "ace" else (3, 4)):  # the 1-device program: once
             fit = ace.optimize_ace(G, S, corpus, init=np.linspace(0, 1, 128), epochs=2, batch_size=7,
                                    micro_batch=2, objective=objective, binarize=0.1, max_units=10.0,
                                    mesh=ace_mesh(jax.devices()[:devices]))
@@ -61,14 +62,15 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("objective", ["ace", "removal", "specific_removal"])
 def test_fit_is_bit_identical_on_3_and_4_devices_and_equal_to_1_device_to_rounding(runs, objective):
-    three, four, one = (runs[f"{objective}-{devices}"] for devices in (3, 4, 1))
+    three, four, one = (runs.get(f"{objective}-{devices}") for devices in (3, 4, 1))
     alpha = np.array(four["alpha"], np.float32)
     assert 1e-3 < np.abs(alpha - np.linspace(0, 1, 128, dtype=np.float32)).max()  # the fit moved alpha
     assert np.isfinite(four["eval_loss"]).all() and len(four["eval_loss"]) == 3
     np.testing.assert_array_equal(np.array(three["alpha"], np.float32), alpha)
     np.testing.assert_array_equal(np.array(three["eval_loss"]), np.array(four["eval_loss"]))
-    np.testing.assert_allclose(np.array(one["alpha"], np.float32), alpha, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(one["eval_loss"], four["eval_loss"], rtol=1e-5)
+    if one is not None:
+        np.testing.assert_allclose(np.array(one["alpha"], np.float32), alpha, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(one["eval_loss"], four["eval_loss"], rtol=1e-5)
 
 
 def test_corpus_search_is_bit_identical_on_1_and_4_devices(runs):
