@@ -315,6 +315,22 @@ def test_bad_label_lists_are_refused_before_the_passes(labels, message):
     assert counted.reads == 0
 
 
+def test_the_references_own_label_list_is_accepted():
+    """The reference's label lists start with ('-', '-'), "no label", whose category is none of
+    the categories: accepted, with the same scores as label 0 listed under a real category (label
+    0 is never counted; its category maps to category 0, as in the reference)."""
+    feats, seg = toy()
+    reference_style = {"labels": [["-", "-"]] + LABELS["labels"][1:], "categories": LABELS["categories"]}
+    assert LABELS["labels"][0][1] == LABELS["categories"][0]
+    ours = dissect_features(feats, seg, LABELS, **QUICK)["features"]
+    theirs = dissect_features(feats, seg, reference_style, **QUICK)["features"]
+    np.testing.assert_array_equal(theirs.iou, ours.iou)
+    np.testing.assert_array_equal(theirs.unit_label, ours.unit_label)
+    with pytest.raises(ValueError, match=r"label 1 'sky' has category '-'"):
+        dissect_features(feats, seg, {"labels": [["-", "-"], ["sky", "-"]] + LABELS["labels"][2:],
+                                      "categories": LABELS["categories"]}, **QUICK)
+
+
 def test_bad_shapes_and_counts_are_refused_before_the_passes():
     feats, seg = toy()
     with pytest.raises(ValueError, match="there are no samples"):

@@ -20,14 +20,16 @@ IGNORE_VALUES = (255, -1, 65535)
 
 def check_labels(labels, categories) -> tuple[list[tuple[str, str]], list[str]]:
     """Labels and categories, normalized; ValueError for a label listed twice, a category listed
-    twice, or a label whose category is not among the categories."""
+    twice, or a label other than label 0 whose category is not among the categories. Label 0 is
+    "no label" (never counted): the reference's own list starts with ``('-', '-')``, whose
+    category maps to category 0 as in the reference (:func:`~.labels.label_category_indices`)."""
     labels, categories = labels_and_categories(labels, categories)
     if len(set(categories)) != len(categories):
         twice = sorted({c for c in categories if categories.count(c) > 1})
         raise ValueError(f"categories {twice} are listed more than once in {categories}")
     seen: dict[tuple[str, str], int] = {}
     for number, (name, category) in enumerate(labels):
-        if category not in categories:
+        if category not in categories and number > 0:
             raise ValueError(f"label {number} {name!r} has category {category!r}, which is not one of the "
                              f"categories {categories}")
         if (name, category) in seen:
