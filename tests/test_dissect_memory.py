@@ -320,6 +320,9 @@ def test_group_overhead_bounds_the_count_steps_temporaries(seg_side, channels, l
 def test_memory_plan_keeps_count_indices_in_int32():
     """A group counts at most (2^31 - 1) / (labels x (levels + 1)) units of a layer, whatever the
     budget; one unit beyond int32 is refused by the plan, before any pass, naming the labels."""
+    import jax
+    import jax.numpy as jnp
+
     from gandissect_jax.dissection import statistics as st
     from gandissect_jax.dissection.memory import max_group_units
 
@@ -334,5 +337,17 @@ def test_memory_plan_keeps_count_indices_in_int32():
             st.level_counts(stop - start, 1_000_000, 100, 3)  # each group's count statistic can be built
     with pytest.raises(ValueError, match="counters do not fit int32"):
         st.level_counts(most + 1, 1_000_000, 100, 3)
-    with pytest.raises(ValueError, match=r"300000000 labels x 101 level intervals do not fit"):
+    with pytest.raises(ValueError, match=r"300000000 labels \(and 16 samples per device\) x 101 level intervals"):
         plan_memory(shapes({"layer4": (512, 64)}, num_labels=300_000_000, num_levels=100), Budget(1 << 50, None))
+    # more images per device than labels (e.g. --no-labels: 1 label): the per-pixel path's (image,
+    # unit, bucket) histogram bounds the units instead
+    few_labels = shapes({"layer4": (100_000, 64)}, num_labels=2, num_levels=100, per_device=256)
+    assert max_group_units(few_labels) == (st.INT32_MAX - 1) // (256 * 101)
+    groups = plan_memory(few_labels, Budget(1 << 50, None)).groups
+    assert max(stop - start for group in groups for _, start, stop in group) <= max_group_units(few_labels)
+    stat = st.level_counts(max_group_units(few_labels) + 1, 2, 100, 1)
+    args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in (
+        ((max_group_units(few_labels) + 1, 256, 4), jnp.float32), ((max_group_units(few_labels) + 1, 100), jnp.float32),
+        ((256, 4, 1), jnp.int32), ((256, 2), jnp.int32))]
+    with pytest.raises(ValueError, match="256 images x .* units x 101 buckets per step do not fit int32"):
+        jax.eval_shape(stat.update, jax.eval_shape(stat.init), tuple(args), jax.ShapeDtypeStruct((256,), bool))

@@ -110,3 +110,20 @@ def test_processes_given_other_commands_are_refused_naming_what_differs(tmp_path
     assert "another process of this run was given other inputs or settings" in log0, log0[-2000:]
     assert "Traceback" not in log0 + log1
     assert not any(p.name != ".dissect.lock" for p in outdirs[0].iterdir()) if outdirs[0].exists() else True
+
+
+def test_a_process_that_fails_to_load_its_inputs_stops_every_process(tmp_path):
+    """Process 1 given a layer its generator lacks fails while loading; process 0 stops at once
+    with one line saying another process stopped, instead of waiting for it in a collective
+    (``distributed.fail_together``; on CPU, gloo may also see process 1 leave first)."""
+    outdirs = [tmp_path / "out0", tmp_path / "out1"]
+    started = time.monotonic()
+    (code0, log0), (code1, log1) = finish(_launch(outdirs, free_port(), per_process=((), ("--layers", "layer99"))),
+                                          TIMEOUT)
+    assert code0 == 1 and code1 == 1, (log0[-2000:], log1[-2000:])
+    assert "unknown layer(s) layer99" in log1, log1[-2000:]
+    # (either the failure flag arrived, or gloo saw process 1 leave first: both say so in one line)
+    assert "error: process 0 of 2" in log0 or "another process of this run stopped" in log0, log0[-2000:]
+    assert "another process of this run" in log0, log0[-2000:]
+    assert "Traceback" not in log0 + log1
+    assert time.monotonic() - started < 120

@@ -130,6 +130,13 @@ def test_no_output_path_of_a_run_overwrites_a_file_no_run_wrote(tmp_path):
     # a run's own outputs are not foreign: it resumes, and restarts
     dissect_features(features, segs, labels, outdir=str(ours), progress=False, batch_size=16, topk=2)
     dissect_features(features, segs, labels, outdir=str(ours), progress=False, batch_size=16, topk=2, restart=True)
+    # nor when a run of ours was killed before it saved its manifest: a restart runs again
+    reference = _snapshot(ours)
+    (ours / ".progress" / "outputs.json").unlink()
+    dissect_features(features, segs, labels, outdir=str(ours), progress=False, batch_size=16, topk=2, restart=True)
+    again = _snapshot(ours)
+    assert {k: v for k, v in again.items() if not k.startswith(".")} == \
+        {k: v for k, v in reference.items() if not k.startswith(".")}
 
 
 @pytest.mark.parametrize("link", ["features", "features/image"])

@@ -142,9 +142,11 @@ def _run(args) -> int:
     from gandissect_jax.sampling import sample_z
 
     source = source_of(args)
-    G, S = source.generator, source.segmenter
-    labels = source.concept(args.concept)
-    channels = ace.layer_shape(G, args.layer)[-1]
+    # multi-host: a process that fails here (segmenter, concept) stops every process, not a hang
+    with distributed.fail_together("while loading the segmenter"):
+        G, S = source.generator, source.segmenter
+        labels = source.concept(args.concept)
+        channels = ace.layer_shape(G, args.layer)[-1]
     result = source.result(args.layer, required=False)
     iou = rankings.iou_scores(result, labels) if result is not None else None
     concept_name = "+".join(S.labels[c][0] for c in labels)

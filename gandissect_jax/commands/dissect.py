@@ -270,46 +270,50 @@ def run_command(args) -> int:
 def _run(args) -> int:
     from gandissect_jax.dissection import DissectConfig, dissect_features, dissect_generator, distributed
 
-    if distributed.is_leader():  # only process 0 writes --outdir
-        arguments.check_directory(args.outdir)
-    if not args.features:  # generator source; the shipped demo pair fills what is not given
-        if args.model in (None, DEMO_MODEL):
-            args.model = DEMO_MODEL
-            args.segmenter = args.segmenter or DEMO_SEGMENTER
-            args.layers = args.layers or list(DEMO_LAYERS)
-    config = DissectConfig(threshold=args.threshold, quantile=args.quantile, topk=args.topk, batch_size=args.batch_size,
-                           iou_threshold=args.iou_threshold, label_rule=args.label_rule,
-                           checkpoint_every=args.checkpoint_every,
-                           progress=not args.quiet, make_images=not args.no_images, make_report=not args.no_report,
-                           make_labels=not args.no_labels,
-                           thumbsize=args.thumbsize, title=args.title,
-                           keep_progress=args.keep_progress, max_memory=args.max_memory)
+    # multi-host: a process whose inputs fail to load stops every process (not a wait in a collective)
+    with distributed.fail_together("while reading its inputs"):
+        if distributed.is_leader():  # only process 0 writes --outdir
+            arguments.check_directory(args.outdir)
+        if not args.features:  # generator source; the shipped demo pair fills what is not given
+            if args.model in (None, DEMO_MODEL):
+                args.model = DEMO_MODEL
+                args.segmenter = args.segmenter or DEMO_SEGMENTER
+                args.layers = args.layers or list(DEMO_LAYERS)
+        config = DissectConfig(threshold=args.threshold, quantile=args.quantile, topk=args.topk,
+                               batch_size=args.batch_size, iou_threshold=args.iou_threshold, label_rule=args.label_rule,
+                               checkpoint_every=args.checkpoint_every,
+                               progress=not args.quiet, make_images=not args.no_images, make_report=not args.no_report,
+                               make_labels=not args.no_labels,
+                               thumbsize=args.thumbsize, title=args.title,
+                               keep_progress=args.keep_progress, max_memory=args.max_memory)
+        if args.features:
+            features = _load_array(args.features, "--features")
+            segmentations = _load_array(args.segmentations, "--segmentations")
+            labels = _load_labels(args.labels)
+            images = _load_array(args.images, "--images") if args.images else None
+            levels = _load_array(args.levels, "--levels") if args.levels else None
+            _check_arrays(args, features, levels)
+        else:
+            import gandissect_jax
+
+            segmenter_options = {}
+            if args.segdiv:
+                segmenter_options["segdiv"] = args.segdiv
+            if args.segsizes:
+                segmenter_options["segsizes"] = tuple(args.segsizes)
+            with arguments.naming("--model"):
+                generator = gandissect_jax.load_generator(args.model)
+            _check_layers(args, generator)
+            with arguments.naming("--segmenter"):
+                segmenter = gandissect_jax.load_segmenter(args.segmenter, **segmenter_options)
+            if segmenter_options and not hasattr(segmenter, "segdiv"):
+                raise ValueError(f"--segdiv and --segsizes apply to the unified-parsing segmenter; "
+                                 f"{args.segmenter!r} is a {type(segmenter).__name__}")
     if args.features:
-        features = _load_array(args.features, "--features")
-        segmentations = _load_array(args.segmentations, "--segmentations")
-        labels = _load_labels(args.labels)
-        images = _load_array(args.images, "--images") if args.images else None
-        levels = _load_array(args.levels, "--levels") if args.levels else None
-        _check_arrays(args, features, levels)
         results = dissect_features(features, segmentations, labels, config, levels=levels, images=images,
                                    layer=args.layer_name, layout=args.layout, outdir=args.outdir,
                                    restart=args.restart)
     else:
-        import gandissect_jax
-
-        segmenter_options = {}
-        if args.segdiv:
-            segmenter_options["segdiv"] = args.segdiv
-        if args.segsizes:
-            segmenter_options["segsizes"] = tuple(args.segsizes)
-        with arguments.naming("--model"):
-            generator = gandissect_jax.load_generator(args.model)
-        _check_layers(args, generator)
-        with arguments.naming("--segmenter"):
-            segmenter = gandissect_jax.load_segmenter(args.segmenter, **segmenter_options)
-        if segmenter_options and not hasattr(segmenter, "segdiv"):
-            raise ValueError(f"--segdiv and --segsizes apply to the unified-parsing segmenter; {args.segmenter!r} "
-                             f"is a {type(segmenter).__name__}")
         results = dissect_generator(generator, segmenter, args.layers, config, size=args.size, seed=args.seed,
                                     seg_downsample=args.seg_downsample, outdir=args.outdir, restart=args.restart,
                                     compute_dtype=args.dtype,

@@ -53,14 +53,18 @@ def source_of(args):
     """The :class:`~gandissect_jax.experiment.DissectionSource` of the parsed arguments, --outdir
     checked first (a file is refused), the generator loaded (errors name --model when it was
     given) and the layer checked against it."""
+    from gandissect_jax.dissection import distributed
     from gandissect_jax.experiment import DissectionSource
 
-    arguments.check_directory(args.outdir)
-    source = DissectionSource(args.outdir, model=args.model, segmenter=args.segmenter)
-    with arguments.naming("--model" if args.model else "the generator named in --outdir's dissect.json"):
-        source.generator
-    if getattr(args, "layer", None):
-        source.check_layer(args.layer)
+    # multi-host: a check that fails on one process stops every process (not a wait in the next collective)
+    with distributed.fail_together("checking --outdir"):
+        arguments.check_directory(args.outdir)
+    source = DissectionSource(args.outdir, model=args.model, segmenter=args.segmenter)  # process 0 reads it
+    with distributed.fail_together("while loading the models"):
+        with arguments.naming("--model" if args.model else "the generator named in --outdir's dissect.json"):
+            source.generator
+        if getattr(args, "layer", None):
+            source.check_layer(args.layer)
     return source
 
 

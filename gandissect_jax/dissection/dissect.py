@@ -66,20 +66,24 @@ def _dir_names(layers: Sequence[str]) -> dict[str, str]:
 _LAYER_FILES = ("scores.npz", "dissect.json", "bargraph.svg")
 
 
-def _check_outputs_are_ours(outdir: str, dirnames: Mapping[str, str], restart: bool) -> None:
-    """Before a fresh run (or a ``restart``) writes into ``outdir``: ValueError when a path it
-    would write is already there and no earlier run of this library wrote it (its manifest,
-    ``.progress/outputs.json``, does not list it) -- e.g. the reference's own output directory,
-    which uses the same file names -- or when a layer directory or its ``image`` folder is a
-    symbolic link (the outputs would land outside ``outdir``). A resumed run (the run's identity
-    in ``.progress/settings.json``) wrote those paths itself and is not checked."""
+def _check_outputs_are_ours(outdir: str, dirnames: Mapping[str, str]) -> None:
+    """Before a run writes into ``outdir``: ValueError when a layer directory or its ``image``
+    folder is a symbolic link (the outputs would land outside ``outdir``), or, where no run of
+    this library was before (no ``.progress/settings.json``), when a path it would write is
+    already there and no manifest (``.progress/outputs.json``) lists it -- e.g. the reference's
+    own output directory, which uses the same file names. Where a run of ours was, the outputs
+    are its own, listed or not (a run killed before it saved its manifest), and ``--restart``
+    removes only the listed ones."""
     progress = os.path.join(outdir, ".progress")
-    if not os.path.isdir(outdir) or (not restart and os.path.exists(os.path.join(progress, "settings.json"))):
+    if not os.path.isdir(outdir):
         return
+    # a run of ours was here: its outputs are ours, listed in its manifest or not (a run killed
+    # before it saved the manifest); only manifest files are ever removed (--restart)
+    ours_before = os.path.exists(os.path.join(progress, "settings.json"))
     ours = set(_manifest_files(progress))
     links, foreign = [], []
     for name in OUTPUT_FILES:
-        if os.path.lexists(os.path.join(outdir, name)) and name not in ours:
+        if os.path.lexists(os.path.join(outdir, name)) and name not in ours and not ours_before:
             foreign.append(name)
     for dirname in sorted(set(dirnames.values())):
         linked = [relative for relative in (dirname, f"{dirname}/image")
@@ -95,7 +99,8 @@ def _check_outputs_are_ours(outdir: str, dirnames: Mapping[str, str], restart: b
         if os.path.isdir(image_dir):
             candidates += [f"{dirname}/image/{name}" for name in sorted(os.listdir(image_dir))
                            if name.endswith("-top.jpg")]
-        foreign += [c for c in candidates if os.path.lexists(os.path.join(outdir, c)) and c not in ours]
+        foreign += [c for c in candidates if os.path.lexists(os.path.join(outdir, c)) and c not in ours
+                    and not ours_before]
     if links:
         raise ValueError(f"{outdir}: {', '.join(links)} {'is a symbolic link' if len(links) == 1 else 'are symbolic links'}"
                          f"; a dissection writes its outputs inside the output directory only: remove the "
@@ -152,33 +157,40 @@ def dissect(source, labels, categories: Sequence[str] | None, config: DissectCon
 
 def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, default_threshold, levels, devices,
              outdir, restart) -> dict[str, LayerDissection]:
-    labels, categories = check_labels(labels, categories)
-    if not config.make_labels:  # no labelling: label 0 alone, segmentations all 0 (never computed nor read)
-        if config.threshold == "iqr" or config.search_iqr:
-            raise ValueError("make_labels=False (--no-labels) needs the 'quantile' threshold rule or fixed levels: "
-                             "the IQR rule chooses each unit's level by its agreement with the labels")
-        default_threshold = "quantile"
-        labels, categories = [labels[0]], [labels[0][1]]
-        source = Unlabelled(source)
-    label_category = label_category_indices(labels, categories)
-    threshold, search_iqr = config.resolved_threshold(default_threshold, levels is not None)
-    check_source(source, config)
-    levels = check_levels(levels, source)
-    dirnames = _dir_names(source.layers) if outdir else {}
-    mesh = make_mesh(devices)
-    # refuse what cannot fit before reading any data (the identity below streams it)
-    _plan(source, source.layers, labels, categories, threshold, search_iqr, config, mesh)
-    fingerprint = {
-        "source": source.identity(), "labels": [list(l) for l in labels], "categories": categories,
-        "threshold": threshold, "quantile": float(config.quantile) if threshold == "quantile" else None,
-        "levels": None if levels is None else {k: digest(v) for k, v in sorted(levels.items())},
-        "search_iqr": bool(search_iqr), "topk": config.resolved_topk(source.num_samples),
-        "label_rule": config.label_rule,
-    }
-    if not getattr(source, "batch_invariant", False):  # results depend on how samples are grouped
-        fingerprint["batch"] = {"batch_size": int(config.batch_size), "devices": int(mesh.devices.size)}
+    # multi-host: a process whose inputs fail these checks stops every process (not a hang)
+    with distributed.fail_together():
+        labels, categories = check_labels(labels, categories)
+        if not config.make_labels:  # no labelling: label 0 alone, segmentations all 0 (never computed nor read)
+            if config.threshold == "iqr" or config.search_iqr:
+                raise ValueError("make_labels=False (--no-labels) needs the 'quantile' threshold rule or fixed levels: "
+                                 "the IQR rule chooses each unit's level by its agreement with the labels")
+            default_threshold = "quantile"
+            labels, categories = [labels[0]], [labels[0][1]]
+            source = Unlabelled(source)
+        label_category = label_category_indices(labels, categories)
+        threshold, search_iqr = config.resolved_threshold(default_threshold, levels is not None)
+        check_source(source, config)
+        levels = check_levels(levels, source)
+        dirnames = _dir_names(source.layers) if outdir else {}
+        mesh = make_mesh(devices)
+        # refuse what cannot fit before reading any data (the identity below streams it)
+        _plan(source, source.layers, labels, categories, threshold, search_iqr, config, mesh)
+        fingerprint = {
+            "source": source.identity(), "labels": [list(l) for l in labels], "categories": categories,
+            "threshold": threshold, "quantile": float(config.quantile) if threshold == "quantile" else None,
+            "levels": None if levels is None else {k: digest(v) for k, v in sorted(levels.items())},
+            "search_iqr": bool(search_iqr), "topk": config.resolved_topk(source.num_samples),
+            "label_rule": config.label_rule,
+        }
+        if not getattr(source, "batch_invariant", False):  # results depend on how samples are grouped
+            fingerprint["batch"] = {"batch_size": int(config.batch_size), "devices": int(mesh.devices.size)}
     # multi-host: the same command on every process (model names or paths may differ; digests may not)
-    distributed.check_same_inputs(fingerprint, may_differ=[("source", "model"), ("source", "segmenter")])
+    # and the settings that decide the passes' steps and shapes (process 0's memory plan is used everywhere)
+    execution = {"batch_size": int(config.batch_size), "devices": int(mesh.devices.size),
+                 "unit_chunk": config.unit_chunk, "make_images": bool(config.make_images),
+                 "thumbsize": config.thumbsize, "max_memory": None if config.max_memory is None else str(config.max_memory)}
+    distributed.check_same_inputs(dict(fingerprint, execution=execution),
+                                  may_differ=[("source", "model"), ("source", "segmenter")])
     check_label_values(source, len(labels), mesh, config.batch_size)
     # Several processes (multi-host): only process 0 touches the outdir; it decides what is finished
     # and tells the others (distributed.py). With one process, writes == outdir.
@@ -194,7 +206,7 @@ def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, defa
         def open_run() -> RunDirectory:
             if writes:
                 stack.enter_context(outdir_lock(writes))
-                _check_outputs_are_ours(writes, dirnames, restart)
+                _check_outputs_are_ours(writes, dirnames)
             return RunDirectory(writes, fingerprint, restart=restart)
 
         def finished(run: RunDirectory, say: bool = True) -> list[str]:
@@ -238,6 +250,10 @@ def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, defa
             settings = passes.PassSettings(mesh, config.batch_size, config.checkpoint_every, config.progress,
                                            run.subdirectory(f"passes-{key}"), config.unit_chunk)
             plan = _plan(source, pending, labels, categories, threshold, search_iqr, config, mesh)
+            if multi:  # hosts may differ in free memory: every process measures process 0's unit groups
+                groups = distributed.leader_json(lambda: [[list(part) for part in group] for group in plan.groups])
+                plan = dataclasses.replace(plan, groups=tuple(tuple((str(layer), int(start), int(stop))
+                                                                    for layer, start, stop in group) for group in groups))
             if config.progress and len(plan.groups) > 1:
                 print(plan.describe(), file=sys.stderr)
             # the count pass keeps what the strips draw when it runs the generator anyway (.gallery)

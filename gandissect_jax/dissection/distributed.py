@@ -16,6 +16,7 @@ With one process (the default) nothing here changes what a dissection does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -187,6 +188,25 @@ def any_process(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.asarray(multihost_utils.process_allgather(np.array([int(bool(flag))], np.int32))).any())
+
+
+@contextlib.contextmanager
+def fail_together(what: str = "before the passes"):
+    """Multi-host: a block every process runs before its next collective. When it raises on one
+    process, the others raise a ValueError saying so instead of waiting for that process in the
+    next collective (JAX's shutdown barrier would hold a failed process for hours). No-op with
+    one process. The block itself must not call collectives."""
+    if not multiprocess():
+        yield
+        return
+    try:
+        yield
+    except Exception:
+        any_process(True)
+        raise
+    if any_process(False):
+        raise ValueError(f"another process of this run stopped {what} (its error says why); fix that and "
+                         f"relaunch every process")
 
 
 def check_same_inputs(identity: Mapping[str, Any], may_differ: Sequence[tuple[str, ...]] = ()) -> None:

@@ -236,9 +236,10 @@ def group_overhead(shapes: PassShapes) -> tuple[int, int]:
 
 def max_group_units(shapes: PassShapes) -> int:
     """The most units of one layer a group may count at once: the count pass indexes its
-    (units, labels, levels + 1) counters with int32 (:func:`~.statistics.level_counts`); 0 when
-    not even one unit fits."""
-    return (INT32_MAX - 1) // (max(1, shapes.num_labels) * (shapes.num_levels + 1))
+    (units, labels, levels + 1) counters and its per-pixel path's (images per device, units,
+    levels + 1) histogram with int32 (:func:`~.statistics.level_counts`); 0 when not even one
+    unit fits."""
+    return (INT32_MAX - 1) // (max(1, shapes.num_labels, shapes.per_device) * (shapes.num_levels + 1))
 
 
 def dissection_shapes(source, layers: Sequence[str], *, num_labels: int, num_categories: int, threshold: str,
@@ -360,9 +361,9 @@ def plan_memory(shapes: PassShapes, budget: Budget) -> MemoryPlan:
     most = max_group_units(shapes)
     if most < 1:
         raise ValueError(
-            f"{shapes.num_labels} labels x {shapes.num_levels + 1} level intervals do not fit the count pass's "
-            f"int32 indices even for one unit (at most {INT32_MAX - 1} counters per group): use fewer labels "
-            f"or fewer levels")
+            f"{shapes.num_labels} labels (and {shapes.per_device} samples per device) x {shapes.num_levels + 1} "
+            f"level intervals do not fit the count pass's int32 indices even for one unit (at most "
+            f"{INT32_MAX - 1} counters per group): use fewer labels, levels or samples per step")
 
     def fits(groups) -> bool:
         if any(stop - start > most for group in groups for _, start, stop in group):

@@ -454,6 +454,9 @@ def level_counts(num_units: int, num_labels: int, num_levels: int, num_categorie
     def update(state, inputs, valid):
         upsampled, levels, dedup, categories = inputs
         n, pixels, _ = dedup.shape
+        if n * num_units * buckets >= INT32_MAX:  # the per-pixel path's flat (image, unit, bucket) index
+            raise ValueError(f"{n} images x {num_units} units x {buckets} buckets per step do not fit int32 "
+                             f"indices: count fewer units or images per step (the memory plan's unit groups do)")
         labels = jnp.where(valid[:, None, None] & (dedup > 0) & (dedup < num_labels), dedup, -1)  # (n, P, D)
         max_sig = signature_capacity(pixels, buckets) if max_signatures is None else int(max_signatures)
         steps = num_units // chunk
