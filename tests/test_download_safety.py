@@ -299,13 +299,16 @@ def _npy(array) -> bytes:
     return buffer.getvalue()
 
 
+_NOISE = np.random.RandomState(0)  # fixed contents: pytest-xdist workers must collect the same tests
+
+
 @pytest.mark.parametrize("name, good", [
     ("w.pth", GOOD),
-    ("a.zip", _zip({"a.txt": os.urandom(5000), "b.bin": os.urandom(5000)})),
-    ("a.tar.gz", _tar({"a.bin": os.urandom(20000)})),
+    ("a.zip", _zip({"a.txt": _NOISE.bytes(5000), "b.bin": _NOISE.bytes(5000)})),
+    ("a.tar.gz", _tar({"a.bin": _NOISE.bytes(20000)})),
     ("labels.json", json.dumps({"object": ["-", "sky"] * 50}).encode()),
     ("x.npy", _npy(np.arange(1000.0))),
-])
+], ids=["w.pth", "a.zip", "a.tar.gz", "labels.json", "x.npy"])
 def test_structural_check_reads_every_byte(tmp_path, name, good):
     path = tmp_path / name
     path.write_bytes(good)
