@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import hashlib
 import io
-import json
 import numbers
 import os
 import sys
@@ -38,7 +37,7 @@ from .memory import plan_dissection
 from .progress import COUNT_PASS_COST, RunProgress
 from .report import OUTPUT_FILES, safe_dir_name, write_report
 from .results import LayerDissection
-from .resume import ProgressFileError, RunDirectory, digest, file_sha256, outdir_lock
+from .resume import ProgressFileError, RunDirectory, digest, file_sha256, outdir_lock, read_manifest
 from .datasets import ModelSource
 from .sources import ArraySource, GeneratorSource, Unlabelled
 from .strips import thumbnail_side, write_strips
@@ -80,7 +79,7 @@ def _check_outputs_are_ours(outdir: str, dirnames: Mapping[str, str]) -> None:
     # a run of ours was here: its outputs are ours, listed in its manifest or not (a run killed
     # before it saved the manifest); only manifest files are ever removed (--restart)
     ours_before = os.path.exists(os.path.join(progress, "settings.json"))
-    ours = set(_manifest_files(progress))
+    ours = set(read_manifest(progress)["files"])
     links, foreign = [], []
     for name in OUTPUT_FILES:
         if os.path.lexists(os.path.join(outdir, name)) and name not in ours and not ours_before:
@@ -111,17 +110,6 @@ def _check_outputs_are_ours(outdir: str, dirnames: Mapping[str, str]) -> None:
                          f"program's results?) and this run would overwrite; move "
                          f"{'it' if len(foreign) == 1 else 'them'} away or choose another output directory "
                          f"(nothing was written)")
-
-
-def _manifest_files(progress: str) -> list[str]:
-    """The files of an earlier run's manifest in ``progress`` ([] when there is none or it is unreadable)."""
-    try:
-        with open(os.path.join(progress, RunDirectory.MANIFEST)) as handle:
-            manifest = json.load(handle)
-    except (OSError, ValueError):
-        return []
-    files = manifest.get("files", []) if isinstance(manifest, dict) else []
-    return [path for path in files if isinstance(path, str)] if isinstance(files, list) else []
 
 
 def dissect(source, labels, categories: Sequence[str] | None, config: DissectConfig, *, default_threshold: str,

@@ -211,6 +211,23 @@ def describe_change(previous: Mapping, current: Mapping, limit: int = 3) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
+def read_manifest(progress_dir: str | None) -> dict[str, list[str]]:
+    """The manifest of what runs wrote (``<progress_dir>/outputs.json``): ``{"files": [...],
+    "directories": [...]}`` paths relative to the outdir; empty lists when it is missing or unreadable."""
+    empty = {"files": [], "directories": []}
+    if not progress_dir:
+        return empty
+    try:
+        with open(os.path.join(progress_dir, RunDirectory.MANIFEST)) as handle:
+            manifest = json.load(handle)
+    except (OSError, TypeError, ValueError):
+        return empty
+    if not isinstance(manifest, dict):
+        return empty
+    return {key: [p for p in manifest.get(key, []) if isinstance(p, str)] if isinstance(manifest.get(key), list)
+            else [] for key in ("files", "directories")}
+
+
 class IdentityMismatch(ValueError):
     """The output directory holds a dissection of other inputs or settings (raised before any work)."""
 
@@ -323,15 +340,7 @@ class RunDirectory:
 
     def outputs(self) -> dict[str, list[str]]:
         """The manifest: ``{"files": [...], "directories": [...]}`` paths relative to the outdir."""
-        path = self.path(self.MANIFEST)
-        try:
-            with open(path) as handle:
-                manifest = json.load(handle)
-        except (OSError, TypeError, json.JSONDecodeError):
-            return {"files": [], "directories": []}
-        if not isinstance(manifest, dict):
-            return {"files": [], "directories": []}
-        return {key: [p for p in manifest.get(key, []) if isinstance(p, str)] for key in ("files", "directories")}
+        return read_manifest(self.directory)
 
     def _state(self, subdirectories: Sequence[str]) -> dict[str, tuple]:
         """{relative path: (is directory, inode, mtime, size)} of the outdir's own entries and
