@@ -10,6 +10,7 @@ Data flows ``z -> h -> r -> (edit) -> f -> x -> segment -> tally -> report``:
 - :mod:`gandissect_jax.ace`           ACE optimization: which units cause a concept
 - :mod:`gandissect_jax.effects`       causal effects: ablate, insert, context maps, ablation curves
 - :mod:`gandissect_jax.artifacts`     artifact units ranked with the discriminator
+- :mod:`gandissect_jax.paint`         GANPaint: strokes that add or remove concepts; photo inversion (invert)
 - :mod:`gandissect_jax.unitseg`       unit segmentation (each pixel: its most active unit's concept)
 - :mod:`gandissect_jax.pth`           torch-free reader of PyTorch ``.pth`` checkpoints
 - :mod:`gandissect_jax.checkpoints`   orbax checkpoints (params + architecture JSON)
@@ -34,6 +35,7 @@ _EXPORTS = {
     "SplitError": "gandissect_jax.generator",
     "split_module": "gandissect_jax.flax_split",
     "verify_split": "gandissect_jax.generator",
+    "check_generator": "gandissect_jax.generator",
     "load_generator": "gandissect_jax.proggan",
     "ProgressiveGenerator": "gandissect_jax.proggan",
     "GeneratorConfig": "gandissect_jax.proggan",
@@ -56,9 +58,11 @@ _EXPORTS = {
     "paired_label_shares": "gandissect_jax.effects",
     "artifact_ranking": "gandissect_jax.artifacts",
     "unit_segmentation": "gandissect_jax.unitseg",
+    "invert": "gandissect_jax.paint",
     "load_discriminator": "gandissect_jax.scenes.discriminator",
     "load_segmenter": "gandissect_jax.segmenter",
     "Segmenter": "gandissect_jax.segmenter",
+    "check_segmenter": "gandissect_jax.segmenter",
     "dissect_generator": "gandissect_jax.dissection",
     "dissect_features": "gandissect_jax.dissection",
     "dissect_model": "gandissect_jax.dissection",

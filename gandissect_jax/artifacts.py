@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gandissect_jax._structure import Static
+from gandissect_jax.generator import split_of
 
 __all__ = ["ArtifactScores", "artifact_ranking", "realism"]
 
@@ -105,7 +106,7 @@ def artifact_ranking(generator: Any, discriminator: Any, gparams: Any, dparams: 
     z = jnp.asarray(z, jnp.float32)
     if top_samples < 1 or z.shape[0] < top_samples:
         raise ValueError(f"top_samples = {top_samples} needs 1..{z.shape[0]} (the rows of z)")
-    gains, best, base = _artifact_ranking(gparams, dparams, z, split=tuple(generator.split(layer)),
+    gains, best, base = _artifact_ranking(gparams, dparams, z, split=tuple(split_of(generator, layer)),
                                           discriminator=Static(discriminator), top=int(top_samples),
                                           chunk=None if units_per_step is None else int(units_per_step))
     return ArtifactScores(gains, best, base)

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gandissect_jax._structure import Static
+from gandissect_jax.generator import split_of
 from gandissect_jax.ace import layer_shape
 
 __all__ = [
@@ -116,7 +117,7 @@ def ablate(generator: Any, params: Any, z: Any, layer: str, units: Any, where: A
     Returns:
       float32 (N, R, R, 3) images (about [-1, 1]).
     """
-    h, f = generator.split(layer)
+    h, f = split_of(generator, layer)
     r, side = h(params, z)
     return f(params, _edit(r, unit_mask(units, r.shape[-1]), where, None), side)
 
@@ -135,7 +136,7 @@ def insert(generator: Any, params: Any, z: Any, layer: str, units: Any, value: A
     Returns:
       float32 (N, R, R, 3) images.
     """
-    h, f = generator.split(layer)
+    h, f = split_of(generator, layer)
     r, side = h(params, z)
     return f(params, _edit(r, unit_mask(units, r.shape[-1]), where, value), side)
 
@@ -194,7 +195,7 @@ def paired_label_shares(generator: Any, segmenter: Any, gparams: Any, sparams: A
     ``after - before`` per sample is the causal effect of the edit on every label, whose mean over
     samples is the average causal effect.
     """
-    split = tuple(generator.split(layer))
+    split = tuple(split_of(generator, layer))
     shape = layer_shape(generator, layer)
     mask = unit_mask(units, shape[-1])
     where = jnp.ones(shape[:2], jnp.float32) if where is None else jnp.asarray(where, jnp.float32)
@@ -275,7 +276,7 @@ def context_map(generator: Any, segmenter: Any, gparams: Any, sparams: Any, z: A
     Raises:
       ValueError for a block that is not two whole numbers inside the feature map.
     """
-    split = tuple(generator.split(layer))
+    split = tuple(split_of(generator, layer))
     shape = layer_shape(generator, layer)
     block = tuple(int(b) for b in block)
     if len(block) != 2 or not (1 <= block[0] <= shape[0] and 1 <= block[1] <= shape[1]):
@@ -384,7 +385,7 @@ def ace_curve_program(generator: Any, segmenter: Any, gparams: Any, sparams: Any
     counts = jnp.asarray(tuple(int(c) for c in counts), jnp.int32)
     position = jnp.zeros((num_units,), jnp.int32).at[ranking].set(jnp.arange(num_units, dtype=jnp.int32))
     masks = (position[None, :] < counts[:, None]).astype(jnp.float32)  # (K, C)
-    split = tuple(generator.split(layer))
+    split = tuple(split_of(generator, layer))
     value = jnp.zeros((), jnp.float32) if value is None else jnp.asarray(value, jnp.float32)
     grid = layer_shape(generator, layer)[:2]
     where = jnp.ones(grid, jnp.float32) if where is None else jnp.asarray(where, jnp.float32)

@@ -38,6 +38,8 @@ __all__ = [
     "Generator",
     "SplitError",
     "verify_split",
+    "check_generator",
+    "split_of",
     "jitted",
 ]
 
@@ -82,6 +84,68 @@ class Generator(Protocol):
 
 class SplitError(ValueError):
     """A split that does not reproduce the model (``f(h(z)) != G(z)``), or cannot be made."""
+
+
+_PROTOCOL = ("params", "layer_names", "z_dim", "apply", "split")
+
+
+def check_generator(generator: Any) -> None:
+    """Check that ``generator`` has what the :class:`Generator` protocol asks, without running it.
+
+    Raises:
+      TypeError naming every missing or malformed attribute (``params``; ``layer_names``, a
+      sequence of str; ``z_dim``, a positive int; ``apply(params, z)`` and ``split(layer)``,
+      callables) and pointing to :func:`~gandissect_jax.flax_split.split_module`, which makes
+      any Flax model a Generator. ``apply`` is needed because every split is checked against the
+      full forward pass (:func:`verify_split`).
+    """
+    problems = [f"no {name!r}" for name in _PROTOCOL if not hasattr(generator, name)]
+    if not problems:
+        names = generator.layer_names
+        if isinstance(names, (str, bytes)) or not all(isinstance(n, str) for n in _iterable(names)):
+            problems.append(f"layer_names must be a sequence of layer names (str), got {names!r:.80}")
+        z_dim = generator.z_dim
+        if isinstance(z_dim, bool) or not isinstance(z_dim, (int, np.integer)) or z_dim < 1:
+            problems.append(f"z_dim must be a positive int, got {z_dim!r:.80}")
+        problems += [f"{name!r} is not callable" for name in ("apply", "split")
+                     if not callable(getattr(generator, name))]
+    if problems:
+        raise TypeError(
+            f"{type(generator).__name__} is not a Generator: {'; '.join(problems)}. A Generator has "
+            "params, layer_names, z_dim, apply(params, z) -> G(z) (the full forward pass every split "
+            "is checked against) and split(layer) -> Split(h, f) with h(params, z) -> (r, side) and "
+            "f(params, r, side) -> x (gandissect_jax.generator). gandissect_jax.split_module(module, "
+            "...) makes any flax.linen or flax.nnx model one")
+
+
+def _iterable(value: Any) -> list:
+    try:
+        return list(value)
+    except TypeError:
+        return [None]
+
+
+def split_of(generator: Any, layer: str) -> Split:
+    """``generator.split(layer)`` checked for form (not numerically: see :func:`verify_split`).
+
+    Returns:
+      the :class:`Split` ``(h, f)``.
+
+    Raises:
+      TypeError from :func:`check_generator`; ValueError listing ``generator.layer_names`` when
+      ``layer`` is not one of them; SplitError (a ValueError) when ``split`` does not return two
+      callables ``(h, f)``.
+    """
+    check_generator(generator)
+    names = list(generator.layer_names)
+    if names and layer not in names:
+        raise ValueError(f"unknown layer {layer!r}; the generator has {names}")
+    split = generator.split(layer)
+    if not (isinstance(split, tuple) and len(split) == 2 and all(callable(part) for part in split)):
+        raise SplitError(
+            f"{type(generator).__name__}.split({layer!r}) returned {type(split).__name__!r}, not "
+            "Split(h, f) of two functions h(params, z) -> (r, side) and f(params, r, side) -> x")
+    return Split(*split)
 
 
 def _is_jitted(fn: Any) -> bool:
@@ -149,7 +213,9 @@ def verify_split(
       ``(params, r, side)``, or when ``G(z)`` is not finite on the probe batch.
     """
     if split is None:
-        split = generator.split(layer)
+        split = split_of(generator, layer)
+    else:
+        check_generator(generator)
     if not (isinstance(split, tuple) and len(split) == 2):
         raise SplitError(f"split({layer!r}) returned {type(split).__name__!r}, not Split(h, f)")
     h, f = split

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gandissect_jax.dissection.labels import count_labels
+from gandissect_jax.generator import split_of
 
 __all__ = [
     "Edit",
@@ -183,7 +184,7 @@ def edited_generator(G: Any, layer: str) -> Callable[[Any, jax.Array, Edit], jax
     the split functions (every :class:`~gandissect_jax.proggan.ProgressiveGenerator` of one
     config), returns the same function, which compiles once per input shape.
     """
-    h, f = G.split(layer)
+    h, f = split_of(G, layer)
     return _edited(h, f)
 
 

@@ -323,3 +323,120 @@ def test_bad_splits_and_arguments_are_named(style):
         split_module(lambda z: z, {}, z_dim=3)
     with pytest.raises(ValueError, match=r"r has shape \(4, 4, 4, 32\); layer 'conv8' gives \(N, 8, 8, 32\)"):
         style.split("conv8").f(style.params, jnp.zeros((4, 4, 4, 32)), jnp.zeros((4, Z_DIM)))
+
+
+class NoApply:
+    """The case's generator as users write it: params, layer_names, z_dim and split, no apply."""
+
+    def __init__(self, G):
+        self.G, self.params, self.layer_names, self.z_dim = G, G.params, G.layer_names, G.z_dim
+
+    def split(self, layer):
+        return self.G.split(layer)
+
+
+class RedSegmenter:
+    labels, categories, params = (("-", "object"), ("red", "object")), ("object",), ()
+
+    def segment(self, params, images, downsample=1):
+        return (images[:, ::downsample, ::downsample, :1] > 0).astype(jnp.int32)
+
+    def class_score(self, params, images, c, downsample=1):
+        score = images[:, ::downsample, ::downsample, 0]
+        return score, score > 0
+
+
+def entry_points():
+    from gandissect_jax import effects, intervention
+    from gandissect_jax.ace import build_ace_corpus
+    from gandissect_jax.dissection import dissect_generator
+    from gandissect_jax.paint import invert
+
+    z = jnp.zeros((2, Z_DIM))
+    return {
+        "dissect_generator": lambda G, tmp: dissect_generator(G, RedSegmenter(), ["conv8"], size=4, progress=False,
+                                                              outdir=str(tmp / "out")),
+        "ablate": lambda G, tmp: effects.ablate(G, G.params, z, "conv8", [0]),
+        "build_ace_corpus": lambda G, tmp: build_ace_corpus(G, RedSegmenter(), "conv8", "red", search_size=4,
+                                                                      train_size=2, eval_size=1),
+        "edited_generator": lambda G, tmp: intervention.edited_generator(G, "conv8"),
+        "invert": lambda G, tmp: invert(G, "conv8", jnp.zeros((1, 16, 16, 3))),
+        "verify_split": lambda G, tmp: verify_split(G, "conv8"),
+    }
+
+
+@pytest.mark.parametrize("entry", sorted(entry_points()))
+def test_objects_that_are_not_generators_are_refused_by_name_at_every_entry_point(style, entry, tmp_path):
+    run = entry_points()[entry]
+    with pytest.raises(TypeError, match=r"NoApply is not a Generator: no 'apply'\..*split_module"):
+        run(NoApply(style), tmp_path)
+    assert not (tmp_path / "out").exists()
+
+    class TwoFunctions(NaiveStyleSplit):  # split returns a plain pair whose h gives r alone
+        def split(self, layer):
+            h, f = self.G.split(layer)
+            return (lambda p, z: h(p, z)[0], lambda p, r, side: f(p, r, jnp.zeros((len(r), Z_DIM))))
+
+    class NotAPair(NaiveStyleSplit):
+        def split(self, layer):
+            return {"h": None, "f": None}
+
+    class LayerNamesAsText(NaiveStyleSplit):
+        layer_names = "conv8"
+
+        def __init__(self, G):
+            super().__init__(G)
+            del self.layer_names
+
+    with pytest.raises(SplitError, match=r"NotAPair.split\('conv8'\) returned 'dict', not Split\(h, f\)"):
+        run(NotAPair(style), tmp_path)
+    with pytest.raises(TypeError, match=r"layer_names must be a sequence of layer names \(str\), got 'conv8'"):
+        run(LayerNamesAsText(style), tmp_path)
+    if entry in ("dissect_generator", "verify_split"):  # the ones that check numerically, before any pass
+        with pytest.raises(SplitError, match=r"h at layer 'conv8' returned .*not a tuple \(r, side\)"):
+            run(TwoFunctions(style), tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+class NoLabels:
+    params, categories = (), ("object",)
+
+    def segment(self, params, images, downsample=1):
+        return jnp.zeros(images.shape[:3] + (1,), jnp.int32)
+
+
+@pytest.mark.parametrize("segmenter, message", [
+    (None, r"NoneType is not a Segmenter: no 'params'; no 'labels'; no 'categories'; no 'segment'"),
+    (NoLabels(), r"NoLabels is not a Segmenter: no 'labels'"),
+    (type("Flat", (RedSegmenter,), {"labels": ("-", "red")})(),
+     r"labels must be a non-empty sequence of \(name, category\) pairs of str, got \('-', 'red'\)"),
+    (type("NoClassScore", (RedSegmenter,), {"class_score": None})(), r"'class_score' is not callable"),
+])
+def test_objects_that_are_not_segmenters_are_refused_by_name(style, segmenter, message, tmp_path):
+    from gandissect_jax.ace import build_ace_corpus, optimize_ace
+    from gandissect_jax.dissection import dissect_generator
+
+    if "class_score" not in message:
+        with pytest.raises(TypeError, match=message):
+            dissect_generator(style, segmenter, ["conv8"], size=4, progress=False, outdir=str(tmp_path / "out"))
+        with pytest.raises(TypeError, match=message):
+            build_ace_corpus(style, segmenter, "conv8", "red", search_size=4, train_size=2, eval_size=1)
+        assert not (tmp_path / "out").exists()
+    else:  # only ACE optimization scores classes
+        with pytest.raises(TypeError, match=message):
+            optimize_ace(style, segmenter, None)
+
+
+def test_every_public_name_resolves_to_a_documented_object_of_its_module():
+    import importlib
+
+    from gandissect_jax import _EXPORTS
+
+    assert sorted(_EXPORTS) == gd.__all__ and set(gd.__all__) <= set(dir(gd))
+    for name, module in _EXPORTS.items():
+        value = getattr(gd, name)
+        assert value is getattr(importlib.import_module(module), name), name
+        assert not isinstance(value, type(gd)), f"{name} resolves to a module, not to the function"
+        assert (value.__doc__ or "").strip(), f"{name} has no docstring"
+    # photo inversion (GANPaint on photos the GAN did not make) is found by its name
+    assert gd.invert.__module__ == "gandissect_jax.paint.invert"

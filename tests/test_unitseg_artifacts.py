@@ -96,6 +96,9 @@ class NoisyUnit:
     def split(self, layer):
         return Split(self.h, self.f)
 
+    def apply(self, params, z):
+        return self.f(params, *self.h(params, z))
+
     @staticmethod
     @jax.jit
     def h(params, z):

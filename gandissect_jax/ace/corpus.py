@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gandissect_jax._structure import Static
+from gandissect_jax.generator import check_generator, split_of
+from gandissect_jax.segmenter.protocol import check_segmenter
 from gandissect_jax.sampling import sample_z
 from .scores import _pool_to_grid, concept_labels, concept_score
 from .sharded import map_batches, progress_bar, stacked
@@ -65,7 +67,7 @@ def layer_shape(generator: Any, layer: str) -> tuple[int, ...]:
     generator has it, else found by ``jax.eval_shape`` of its ``h``."""
     if hasattr(generator, "layer_shape"):
         return tuple(int(s) for s in generator.layer_shape(layer))
-    h, _ = generator.split(layer)
+    h, _ = split_of(generator, layer)
     z = jax.ShapeDtypeStruct((1, int(generator.z_dim)), jnp.float32)
     r, _ = jax.eval_shape(h, generator.params, z)
     return tuple(int(s) for s in r.shape[1:])
@@ -158,8 +160,12 @@ def build_ace_corpus(
 
     Returns:
       An :class:`AceCorpus`. ValueError if fewer than ``train_size + eval_size`` images show the
-      concept, or the sizes are inconsistent.
+      concept, or the sizes are inconsistent; TypeError for a generator or segmenter that is
+      not one (:func:`~gandissect_jax.generator.check_generator`,
+      :func:`~gandissect_jax.segmenter.check_segmenter`).
     """
+    check_generator(generator)
+    check_segmenter(segmenter)
     if min(train_size, eval_size, probes, batch_size) < 1:
         raise ValueError("train_size, eval_size, probes and batch_size must be positive")
     if train_size + eval_size > search_size:
@@ -167,7 +173,7 @@ def build_ace_corpus(
             f"train_size + eval_size = {train_size + eval_size} exceeds search_size = {search_size}"
         )
     labels = concept_labels(segmenter, concept)
-    split = generator.split(layer)
+    split = split_of(generator, layer)
     rows, cols, _ = layer_shape(generator, layer)
     grid = (rows, cols)
     locations = rows * cols

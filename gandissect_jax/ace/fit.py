@@ -11,6 +11,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from gandissect_jax._structure import Static
+from gandissect_jax.generator import check_generator, split_of
+from gandissect_jax.segmenter.protocol import check_segmenter
 from .corpus import AceCorpus, _location_map, layer_shape
 from .scores import OBJECTIVES, _pool_to_grid, label_scores
 from .projections import ace_optimizer, project_to_budget
@@ -265,7 +267,7 @@ def representations(generator: Any, layer: str, z: np.ndarray, batch_size: int, 
     axis, or ``()``), the same on every process."""
     from .sharded import map_batches, stacked, unstacked
 
-    h, _ = generator.split(layer)
+    h, _ = split_of(generator, layer)
     z = np.asarray(z, np.float32)
     out = map_batches(_representation, [stacked(z, batch_size)], generator.params, mesh=mesh,
                       static=(("h", h),))
@@ -304,8 +306,12 @@ def prepare_ace(generator: Any, segmenter: Any, corpus: AceCorpus, *, init: Any 
     each step's micro-batches.
 
     Raises:
-      ValueError naming the argument (see :func:`optimize_ace`).
+      ValueError naming the argument (see :func:`optimize_ace`); TypeError for a generator or
+      segmenter that is not one (:func:`~gandissect_jax.generator.check_generator`,
+      :func:`~gandissect_jax.segmenter.check_segmenter`: ``class_score`` is needed here).
     """
+    check_generator(generator)
+    check_segmenter(segmenter, "segment", "class_score")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be 'ace', 'removal' or 'specific_removal', got {objective!r}")
     if max_units is not None and not max_units > 0:
@@ -337,7 +343,7 @@ def prepare_ace(generator: Any, segmenter: Any, corpus: AceCorpus, *, init: Any 
         alpha = project_to_budget(alpha, max_units)
     if optimizer is None:
         optimizer = ace_optimizer(float(learning_rate), None if max_units is None else float(max_units))
-    _, f = generator.split(corpus.layer)
+    _, f = split_of(generator, corpus.layer)
     others = (tuple(l for l in range(1, len(segmenter.labels)) if l not in labels)
               if objective == "specific_removal" else ())
     spec = AceSpec(f=f, segmenter=Static(segmenter), labels=labels, others=others, grid=(rows, cols),

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gandissect_jax.segmenter.protocol import label_index
+from gandissect_jax.segmenter.protocol import check_segmenter, label_index
 
 
 OBJECTIVES = ("ace", "removal", "specific_removal")
@@ -18,7 +18,9 @@ OBJECTIVES = ("ace", "removal", "specific_removal")
 def concept_labels(segmenter: Any, concept: str | int | Sequence[str | int]) -> tuple[int, ...]:
     """Label numbers of a concept given as a name, a number, or several of them (a union).
 
-    ValueError naming the concept (with close names) or the number and the valid range."""
+    ValueError naming the concept (with close names) or the number and the valid range;
+    TypeError for a ``segmenter`` that is not a Segmenter (:func:`check_segmenter`)."""
+    check_segmenter(segmenter)
     items = [concept] if isinstance(concept, (str, int, np.integer)) else list(concept)
     if not items:
         raise ValueError("concept is empty: give a label name or a list of label names")

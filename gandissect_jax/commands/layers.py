@@ -41,6 +41,8 @@ def layer_shapes(generator) -> list[tuple[str, tuple[int, ...] | str]]:
     import jax
     import jax.numpy as jnp
 
+    from gandissect_jax.generator import split_of
+
     shapes: list[tuple[str, tuple[int, ...] | str]] = []
     for layer in generator.layer_names:
         try:
@@ -48,7 +50,7 @@ def layer_shapes(generator) -> list[tuple[str, tuple[int, ...] | str]]:
                 shape = tuple(int(s) for s in generator.layer_shape(layer))
             else:
                 z = jax.ShapeDtypeStruct((1, int(generator.z_dim)), jnp.float32)
-                r, _ = jax.eval_shape(generator.split(layer).h, generator.params, z)
+                r, _ = jax.eval_shape(split_of(generator, layer).h, generator.params, z)
                 shape = tuple(int(s) for s in r.shape[1:])
         except ValueError as err:
             shape = f"cannot be split: {err}"

@@ -47,6 +47,7 @@ def run_command(args) -> int:
 
     from gandissect_jax import pages, unitseg
     from gandissect_jax.experiment import Experiment, register
+    from gandissect_jax.generator import split_of
     from gandissect_jax.sampling import sample_z
 
     source = source_of(args)
@@ -61,7 +62,7 @@ def run_command(args) -> int:
     name = args.name or f"iou{threshold:g}"
     names = [n for n, _ in S.labels]
     ds = source.seg_downsample
-    h, f = G.split(args.layer)
+    h, f = split_of(G, args.layer)
     with Experiment(args.outdir, "segment-units", args.layer, name, settings) as experiment:
         z = sample_z(args.samples, G.z_dim, args.seed)
 

@@ -29,7 +29,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gandissect_jax.generator import Split, verify_split
+from gandissect_jax.generator import Split, check_generator, split_of, verify_split
+from gandissect_jax.segmenter.protocol import check_segmenter
 from gandissect_jax.images import to_uint8
 
 from .labels import colorize_segmentation
@@ -45,8 +46,7 @@ from .resume import content_digest, pytree_digest
 
 def split_at(generator, layer: str):
     """(head, tail) of ``generator`` at ``layer``: ``head(params, z) -> (r, side)``, ``tail(params, r, side) -> x``."""
-    split = generator.split(layer)
-    return split.h, split.f
+    return split_of(generator, layer)
 
 
 def segmenter_params(segmenter) -> Any:
@@ -270,7 +270,9 @@ class GeneratorSource:
     the segmenter's parameters. ``compute_dtype='bfloat16'`` runs the generator and the
     segmenter in bfloat16 (parameters, z and images cast inside the jitted programs; the features
     handed to the statistics are float32), recorded in :meth:`identity`; the default 'float32'
-    is unchanged. ValueError for an unknown layer, a bad micro_batch or compute_dtype.
+    is unchanged. ValueError for an unknown layer, a bad micro_batch or compute_dtype; TypeError
+    for a generator or segmenter that is not one (:func:`~gandissect_jax.generator.check_generator`,
+    :func:`~gandissect_jax.segmenter.check_segmenter`).
     """
 
     batch_invariant = True
@@ -278,7 +280,9 @@ class GeneratorSource:
     def __init__(self, generator, segmenter, layers: Sequence[str], num_samples: int, seed: int = 1,
                  seg_downsample: int = 2, identity: dict | None = None, micro_batch: int | None = None,
                  compute_dtype: str = "float32"):
-        names = tuple(getattr(generator, "layer_names", ()))
+        check_generator(generator)
+        check_segmenter(segmenter)
+        names = tuple(generator.layer_names)
         unknown = [layer for layer in layers if names and layer not in names]
         if unknown:
             raise ValueError(f"unknown layer(s) {unknown}; the generator has {list(names)}")

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gandissect_jax.generator import split_of
+
 __all__ = [
     "Stroke",
     "StrokeArrays",
@@ -293,7 +295,7 @@ def paint(generator: Any, z: Any, strokes: Sequence[Stroke], rankings, *, layer:
     layer = layer or rankings.layer
     if rankings is not None and rankings.layer != layer:
         raise ValueError(f"rankings are for {rankings.layer!r}, not {layer!r}")
-    h, f = generator.split(layer)
+    h, f = split_of(generator, layer)
     z = jnp.asarray(z, jnp.float32)
     if z.ndim != 2:
         raise ValueError(f"z must be (N, z_dim), got shape {tuple(z.shape)}")
@@ -351,5 +353,5 @@ def edit_program(generator: Any, segmenter: Any, layer: str) -> Callable:
     All parameters are arguments: one compiled program serves any weights of an architecture, and
     every stroke list of the same capacity, generated image or photo.
     """
-    h, f = generator.split(layer)
+    h, f = split_of(generator, layer)
     return _edit_program(h, f, segmenter.segment, len(segmenter.labels))

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from gandissect_jax.sampling import sample_z
+from gandissect_jax.generator import split_of
 
 __all__ = ["Inversion", "invert", "psnr", "blend", "change_mask"]
 
@@ -133,7 +134,7 @@ def invert(generator: Any, layer: str, photos: Any, *, candidates: int = 64, z_s
       ValueError: photos not (N, R, R, 3) at the generator's resolution, or non-finite.
     """
     photos = _as_images(photos)
-    h, f = generator.split(layer)
+    h, f = split_of(generator, layer)
     apply = getattr(generator, "apply")
     out_shape = jax.eval_shape(apply, generator.params, jnp.zeros((1, generator.z_dim), jnp.float32)).shape
     if photos.shape[1:] != tuple(out_shape[1:]):

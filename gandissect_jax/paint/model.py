@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gandissect_jax.images import to_uint8
+from gandissect_jax.generator import split_of
 from gandissect_jax.sampling import sample_z
 
 from .edits import DEFAULT_TOP, MAX_STROKES, Stroke, StrokeArrays, edit_program, encode_strokes, region_mask
@@ -116,7 +117,7 @@ class PaintModel:
         self.seg_shape = tuple(int(s) for s in labels.shape[1:3])
         self.layer_shapes = {}
         for layer in self.layers:
-            r, _ = jax.eval_shape(generator.split(layer).h, generator.params, z)
+            r, _ = jax.eval_shape(split_of(generator, layer).h, generator.params, z)
             shape = tuple(int(s) for s in r.shape[1:])
             if shape[-1] != self.layers[layer].num_units:
                 raise ValueError(f"model {name!r}: {layer} has {shape[-1]} units but the dissection has "

@@ -29,13 +29,14 @@ from typing import Sequence
 
 from .convert import SegmenterWeightsError, convert_reference, load_variables
 from .prroi import prroi_pool, whole_map_prroi_pool
-from .protocol import Segmenter, label_index
+from .protocol import Segmenter, check_segmenter, label_index
 from .quad import connected_components, quad_divide
 from .unified import UnifiedParsingSegmenter
 
 __all__ = [
     "Segmenter",
     "label_index",
+    "check_segmenter",
     "load_segmenter",
     "convert_reference",
     "UnifiedParsingSegmenter",

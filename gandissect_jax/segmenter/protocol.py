@@ -53,7 +53,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import jax
 
-__all__ = ["Segmenter", "label_index"]
+__all__ = ["Segmenter", "check_segmenter", "label_index"]
 
 
 @runtime_checkable
@@ -95,8 +95,45 @@ class Segmenter(Protocol):
         ...
 
 
+def check_segmenter(segmenter: Any, *methods: str) -> None:
+    """Check that ``segmenter`` has what the :class:`Segmenter` protocol asks, without running it.
+
+    ``methods``: the methods the caller needs (default ``("segment",)``; ACE optimization also
+    needs ``"class_score"``).
+
+    Raises:
+      TypeError naming every missing or malformed attribute: ``params``; ``labels``, a non-empty
+      sequence of ``(name, category)`` pairs of str; ``categories``, a sequence of str; the
+      ``methods``, callables.
+    """
+    methods = methods or ("segment",)
+    problems = [f"no {name!r}" for name in ("params", "labels", "categories", *methods)
+                if not hasattr(segmenter, name)]
+    if not problems:
+        labels, categories = segmenter.labels, segmenter.categories
+        if not (_sequence(labels) and len(labels) > 0 and all(
+                _sequence(pair) and len(pair) == 2 and all(isinstance(t, str) for t in pair) for pair in labels)):
+            problems.append(f"labels must be a non-empty sequence of (name, category) pairs of str, got "
+                            f"{labels!r:.80}")
+        if not (_sequence(categories) and all(isinstance(c, str) for c in categories)):
+            problems.append(f"categories must be a sequence of str, got {categories!r:.80}")
+        problems += [f"{name!r} is not callable" for name in methods if not callable(getattr(segmenter, name))]
+    if problems:
+        raise TypeError(
+            f"{type(segmenter).__name__} is not a Segmenter: {'; '.join(problems)}. A Segmenter has "
+            "params, labels ((name, category) per label number, labels[0] = ('-', ...)), categories, "
+            "segment(params, images, downsample) and, for ACE, class_score(params, images, c, "
+            "downsample) (gandissect_jax.segmenter.protocol)")
+
+
+def _sequence(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
 def label_index(segmenter: Segmenter, name: str) -> int:
-    """Return the label number of concept ``name``; ValueError listing close names if unknown."""
+    """Return the label number of concept ``name``; ValueError listing close names if unknown
+    (TypeError from :func:`check_segmenter` for an object that is not a Segmenter)."""
+    check_segmenter(segmenter)
     names = [label for label, _ in segmenter.labels]
     if name in names:
         return names.index(name)
