@@ -2,9 +2,10 @@
 
 A fault the command line alone decides (flags that do not go together, an empty name, a value
 out of range) is a usage error: the command's usage line and one line naming the flag(s), exit
-status 2. A fault that needs a file or a model to decide (``--units`` beyond the layer's units,
-``--outdir`` naming a file) is one line ``gandissect-jax COMMAND: error: ...`` naming the flag,
-the value and the allowed range, exit status 1, no traceback. Every numeric flag's --help states
+status 2; so is a flag outside the range the loaded model allows (``--units`` beyond the layer's
+units, ``--at`` outside its feature map), and an abbreviated flag (``--out`` for ``--outdir``).
+A fault of a file or a model itself (``--outdir`` naming a file, an unknown layer) is one line
+``gandissect-jax COMMAND: error: ...`` naming the flag, exit status 1, no traceback. Every numeric flag's --help states
 its range and default; every argument is documented.
 """
 
