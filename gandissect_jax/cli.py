@@ -6,9 +6,10 @@ called with the parsed arguments. Sub-command modules are imported lazily so tha
 ``gandissect-jax --help`` stays fast and a broken optional feature cannot break the others.
 
 Faults (gandissect_jax.commands.arguments): a usage fault, decided by the command line alone
-(a value out of range, flags that do not go together), prints the command's usage line and one
-error line naming the flag, exit status 2; an input fault, decided by a file or a model
-(``--units`` beyond the layer's units), prints one line ``gandissect-jax COMMAND: error: ...``,
+(a value out of range, flags that do not go together) or by the range the loaded model allows
+(``--units`` beyond the layer's units, ``--at`` outside its feature map), prints the command's
+usage line and one error line naming the flag, exit status 2; an input fault of a file or a
+model itself (a model that does not load), prints one line ``gandissect-jax COMMAND: error: ...``,
 exit status 1. Ctrl-C: one line, exit status 130.
 """
 
@@ -18,7 +19,7 @@ import argparse
 import importlib
 import sys
 
-from gandissect_jax.commands.arguments import CommandParser
+from gandissect_jax.commands.arguments import CommandParser, UsageError
 
 # (command name, module under gandissect_jax.commands)
 _COMMANDS = (
@@ -73,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         start = "\r" if sys.stderr.isatty() else ""  # over the terminal's "^C"
         print(f"{start}gandissect-jax {command}: {message}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except UsageError as err:  # a flag out of the range the loaded model allows: as argparse reports one
+        sub = parser.command_parser([word for word in (args.command, getattr(args, "action", None)) if word])
+        sub.print_usage(sys.stderr)
+        print(f"gandissect-jax {command}: error: {err}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, KeyError, OSError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"gandissect-jax {command}: error: {message}", file=sys.stderr)

@@ -2,9 +2,10 @@
 
 A fault the command line alone decides (flags that do not go together, an empty name, a value
 out of range) is a usage error: the command's usage line and one line naming the flag(s), exit
-status 2. A fault that needs a file or a model to decide (``--units`` beyond the layer's units,
-``--outdir`` naming a file) is one line ``gandissect-jax COMMAND: error: ...`` naming the flag,
-the value and the allowed range, exit status 1, no traceback. Every numeric flag's --help states
+status 2; so is a flag outside the range the loaded model allows (``--units`` beyond the layer's
+units, ``--at`` outside its feature map), and an abbreviated flag (``--out`` for ``--outdir``).
+A fault of a file or a model itself (``--outdir`` naming a file, an unknown layer) is one line
+``gandissect-jax COMMAND: error: ...`` naming the flag, exit status 1, no traceback. Every numeric flag's --help states
 its range and default; every argument is documented.
 """
 
@@ -214,14 +215,39 @@ def toy_arrays(tmp_path_factory):
 
 DEMO = ["--model", "scenes64", "--segmenter", "scenes64-segmenter", "--quiet"]
 # (argv, what the line must hold: the flag, the value, the allowed range)
+# flags outside the range the loaded model allows: usage errors (status 2), before the long work
+MODEL_RANGE_FAULTS = [
+    (["ablate", "--layer", "layer4", "--units", "1,500", *DEMO], ["argument --units:", "[500]", "[0, 127]"]),
+    (["ablate", "--layer", "layer4", "--concept", "tree", "--top", "500", *DEMO], ["argument --top: 500", "[1, 128]"]),
+    (["artifacts", "--layer", "layer4", "--discriminator", "d", "--top", "500", *DEMO],
+     ["argument --top: 500", "[1, 128]"]),
+    (["artifacts", "--layer", "layer4", "--discriminator", "d", "--units", "128", *DEMO],
+     ["argument --units:", "[128]", "[0, 127]"]),
+    (["insert", "--layer", "layer4", "--concept", "tree", "--at", "9,0", *DEMO], ["argument --at: 9,0", "[0, 7]"]),
+    (["insert", "--layer", "layer4", "--concept", "tree", "--at", "2:9,0:1", *DEMO], ["argument --at: 2:9,0:1", "[0, 7]"]),
+    (["insert", "--layer", "layer4", "--units", "300", "--concept", "tree", "--at", "1,1", *DEMO],
+     ["argument --units:", "[300]"]),
+]
+
+
+@pytest.mark.parametrize("argv, parts", MODEL_RANGE_FAULTS, ids=[" ".join(a)[:60] for a, _ in MODEL_RANGE_FAULTS])
+def test_flags_outside_the_models_range_are_usage_errors(argv, parts, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [argv[0], "--outdir", str(out), *argv[1:]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: gandissect-jax {argv[0]}") and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"gandissect-jax {argv[0]}: error: argument --"), line
+    for part in parts:
+        assert part in line, (part, line)
+    assert not (out / "intervention").exists()
+
+
 INPUT_FAULTS = [
-    (["ablate", "--layer", "layer4", "--units", "1,500", *DEMO], ["--units", "[500]", "[0, 127]"]),
-    (["ablate", "--layer", "layer4", "--concept", "tree", "--top", "500", *DEMO], ["--top 500", "[1, 128]"]),
     (["ablate", "--layer", "layer99", "--units", "1", *DEMO], ["--layer", "'layer99'", "layer4"]),
     (["ablate", "--layer", "layer4", "--units", "1", "--model", "no-such-model", "--segmenter", "s"],
      ["--model", "no-such-model"]),
-    (["insert", "--layer", "layer4", "--concept", "tree", "--at", "9,0", *DEMO],
-     ["--at 9,0", "[0, 7]"]),
     (["ace", "--layer", "layer99", "--concept", "tree", *DEMO], ["--layer", "'layer99'"]),
     (["dissect", "--model", "scenes64", "--layers", "layer99", "--quiet"], ["--layers", "layer99", "layer4"]),
     (["dissect", "--model", "scenes64", "--layers", "layer4", "--seg-downsample", "4096", "--quiet"],
@@ -369,3 +395,34 @@ def test_layers_help_documents_model(capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: gandissect-jax layers [-h] [MODEL]")
     assert re.search(r"\n  MODEL\s+the generator: a registry name", out), out
+
+
+# ------------------------------------------------------------------------ no abbreviated flags
+
+def test_an_abbreviated_flag_is_refused_naming_it(tmp_path, capsys):
+    """``--out`` is not taken for ``--outdir`` (a flag added later could change what a script
+    means): a usage error naming the unknown flag and what it would abbreviate, before any
+    other fault (here the missing --outdir), nothing made."""
+    line = _usage_error(["dissect", "--out", str(tmp_path / "d")], capsys)
+    assert line == ("gandissect-jax dissect: error: unrecognized arguments: --out (flags are never abbreviated: "
+                    "did you mean --outdir?)")
+    line = _usage_error(["dissect", "--outdir", str(tmp_path / "d"), "--batch=8"], capsys)
+    assert "unrecognized arguments: --batch (" in line and "--batch-size" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("words, parser", COMMANDS + [((), build_parser())],
+                         ids=[" ".join(w) for w, _ in COMMANDS] + ["gandissect-jax"])
+def test_no_parser_accepts_an_abbreviation_of_its_flags(words, parser, capsys):
+    """Every parser of the CLI, for every long flag of it: the flag less its last letter (when
+    that is no flag itself) is refused as unknown, with status 2."""
+    assert parser.allow_abbrev is False
+    flags = {option for action in parser._actions for option in action.option_strings if option.startswith("--")}
+    for flag in sorted(flags):
+        short = flag[:-1]
+        if short in flags or len(short) <= 2:
+            continue
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args([short])
+        assert stop.value.code == 2
+        assert f"unrecognized arguments: {short}" in capsys.readouterr().err

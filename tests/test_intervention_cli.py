@@ -182,18 +182,21 @@ def test_artifacts_and_unit_segmentation(outdir, models):
         assert data["predicted"].shape == (4, 32, 32) and data["segmentation"].shape == (4, 32, 32, 1)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["ablate", "--layer", "layer12", "--units", "1"], "unknown layer 'layer12'"),
-    (["ablate", "--layer", "layer4", "--units", "1,128"], "units [128] out of range"),
-    (["ablate", "--layer", "layer4", "--concept", "trees"], "unknown concept 'trees'"),
-    (["ablate", "--layer", "layer4", "--concept", "tree", "--top", "200"], "--top 200 exceeds"),
-    (["ablate", "--layer", "layer4", "--concept", "sky", "--rank", "ace"], "no ACE ranking of sky"),
-    (["insert", "--layer", "layer4", "--concept", "tree", "--at", "8,0"], "outside the 8x8 feature map"),
-    (["artifacts", "--layer", "layer4", "--discriminator", "no-such-discriminator"], "no-such-discriminator"),
-    (["segment-units", "--layer", "layer6"], "layer 'layer6' was not dissected"),
+@pytest.mark.parametrize("argv, message, status", [
+    (["ablate", "--layer", "layer12", "--units", "1"], "unknown layer 'layer12'", 1),
+    (["ablate", "--layer", "layer4", "--units", "1,128"], "argument --units: units [128] out of range", 2),
+    (["ablate", "--layer", "layer4", "--concept", "trees"], "unknown concept 'trees'", 1),
+    (["ablate", "--layer", "layer4", "--concept", "tree", "--top", "200"], "argument --top: 200 exceeds", 2),
+    (["ablate", "--layer", "layer4", "--concept", "sky", "--rank", "ace"], "no ACE ranking of sky", 1),
+    (["insert", "--layer", "layer4", "--concept", "tree", "--at", "8,0"],
+     "argument --at: 8,0 is outside the 8x8 feature map", 2),
+    (["artifacts", "--layer", "layer4", "--discriminator", "no-such-discriminator"], "no-such-discriminator", 1),
+    (["segment-units", "--layer", "layer6"], "layer 'layer6' was not dissected", 1),
 ])
-def test_bad_arguments_are_named_before_any_work(outdir, capsys, argv, message):
-    assert main([argv[0], "--outdir", str(outdir), *argv[1:], "--quiet"]) == 1
+def test_bad_arguments_are_named_before_any_work(outdir, capsys, argv, message, status):
+    """A flag outside the range the model allows is a usage error (status 2); a fault of the
+    dissection or a model (an unknown layer or concept, a missing ranking) an input error (1)."""
+    assert main([argv[0], "--outdir", str(outdir), *argv[1:], "--quiet"]) == status
     assert message in capsys.readouterr().err
 
 

@@ -12,10 +12,12 @@ Two kinds of faults, two answers (``tests/test_cli_usage.py`` holds both for eve
   Values are checked by the ``type=`` functions here when parsed; combinations by the checks a
   command registers with :func:`add_check` (they raise :class:`UsageError`), run by
   :class:`CommandParser` right after parsing, before the command's module imports JAX.
-* A fault that needs a file or a model to decide (``--units`` beyond the layer's units, ``--at``
-  outside its feature map, ``--outdir`` naming a file) is an **input error**: one line
-  ``gandissect-jax <command>: error: ...`` naming the flag, the value and the allowed range, exit
-  status 1, no traceback, raised (ValueError) before the long work starts.
+* A flag's value outside the range the loaded model allows (``--units`` beyond the layer's
+  units, ``--top`` above them, ``--at`` outside its feature map) is a usage error too
+  (:class:`FlagError`, exit status 2), raised as soon as the model is loaded, before the long work.
+* A fault of a file or a model itself (``--outdir`` naming a file, a model that does not load,
+  a layer the model lacks) is an **input error**: one line ``gandissect-jax <command>: error:
+  ...`` naming the flag, exit status 1, no traceback, raised (ValueError) before the long work starts.
 
 Every numeric flag of every command uses a range-checked type from here and its ``--help`` states
 the range and the default (tests/test_arguments.py and tests/test_cli_usage.py hold that for each
@@ -271,6 +273,19 @@ class UsageError(ValueError):
     reports it as argparse reports a bad value, with the usage line and exit status 2."""
 
 
+class FlagError(UsageError):
+    """A flag's value outside the range its model or data allow (``--at`` outside the layer's
+    feature map, ``--units`` beyond its units): known only once the model is loaded, but a usage
+    error all the same. The command line reports it as argparse reports a bad value: the
+    command's usage line, ``gandissect-jax <command>: error: argument <flag>: ...`` naming the
+    value and the allowed range, exit status 2 (``gandissect_jax.cli.main``). Raised before any
+    long work starts."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"argument {flag}: {message}")
+        self.flag = flag
+
+
 class CommandParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` that also runs its command's checks of flag combinations.
 
@@ -282,9 +297,13 @@ class CommandParser(argparse.ArgumentParser):
     and is refused there with the allowed values (argparse alone would take the word for an
     unknown option and say only "expected one argument"). A word that is one of the command's
     options (``--outdir --quiet``) is left alone: the missing value is reported as before.
+    Options are never abbreviated (``allow_abbrev=False``): ``--out`` is an unknown flag, refused
+    with a usage error naming it, not ``--outdir`` (a flag added later starting the same way
+    would change what a user's script means).
     """
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # '--out' is not '--outdir': a later flag cannot change a script
         super().__init__(*args, **kwargs)
         self.checks: list[Callable[[argparse.Namespace], None]] = []
 
@@ -292,6 +311,7 @@ class CommandParser(argparse.ArgumentParser):
         import sys
 
         args = self._join_dash_values(list(sys.argv[1:] if args is None else args))
+        self._refuse_unknown_options(args)
         namespace, extras = super().parse_known_args(args, namespace)
         for check in self.checks:
             try:
@@ -301,13 +321,26 @@ class CommandParser(argparse.ArgumentParser):
         return namespace, extras
 
     def _one_value_option(self, word: str) -> bool:
-        """True when ``word`` names (exactly or as an unambiguous abbreviation) an option that takes
-        exactly one value."""
+        """True when ``word`` names an option that takes exactly one value (options are never
+        abbreviated: ``allow_abbrev`` is off)."""
         action = self._option_string_actions.get(word)
-        if action is None and word.startswith("--") and self.allow_abbrev:
-            found = {a for option, a in self._option_string_actions.items() if option.startswith(word)}
-            action = found.pop() if len(found) == 1 else None
         return isinstance(action, (argparse._StoreAction, argparse._AppendAction)) and action.nargs is None
+
+    def _refuse_unknown_options(self, words: list[str]) -> None:
+        """Usage error naming the first word that looks like a long option (``--name`` or
+        ``--name=value``) of none of this parser's options, before anything else is reported (a
+        required flag missing, say): ``--out`` is refused, with the flags it would abbreviate."""
+        for word in words:
+            if word == "--" or (self._subparsers is not None and self._is_command(word)):
+                return  # positionals follow / the sub-command's parser checks its own words
+            if not word.startswith("--") or len(word) <= 2:
+                continue
+            name = word.split("=", 1)[0]
+            if name in self._option_string_actions:
+                continue
+            close = sorted(option for option in self._option_string_actions if option.startswith(name))
+            hint = f" (flags are never abbreviated: did you mean {' or '.join(close)}?)" if close else ""
+            self.error(f"unrecognized arguments: {name}{hint}")
 
     def _join_dash_values(self, words: list[str]) -> list[str]:
         joined, i = [], 0
@@ -329,6 +362,17 @@ class CommandParser(argparse.ArgumentParser):
             joined.append(word)
             i += 1
         return joined
+
+    def command_parser(self, words: list[str]) -> argparse.ArgumentParser:
+        """The parser of the (sub-)command ``words`` name (``["weights", "fetch"]``), else this one."""
+        parser = self
+        for word in words:
+            found = [action.choices[word] for action in parser._actions
+                     if isinstance(action, argparse._SubParsersAction) and word in action.choices]
+            if not found:
+                break
+            parser = found[0]
+        return parser
 
     def _is_command(self, word: str) -> bool:
         return any(isinstance(action, argparse._SubParsersAction) and word in action.choices
@@ -385,6 +429,6 @@ def naming(flag: str) -> Iterator[None]:
 __all__ = ["int_in_range", "float_in_range", "positive_int", "non_negative_int", "batch_size", "seed",
            "open_unit_interval", "unit_interval", "positive_finite_float", "seconds", "memory_size", "unit_list",
            "feature_position", "feature_region", "text", "is_range_checked", "is_text", "MAX_UNIT", "MEMORY_FORMS",
-           "UsageError", "CommandParser", "add_check", "check_directory", "naming",
+           "UsageError", "FlagError", "CommandParser", "add_check", "check_directory", "naming",
            "MAX_BATCH", "MAX_TOPK", "MAX_SAMPLES", "MAX_SEED", "MAX_CHECKPOINT_SECONDS", "MAX_MEMORY",
            "LABEL_RULES"]

@@ -81,12 +81,12 @@ def run_command(args) -> int:
 
     source = source_of(args)
     G = source.generator
+    channels = ace.layer_shape(G, args.layer)[-1]  # the flags' ranges first, before the discriminator loads
+    if args.units is None and args.top > channels:
+        raise arguments.FlagError("--top", f"{args.top} exceeds the layer's {channels} units; allowed [1, {channels}]")
+    picked = None if args.units is None else check_units(args.units, channels)
     with arguments.naming("--discriminator"):
         D = load_discriminator(args.discriminator)
-    channels = ace.layer_shape(G, args.layer)[-1]
-    if args.units is None and args.top > channels:
-        raise ValueError(f"--top {args.top} exceeds the layer's {channels} units; allowed [1, {channels}]")
-    picked = None if args.units is None else check_units(args.units, channels)
     settings = {"layer": args.layer, "discriminator": str(args.discriminator),
                 "units": None if picked is None else [int(u) for u in picked], "top": args.top,
                 "search_samples": args.search_samples, "top_samples": args.top_samples, "samples": args.samples,

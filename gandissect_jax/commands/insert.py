@@ -92,16 +92,17 @@ def run_command(args) -> int:
     from gandissect_jax.sampling import sample_z
 
     source = source_of(args)
-    G, S = source.generator, source.segmenter
+    G = source.generator
     rows_, cols_, channels = ace.layer_shape(G, args.layer)
     row0, row1, col0, col1 = args.at
     block = (row1 - row0, col1 - col0)
     at_text = f"{row0},{col0}" if block == (1, 1) else f"{row0}:{row1},{col0}:{col1}"
-    if not (row1 <= rows_ and col1 <= cols_):
-        raise ValueError(f"--at {at_text} is outside the {rows_}x{cols_} feature map of {args.layer}; "
-                         f"allowed ROW in [0, {rows_ - 1}], COLUMN in [0, {cols_ - 1}] (block ends up to "
-                         f"{rows_},{cols_})")
+    if not (row1 <= rows_ and col1 <= cols_):  # a usage error, before the segmenter loads
+        raise arguments.FlagError("--at", f"{at_text} is outside the {rows_}x{cols_} feature map of {args.layer}; "
+                                          f"allowed ROW in [0, {rows_ - 1}], COLUMN in [0, {cols_ - 1}] (block ends "
+                                          f"up to {rows_},{cols_})")
     units, how, labels, concept = choose_units(args, source, channels, need_concept=True)
+    S = source.segmenter
     if args.value is not None:
         value = np.full(channels, args.value, np.float32)
         value_how = f"k = {args.value:g} for every unit"

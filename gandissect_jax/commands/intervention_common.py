@@ -69,12 +69,12 @@ def source_of(args):
 
 
 def check_units(units: list[int], num_units: int, flag: str = "--units") -> np.ndarray:
-    """int64 (K,) units; ValueError naming ``flag``, the units and the allowed range when some are
-    not units of the layer (``num_units`` of them)."""
+    """int64 (K,) units; :class:`~.arguments.FlagError` (a usage error) naming ``flag``, the units
+    and the allowed range when some are not units of the layer (``num_units`` of them)."""
     bad = [u for u in units if u >= num_units]
     if bad:
-        raise ValueError(f"{flag}: units {bad} out of range; the layer has {num_units} units, "
-                         f"allowed [0, {num_units - 1}]")
+        raise arguments.FlagError(flag, f"units {bad} out of range; the layer has {num_units} units, "
+                                        f"allowed [0, {num_units - 1}]")
     return np.asarray(units, np.int64)
 
 
@@ -144,6 +144,10 @@ def choose_units(args, source, channels: int, *, need_concept: bool = False):
     from --units or --concept/--top/--rank. ValueError naming the flag when they cannot be had."""
     from gandissect_jax.dissection import rankings
 
+    if args.units is not None:  # the flags' ranges first, before the dissection is read
+        check_units(args.units, channels)
+    elif args.top > channels:
+        raise arguments.FlagError("--top", f"{args.top} exceeds the layer's {channels} units; allowed [1, {channels}]")
     labels = source.concept(args.concept) if args.concept else None
     name = "+".join(source.segmenter.labels[c][0] for c in labels) if labels else None
     if need_concept and labels is None:
@@ -152,8 +156,6 @@ def choose_units(args, source, channels: int, *, need_concept: bool = False):
         return check_units(args.units, channels), f"units {','.join(map(str, args.units))}", labels, name
     if labels is None:
         raise ValueError("give --units, or --concept (with --top and --rank)")
-    if args.top > channels:
-        raise ValueError(f"--top {args.top} exceeds the layer's {channels} units; allowed [1, {channels}]")
     if args.rank == "ace":
         record = source.ace_ranking(args.layer, labels)
         if record is None:
@@ -161,7 +163,8 @@ def choose_units(args, source, channels: int, *, need_concept: bool = False):
                              f"--outdir {args.outdir} --layer {args.layer} --concept {args.concept} first, or use --rank iou")
         order = np.asarray(record["units"], np.int64)
         if args.top > len(order):
-            raise ValueError(f"--top {args.top}: the ACE ranking lists {len(order)} units")
+            raise arguments.FlagError("--top", f"{args.top} exceeds the {len(order)} units the ACE ranking lists; "
+                                               f"allowed [1, {len(order)}]")
     else:
         result = source.result(args.layer)
         order = rankings.iou_ranking(result, labels)

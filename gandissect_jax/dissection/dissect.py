@@ -9,7 +9,10 @@ value of precomputed data). With ``outdir``, one run at a time may write there (
 file is written atomically, a rerun with the same identity (data content, model parameters,
 settings that change numbers; :mod:`.resume`) resumes where the last one stopped, one with
 another identity is refused before any work, and ``restart=True`` removes what an earlier run
-wrote (and nothing else) first.
+wrote (and nothing else) first. The report of a rerun with fewer layers still lists the layers
+earlier runs of the same identity finished there (never those of other inputs: another identity
+is refused, and ``restart`` removes them). Several processes (:mod:`.distributed`) all return once
+process 0 has written the outputs; its failure there fails every process.
 """
 
 from __future__ import annotations
@@ -263,40 +266,73 @@ def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, defa
         def gallery_file(layer):  # what the strips draw, kept until they are written (resume)
             return os.path.join(run.subdirectory("strips"), f"{dirnames[layer]}.npz")
 
-        with run.recording(list(dirnames.values())):
-            for layer in pending:
+        ordered = {layer: results[layer] for layer in source.layers}
+
+        def write_outputs() -> None:  # process 0 writes; the others have nothing to write (writes is None)
+            with run.recording(list(dirnames.values())):
+                for layer in pending:
+                    if writes:
+                        layer_dir = os.path.join(outdir, dirnames[layer])
+                        os.makedirs(layer_dir, exist_ok=True)
+                        if layer in galleries:
+                            galleries[layer].for_layer(results[layer].topk_indices).save(gallery_file(layer))
+                        results[layer].save_npz(score_file(layer))
+                        run.mark(f"layer-{dirnames[layer]}", {"layer": layer, "sha256": file_sha256(score_file(layer))})
+                if pending and not config.keep_progress:
+                    run.remove(f"passes-{key}")
                 if writes:
-                    layer_dir = os.path.join(outdir, dirnames[layer])
-                    os.makedirs(layer_dir, exist_ok=True)
-                    if layer in galleries:
-                        galleries[layer].for_layer(results[layer].topk_indices).save(gallery_file(layer))
-                    results[layer].save_npz(score_file(layer))
-                    run.mark(f"layer-{dirnames[layer]}", {"layer": layer, "sha256": file_sha256(score_file(layer))})
-            if pending and not config.keep_progress:
-                run.remove(f"passes-{key}")
-            ordered = {layer: results[layer] for layer in source.layers}
-            if writes:
-                for layer, result in ordered.items():
-                    if config.make_images and not run.is_marked(f"images-{dirnames[layer]}"):
-                        # no gallery (a source that does not fetch images, a run begun by an older
-                        # version): the top-k samples are rendered again
-                        kept = galleries.get(layer) or Gallery.load(gallery_file(layer))
-                        image_size = getattr(source, "image_size", None)
-                        if kept is not None and (image_size is None or not kept.fits(
-                                result.topk_indices, thumbnail_side(image_size[0], config.thumbsize))):
-                            kept = None  # a kept file of another run or thumbnail size: render instead
-                        write_strips(os.path.join(outdir, dirnames[layer]), result, source,
-                                     batch_size=config.batch_size, thumbnail=config.thumbsize,
-                                     show_progress=config.progress, gallery=kept)
-                        run.mark(f"images-{dirnames[layer]}", {"layer": layer})
-                        run.remove(os.path.join("strips", f"{dirnames[layer]}.npz"))
-                if all(run.is_marked(f"images-{name}") for name in dirnames.values()):
-                    run.remove("strips")
-                if config.make_report:
-                    write_report(outdir, ordered, iou_threshold=config.iou_threshold, title=config.title,
-                                 settings={k: v for k, v in run.fingerprint.items() if k != "labels"},
-                                 has_images=config.make_images)
+                    for layer, result in ordered.items():
+                        if config.make_images and not run.is_marked(f"images-{dirnames[layer]}"):
+                            # no gallery (a source that does not fetch images, a run begun by an older
+                            # version): the top-k samples are rendered again
+                            kept = galleries.get(layer) or Gallery.load(gallery_file(layer))
+                            image_size = getattr(source, "image_size", None)
+                            if kept is not None and (image_size is None or not kept.fits(
+                                    result.topk_indices, thumbnail_side(image_size[0], config.thumbsize))):
+                                kept = None  # a kept file of another run or thumbnail size: render instead
+                            write_strips(os.path.join(outdir, dirnames[layer]), result, source,
+                                         batch_size=config.batch_size, thumbnail=config.thumbsize,
+                                         show_progress=config.progress, gallery=kept)
+                            run.mark(f"images-{dirnames[layer]}", {"layer": layer})
+                            run.remove(os.path.join("strips", f"{dirnames[layer]}.npz"))
+                    if all(run.is_marked(f"images-{name}") for name in dirnames.values()):
+                        run.remove("strips")
+                    if config.make_report:
+                        # the layers earlier runs of these inputs finished here stay listed
+                        listed = {**ordered, **_kept_layers(run, outdir, exclude=set(dirnames.values()))}
+                        has_images = {layer: config.make_images and run.is_marked(f"images-{safe_dir_name(layer)}")
+                                      for layer in listed}
+                        write_report(outdir, listed, iou_threshold=config.iou_threshold, title=config.title,
+                                     settings={k: v for k, v in run.fingerprint.items() if k != "labels"},
+                                     has_images=has_images)
+
+        if multi:  # every process returns once process 0 wrote the outputs; its failure there fails them all
+            distributed.leader_json(lambda: (write_outputs(), None)[1])
+        else:
+            write_outputs()
     return ordered
+
+
+def _kept_layers(run: RunDirectory, outdir: str, exclude: set[str]) -> dict[str, LayerDissection]:
+    """{layer: LayerDissection} of the layers that earlier runs of this run directory finished in
+    ``outdir`` (a ``layer-<dir>`` marker in ``.progress``) besides this run's (``exclude``: their
+    directory names), in the order of their names, so the report of a rerun with fewer layers
+    still lists them. They were computed from this run's inputs: ``.progress/settings.json`` is
+    this run's identity (:class:`~.resume.RunDirectory` refuses another), and ``restart`` removes
+    the markers with the outputs. A layer whose ``scores.npz`` was changed or removed since is
+    left out, with a line saying so."""
+    kept = {}
+    for name, marker in sorted(run.markers("layer-").items()):
+        if name in exclude or not isinstance(marker, dict) or not isinstance(marker.get("layer"), str):
+            continue
+        layer = marker["layer"]
+        path = os.path.join(outdir, name, "scores.npz")
+        if safe_dir_name(layer) != name or not os.path.isfile(path) or file_sha256(path) != marker.get("sha256"):
+            print(f"{path} was changed or removed since a run wrote it: layer {layer} is left out of the report",
+                  file=sys.stderr)
+            continue
+        kept[layer] = LayerDissection.load_npz(path)
+    return dict(sorted(kept.items()))
 
 
 def _gallery_fits_memory(source, layers, config) -> bool:
@@ -379,15 +415,17 @@ def dissect_features(features, segmentations, labels, config: DissectConfig | No
     by a sha256 of every byte -- and settings resumes; ``restart=True`` starts afresh).
     ValueError naming the argument for anything out of range (see :func:`dissect`).
     """
-    config = _config(config, overrides)
-    if not isinstance(features, Mapping):
-        features = {layer: features}
-        if levels is not None and not isinstance(levels, Mapping):
-            levels = {layer: levels}
-    elif levels is not None and not isinstance(levels, Mapping):
-        raise ValueError("with several layers, levels must be a dict layer -> (U,) array")
-    features = arrange_features(features, segmentations, layout)
-    source = ArraySource(features, segmentations, images, identity={"layout": layout})
+    # multi-host: a process whose arguments fail these checks stops every process (not a hang)
+    with distributed.fail_together():
+        config = _config(config, overrides)
+        if not isinstance(features, Mapping):
+            features = {layer: features}
+            if levels is not None and not isinstance(levels, Mapping):
+                levels = {layer: levels}
+        elif levels is not None and not isinstance(levels, Mapping):
+            raise ValueError("with several layers, levels must be a dict layer -> (U,) array")
+        features = arrange_features(features, segmentations, layout)
+        source = ArraySource(features, segmentations, images, identity={"layout": layout})
     return dissect(source, labels, categories, config, default_threshold="quantile", levels=levels, devices=devices,
                    outdir=outdir, restart=restart)
 
@@ -435,14 +473,16 @@ def dissect_generator(generator, segmenter, layers: Sequence[str], config: Disse
     (features are statistics in float32 either way; part of the run's identity).
     Returns {layer: LayerDissection}. ValueError naming the argument for anything out of range.
     """
-    config = _config(config, overrides)
-    layers = _check_generator_arguments(layers, size, seed, seg_downsample)
-    source = GeneratorSource(generator, segmenter, layers, size, seed, seg_downsample, identity, micro_batch,
-                             compute_dtype)
-    if levels is not None and not isinstance(levels, Mapping):
-        if len(source.layers) != 1:
-            raise ValueError("with several layers, levels must be a dict layer -> (U,) array")
-        levels = {source.layers[0]: levels}
+    # multi-host: a process whose arguments fail these checks stops every process (not a hang)
+    with distributed.fail_together():
+        config = _config(config, overrides)
+        layers = _check_generator_arguments(layers, size, seed, seg_downsample)
+        source = GeneratorSource(generator, segmenter, layers, size, seed, seg_downsample, identity, micro_batch,
+                                 compute_dtype)
+        if levels is not None and not isinstance(levels, Mapping):
+            if len(source.layers) != 1:
+                raise ValueError("with several layers, levels must be a dict layer -> (U,) array")
+            levels = {source.layers[0]: levels}
     return dissect(source, list(segmenter.labels), list(segmenter.categories), config, default_threshold="iqr",
                    levels=levels, devices=devices, outdir=outdir, restart=restart)
 
@@ -461,12 +501,14 @@ def dissect_model(model, data, layers: Sequence[str], labels, config: DissectCon
     model's parameters, the data's identity and the batch size; restart: see :func:`dissect`.
     Returns {layer: LayerDissection}.
     """
-    config = _config(config, overrides)
-    source = ModelSource(model, data, layers, identity)
-    if levels is not None and not isinstance(levels, Mapping):
-        if len(source.layers) != 1:
-            raise ValueError("with several layers, levels must be a dict layer -> (U,) array")
-        levels = {source.layers[0]: levels}
+    # multi-host: a process whose arguments fail these checks stops every process (not a hang)
+    with distributed.fail_together():
+        config = _config(config, overrides)
+        source = ModelSource(model, data, layers, identity)
+        if levels is not None and not isinstance(levels, Mapping):
+            if len(source.layers) != 1:
+                raise ValueError("with several layers, levels must be a dict layer -> (U,) array")
+            levels = {source.layers[0]: levels}
     return dissect(source, labels, categories, config, default_threshold="quantile", levels=levels, devices=devices,
                    outdir=outdir, restart=restart)
 

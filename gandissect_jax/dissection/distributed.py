@@ -9,6 +9,8 @@ reads and writes checkpoints, and writes ``scores.npz``, ``dissect.json``, the s
 report. What it reads there (the identity check's verdict, which layers are finished, a pass's
 checkpoint, the quantile plan) it broadcasts to the others with :func:`leader_bytes`, so every
 process agrees on what is finished; an error process 0 raises there is raised on every process.
+The run ends the same way: every process returns only once process 0 has written the outputs
+(a last :func:`leader_json`), and an error of process 0 while writing is raised on every process.
 The other processes need no outdir, no shared file system, only the models and data.
 
 With one process (the default) nothing here changes what a dissection does.
@@ -27,9 +29,10 @@ import numpy as np
 ENV_COORDINATOR = "GANDISSECT_COORDINATOR"
 ENV_NUM_PROCESSES = "GANDISSECT_NUM_PROCESSES"
 ENV_PROCESS_ID = "GANDISSECT_PROCESS_ID"
-# Processes that finish wait at JAX's shutdown barrier while process 0 writes the strips and the
-# report alone (JAX's default, 300 s, is too short for a large run). A process that dies is found
-# by the heartbeat (100 s) long before, so this delays nothing when something fails.
+# The other processes wait (in the dissection's last collective) while process 0 writes the strips
+# and the report alone, then at JAX's shutdown barrier (JAX's default, 300 s, is too short for a
+# large run). A process that dies is found by the heartbeat (100 s) long before, so this delays
+# nothing when something fails.
 SHUTDOWN_TIMEOUT = 6 * 3600
 
 

@@ -254,17 +254,21 @@ def default_title(settings: dict | None) -> str:
 
 
 def write_report(outdir: str, results: Mapping[str, LayerDissection], *, iou_threshold: float = 0.05,
-                 title: str | None = None, settings: dict | None = None, has_images: bool = True) -> dict:
+                 title: str | None = None, settings: dict | None = None,
+                 has_images: bool | Mapping[str, bool] = True) -> dict:
     """Write dissect.json, per-layer dissect.json and bargraph.svg, comparison.svg and dissect.html.
 
     title: the report's title (default: :func:`default_title`); settings: the run's identity
-    (recorded, and shown in the report's header). Returns the dissect.json document."""
+    (recorded, and shown in the report's header); has_images: whether the layers have image
+    strips (``<layer>/image/<unit>-top.jpg``), for all or per layer {layer: bool} (a layer not
+    in it has none). Returns the dissect.json document."""
     os.makedirs(outdir, exist_ok=True)
     records = []
     first = next(iter(results.values()))
     title = title or default_title(settings)
     for layer, result in results.items():
-        record = layer_record(result, iou_threshold, has_images)
+        images = bool(has_images.get(layer, False)) if isinstance(has_images, Mapping) else bool(has_images)
+        record = layer_record(result, iou_threshold, images)
         layer_dir = os.path.join(outdir, record["dirname"])
         os.makedirs(layer_dir, exist_ok=True)
         bargraph = concept_bargraph([(c["label"], c["category"], c["units"]) for c in record["concepts"]],

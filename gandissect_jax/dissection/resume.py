@@ -323,6 +323,15 @@ class RunDirectory:
         except (TypeError, OSError, ValueError):
             return None
 
+    def markers(self, prefix: str = "") -> dict[str, Any]:
+        """{name without ``prefix``: payload} of every step marked with a name beginning with
+        ``prefix`` (payload None when unreadable); empty without an outdir."""
+        if not self.directory or not os.path.isdir(self.directory):
+            return {}
+        names = [entry[:-len(".done")] for entry in os.listdir(self.directory)
+                 if entry.startswith(prefix) and entry.endswith(".done")]
+        return {name[len(prefix):]: self.marker(name) for name in sorted(names)}
+
     def any_marked(self) -> bool:
         """True when some step of this run directory has finished."""
         return bool(self.directory) and os.path.isdir(self.directory) and any(
