@@ -38,15 +38,18 @@ SCRIPT = textwrap.dedent("""
     def failing_report(*args, **kwargs):
         raise OSError("No space left on device: dissect.json")
 
+    def interrupted_report(*args, **kwargs):  # Ctrl-C on process 0 while it writes
+        raise KeyboardInterrupt
+
     if rank == 0:
-        module.write_report = slow_report if mode == "slow" else failing_report
+        module.write_report = {"slow": slow_report, "interrupt": interrupted_report}.get(mode, failing_report)
     outdir = os.path.join(work, f"out{rank}")
     labels = json.load(open(os.path.join(work, "labels.json")))
     try:
         dissect_features(np.load(os.path.join(work, "f.npy")), np.load(os.path.join(work, "s.npy")), labels,
                          outdir=outdir, progress=False, make_images=False,
                          batch_size=0 if (mode == "bad" and rank == 1) else 8)
-    except Exception as err:
+    except BaseException as err:
         print(f"FAILED {type(err).__name__}: {err}", flush=True)
         sys.exit(3)
     print("RETURNED", "dissect.json exists" if os.path.exists(os.path.join(work, "out0", "dissect.json"))
@@ -88,3 +91,12 @@ def test_an_argument_refused_on_one_process_stops_every_process(tmp_path):
     assert code1 == 3 and "FAILED ValueError" in log1 and "batch_size" in log1, log1[-3000:]
     assert code0 == 3, log0[-3000:]
     assert "FAILED ValueError: another process of this run stopped before the passes" in log0, log0[-3000:]
+
+
+def test_ctrl_c_on_process_0_while_writing_stops_every_process(tmp_path):
+    """Ctrl-C reaching process 0 in the last collective's write (strips, report) is told to the
+    others, which stop too, instead of waiting for it there while it waits for them at JAX's
+    shutdown barrier (hours: distributed.SHUTDOWN_TIMEOUT)."""
+    (code0, log0), (code1, log1) = _run(tmp_path, "interrupt")
+    assert code0 == 3 and "FAILED RunInterrupted: interrupted: while writing the report" in log0, log0[-3000:]
+    assert code1 == 3 and "FAILED RunInterrupted" in log1, log1[-3000:]

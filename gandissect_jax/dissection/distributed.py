@@ -137,9 +137,9 @@ def leader_bytes(read: Callable[[], bytes | None]) -> bytes | None:
     """Process 0 runs ``read()`` (bytes or None); every process returns its result.
 
     An exception raised by ``read`` on process 0 is raised there as it was and on every other
-    process as a ValueError (for ValueErrors, e.g. an identity mismatch or a busy outdir) or a
-    :class:`RemoteError`, both saying "process 0: ...", so that no process waits for one that
-    failed. With one process this is ``read()``.
+    process as a ValueError (for ValueErrors, e.g. an identity mismatch or a busy outdir), a
+    KeyboardInterrupt (Ctrl-C on process 0) or a :class:`RemoteError`, all saying "process 0
+    ...", so that no process waits for one that failed. With one process this is ``read()``.
     """
     if not multiprocess():
         return read()
@@ -148,8 +148,8 @@ def leader_bytes(read: Callable[[], bytes | None]) -> bytes | None:
         try:
             value = read()
             status, payload = (1, b"") if value is None else (2, bytes(value))
-        except Exception as err:  # told to every process, then raised here as it was
-            error = err
+        except BaseException as err:  # told to every process, then raised here as it was (Ctrl-C too:
+            error = err              # the others must not wait for process 0 in this collective)
             status, payload = 3, json.dumps([type(err).__name__, str(err)]).encode()
     header = _broadcast(np.array([status, len(payload)], np.int64))
     status, size = int(header[0]), int(header[1])
@@ -162,6 +162,8 @@ def leader_bytes(read: Callable[[], bytes | None]) -> bytes | None:
         kind, message = json.loads(body.tobytes().decode())
         if kind in ("ValueError", "IdentityMismatch", "MemoryBudgetError"):
             raise ValueError(f"process 0: {message}")
+        if kind in ("KeyboardInterrupt", "Interrupted", "RunInterrupted"):
+            raise KeyboardInterrupt(f"process 0 was interrupted: {message}")
         raise RemoteError(kind, message)
     return None if status == 1 else body.tobytes()
 
