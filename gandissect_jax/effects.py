@@ -21,7 +21,9 @@ functions compose with ``jax.jit`` and ``jax.vmap`` (e.g. over unit sets or late
 ``G`` is any :class:`gandissect_jax.generator.Generator` and ``S`` any
 :class:`gandissect_jax.segmenter.Segmenter`; they are static arguments (their ``split`` functions
 and their structure key the compiled programs; their parameters are traced), so one compiled
-program serves every weight set of an architecture.
+program serves every weight set of an architecture. Every function taking them refuses, before
+any work, an object that is not one, with a TypeError naming what it lacks
+(:func:`~gandissect_jax.generator.check_generator`, :func:`~gandissect_jax.segmenter.check_segmenter`).
 
 A concept's **share** of an image is the fraction of its (segmentation) pixels that carry any of
 the concept's labels in any channel -- the reference's ``(seg == c).max(channel)`` pixel count
@@ -39,6 +41,7 @@ import numpy as np
 
 from gandissect_jax._structure import Static
 from gandissect_jax.generator import split_of
+from gandissect_jax.segmenter.protocol import check_segmenter
 from gandissect_jax.ace import layer_shape
 
 __all__ = [
@@ -195,6 +198,7 @@ def paired_label_shares(generator: Any, segmenter: Any, gparams: Any, sparams: A
     ``after - before`` per sample is the causal effect of the edit on every label, whose mean over
     samples is the average causal effect.
     """
+    check_segmenter(segmenter)
     split = tuple(split_of(generator, layer))
     shape = layer_shape(generator, layer)
     mask = unit_mask(units, shape[-1])
@@ -276,6 +280,7 @@ def context_map(generator: Any, segmenter: Any, gparams: Any, sparams: Any, z: A
     Raises:
       ValueError for a block that is not two whole numbers inside the feature map.
     """
+    check_segmenter(segmenter)
     split = tuple(split_of(generator, layer))
     shape = layer_shape(generator, layer)
     block = tuple(int(b) for b in block)
@@ -385,6 +390,7 @@ def ace_curve_program(generator: Any, segmenter: Any, gparams: Any, sparams: Any
     counts = jnp.asarray(tuple(int(c) for c in counts), jnp.int32)
     position = jnp.zeros((num_units,), jnp.int32).at[ranking].set(jnp.arange(num_units, dtype=jnp.int32))
     masks = (position[None, :] < counts[:, None]).astype(jnp.float32)  # (K, C)
+    check_segmenter(segmenter)
     split = tuple(split_of(generator, layer))
     value = jnp.zeros((), jnp.float32) if value is None else jnp.asarray(value, jnp.float32)
     grid = layer_shape(generator, layer)[:2]

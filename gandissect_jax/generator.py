@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import Any, Callable, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import jax
@@ -39,6 +40,7 @@ __all__ = [
     "SplitError",
     "verify_split",
     "check_generator",
+    "GENERATOR_PARTS",
     "split_of",
     "jitted",
 ]
@@ -86,29 +88,33 @@ class SplitError(ValueError):
     """A split that does not reproduce the model (``f(h(z)) != G(z)``), or cannot be made."""
 
 
-_PROTOCOL = ("params", "layer_names", "z_dim", "apply", "split")
+GENERATOR_PARTS = ("params", "layer_names", "z_dim", "apply", "split")
 
 
-def check_generator(generator: Any) -> None:
+def check_generator(generator: Any, needs: Sequence[str] = GENERATOR_PARTS) -> None:
     """Check that ``generator`` has what the :class:`Generator` protocol asks, without running it.
 
+    ``needs``: the parts the caller uses (default all of :data:`GENERATOR_PARTS`; a model only
+    split to its layers, as :func:`~gandissect_jax.dissection.dissect_model` runs it, needs
+    ``("params", "layer_names", "split")``).
+
     Raises:
-      TypeError naming every missing or malformed attribute (``params``; ``layer_names``, a
-      sequence of str; ``z_dim``, a positive int; ``apply(params, z)`` and ``split(layer)``,
+      TypeError naming every missing or malformed part (``params``; ``layer_names``, a
+      sequence of str; ``z_dim``, a positive integer; ``apply(params, z)`` and ``split(layer)``,
       callables) and pointing to :func:`~gandissect_jax.flax_split.split_module`, which makes
       any Flax model a Generator. ``apply`` is needed because every split is checked against the
       full forward pass (:func:`verify_split`).
     """
-    problems = [f"no {name!r}" for name in _PROTOCOL if not hasattr(generator, name)]
+    problems = [f"no {name!r}" for name in needs if not hasattr(generator, name)]
     if not problems:
-        names = generator.layer_names
-        if isinstance(names, (str, bytes)) or not all(isinstance(n, str) for n in _iterable(names)):
-            problems.append(f"layer_names must be a sequence of layer names (str), got {names!r:.80}")
-        z_dim = generator.z_dim
-        if isinstance(z_dim, bool) or not isinstance(z_dim, (int, np.integer)) or z_dim < 1:
-            problems.append(f"z_dim must be a positive int, got {z_dim!r:.80}")
+        if "layer_names" in needs:
+            names = generator.layer_names
+            if isinstance(names, (str, bytes)) or not all(isinstance(n, str) for n in _iterable(names)):
+                problems.append(f"layer_names must be a sequence of layer names (str), got {names!r:.80}")
+        if "z_dim" in needs and not _positive_integer(generator.z_dim):
+            problems.append(f"z_dim must be a positive integer, got {generator.z_dim!r:.80}")
         problems += [f"{name!r} is not callable" for name in ("apply", "split")
-                     if not callable(getattr(generator, name))]
+                     if name in needs and not callable(getattr(generator, name))]
     if problems:
         raise TypeError(
             f"{type(generator).__name__} is not a Generator: {'; '.join(problems)}. A Generator has "
@@ -118,6 +124,15 @@ def check_generator(generator: Any) -> None:
             "...) makes any flax.linen or flax.nnx model one")
 
 
+def _positive_integer(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        return operator.index(value) >= 1
+    except TypeError:
+        return False
+
+
 def _iterable(value: Any) -> list:
     try:
         return list(value)
@@ -125,8 +140,9 @@ def _iterable(value: Any) -> list:
         return [None]
 
 
-def split_of(generator: Any, layer: str) -> Split:
-    """``generator.split(layer)`` checked for form (not numerically: see :func:`verify_split`).
+def split_of(generator: Any, layer: str, needs: Sequence[str] = GENERATOR_PARTS) -> Split:
+    """``generator.split(layer)`` checked for form (not numerically: see :func:`verify_split`);
+    ``needs`` as :func:`check_generator`.
 
     Returns:
       the :class:`Split` ``(h, f)``.
@@ -136,7 +152,7 @@ def split_of(generator: Any, layer: str) -> Split:
       ``layer`` is not one of them; SplitError (a ValueError) when ``split`` does not return two
       callables ``(h, f)``.
     """
-    check_generator(generator)
+    check_generator(generator, needs)
     names = list(generator.layer_names)
     if names and layer not in names:
         raise ValueError(f"unknown layer {layer!r}; the generator has {names}")

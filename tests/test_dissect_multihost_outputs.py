@@ -31,8 +31,13 @@ SCRIPT = textwrap.dedent("""
 
     real_write_report = module.write_report
 
-    def slow_report(*args, **kwargs):  # process 0 writes the report late
-        time.sleep(3)
+    def slow_report(*args, **kwargs):  # process 0 writes the report late: it waits up to 8 s for
+        returned = os.path.join(work, "returned1")  # process 1 to return (it must not, before this)
+        for _ in range(80):
+            if os.path.exists(returned):
+                print("PROCESS 1 RETURNED BEFORE THE REPORT WAS WRITTEN", flush=True)
+                break
+            time.sleep(0.1)
         return real_write_report(*args, **kwargs)
 
     def failing_report(*args, **kwargs):
@@ -52,6 +57,7 @@ SCRIPT = textwrap.dedent("""
     except BaseException as err:
         print(f"FAILED {type(err).__name__}: {err}", flush=True)
         sys.exit(3)
+    open(os.path.join(work, f"returned{rank}"), "w").close()
     print("RETURNED", "dissect.json exists" if os.path.exists(os.path.join(work, "out0", "dissect.json"))
           else "no dissect.json", flush=True)
 """)
@@ -74,6 +80,7 @@ def test_every_process_returns_only_after_process_0_wrote_the_outputs(tmp_path):
     assert code0 == 0 and code1 == 0, (log0[-3000:], log1[-3000:])
     assert "RETURNED dissect.json exists" in log0, log0[-3000:]
     assert "RETURNED dissect.json exists" in log1, log1[-3000:]  # process 1 waited for process 0's report
+    assert "PROCESS 1 RETURNED BEFORE" not in log0, log0[-3000:]
     assert not (tmp_path / "out1").exists()  # only process 0 writes
 
 

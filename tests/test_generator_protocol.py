@@ -416,11 +416,22 @@ def test_objects_that_are_not_segmenters_are_refused_by_name(style, segmenter, m
     from gandissect_jax.ace import build_ace_corpus, optimize_ace
     from gandissect_jax.dissection import dissect_generator
 
+    from gandissect_jax import effects
+    from gandissect_jax.paint.edits import edit_program
+
+    z, units = jnp.zeros((2, Z_DIM)), jnp.arange(2)
     if "class_score" not in message:
-        with pytest.raises(TypeError, match=message):
-            dissect_generator(style, segmenter, ["conv8"], size=4, progress=False, outdir=str(tmp_path / "out"))
-        with pytest.raises(TypeError, match=message):
-            build_ace_corpus(style, segmenter, "conv8", "red", search_size=4, train_size=2, eval_size=1)
+        calls = [
+            lambda: dissect_generator(style, segmenter, ["conv8"], size=4, progress=False, outdir=str(tmp_path / "out")),
+            lambda: build_ace_corpus(style, segmenter, "conv8", "red", search_size=4, train_size=2, eval_size=1),
+            lambda: effects.paired_label_shares(style, segmenter, style.params, (), z, "conv8", units),
+            lambda: effects.context_map(style, segmenter, style.params, (), z, "conv8", units, 1.0, [1]),
+            lambda: effects.ace_curve(style, segmenter, style.params, (), z, "conv8", units, (1, 2), [1]),
+            lambda: edit_program(style, segmenter, "conv8"),
+        ]
+        for call in calls:
+            with pytest.raises(TypeError, match=message):
+                call()
         assert not (tmp_path / "out").exists()
     else:  # only ACE optimization scores classes
         with pytest.raises(TypeError, match=message):
@@ -440,3 +451,33 @@ def test_every_public_name_resolves_to_a_documented_object_of_its_module():
         assert (value.__doc__ or "").strip(), f"{name} has no docstring"
     # photo inversion (GANPaint on photos the GAN did not make) is found by its name
     assert gd.invert.__module__ == "gandissect_jax.paint.invert"
+
+
+def test_generators_and_segmenters_in_every_accepted_form_pass_the_checks(style):
+    from gandissect_jax.generator import check_generator, split_of
+    from gandissect_jax.segmenter import check_segmenter
+
+    G, S = gd.load_generator("scenes64"), gd.load_segmenter("scenes64-segmenter")  # the shipped demo pair
+    check_generator(G)
+    check_segmenter(S, "segment", "class_score")
+    check_generator(style)
+    # labels as an (L, 2) array of str and categories as an array: what labels_and_categories reads
+    as_arrays = type("ArraySegmenter", (RedSegmenter,), {"labels": np.array(RedSegmenter.labels),
+                                                         "categories": np.array(RedSegmenter.categories)})()
+    check_segmenter(as_arrays, "segment", "class_score")
+    # z_dim as any integer (numpy, 0-d jax array), layer_names as a list
+    for z_dim in (np.int64(Z_DIM), jnp.asarray(Z_DIM)):
+        odd = NaiveStyleSplit(style)
+        odd.z_dim, odd.layer_names = z_dim, list(style.layer_names)
+        check_generator(odd)
+    for z_dim in (0, -3, 2.5, True, "16"):
+        odd = NaiveStyleSplit(style)
+        odd.z_dim = z_dim
+        with pytest.raises(TypeError, match=r"z_dim must be a positive integer"):
+            check_generator(odd)
+    # a model only split to its layers (dissect_model) needs no z_dim and no apply
+    head_only = type("HeadOnly", (), {"params": style.params, "layer_names": style.layer_names,
+                                      "split": staticmethod(style.split)})()
+    assert split_of(head_only, "conv8", needs=("params", "layer_names", "split")).h is style.split("conv8").h
+    with pytest.raises(TypeError, match=r"HeadOnly is not a Generator: no 'z_dim'; no 'apply'"):
+        check_generator(head_only)

@@ -30,7 +30,7 @@ import argparse
 import numpy as np
 
 from . import arguments, multihost
-from .intervention_common import (plain_help, add_source_arguments, check_units, positive_float, positive_int, seed,
+from .intervention_common import (plain_help, add_source_arguments, positive_float, positive_int, seed,
                                   source_of, to_uint8, weight)
 
 
@@ -226,7 +226,7 @@ def _run(args) -> int:
         rows = [("generated", to_uint8(G(jnp.asarray(shown))))]
         rows.append(("segmentation", pages.colorize(np.asarray(S.segment(S.params, jnp.clip(G(jnp.asarray(shown)), -1, 1))), S.labels)))
         for rank_name, order in orders.items():
-            x = effects.ablate(G, G.params, jnp.asarray(shown), args.layer, jnp.asarray(check_units(list(order[:k]), channels)))
+            x = effects.ablate(G, G.params, jnp.asarray(shown), args.layer, jnp.asarray(np.asarray(order[:k], np.int32)))
             rows.append((f"{k} {rank_name} units\nablated", to_uint8(x)))
             rows.append(("segmentation", pages.colorize(np.asarray(S.segment(S.params, jnp.clip(x, -1, 1))), S.labels)))
         experiment.write_bytes("ablation.png", pages.image_grid(rows))

@@ -10,10 +10,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gandissect_jax.generator import split_of
 from gandissect_jax.images import to_uint8
 
 from .resume import pytree_digest
-from .sources import FeaturesOnly, _clip, split_at
+from .sources import FeaturesOnly, _clip
 
 
 # ============================================================================ a model over a dataset
@@ -24,7 +25,8 @@ class ModelSource:
 
     model: any :class:`~gandissect_jax.generator.Generator`-protocol object whose input is an
     image batch, e.g. a Flax classifier seen through ``split_module(module, params, at=...,
-    input_shape=(H, W, 3))``; only ``split(layer).h`` is run (the model's head up to each layer).
+    input_shape=(H, W, 3))``; only ``split(layer).h`` is run (the model's head up to each layer),
+    so the model needs ``params``, ``layer_names`` and ``split`` (TypeError naming what is missing).
     data: a source of ``{"image": float32 (n, H, W, 3) in [-1, 1], "label": int (n, H', W'[, D])}``
     by example number, such as :class:`TfdsSource` (``num_samples``, ``fetch``, ``images``,
     ``identity``). This is Network Dissection of a discriminative model (Bau et al., CVPR 2017):
@@ -42,7 +44,7 @@ class ModelSource:
         self.layers = tuple(layers)
         self.num_samples = int(data.num_samples)
         self._identity = identity or {}
-        heads = {layer: split_at(model, layer)[0] for layer in self.layers}
+        heads = {layer: split_of(model, layer, needs=("params", "layer_names", "split"))[0] for layer in self.layers}
 
         def features(params, images):
             return {layer: head(params, images)[0] for layer, head in heads.items()}

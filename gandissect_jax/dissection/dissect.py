@@ -23,6 +23,7 @@ import hashlib
 import io
 import numbers
 import os
+import re
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -299,7 +300,8 @@ def _dissect(source, labels, categories, config, tracker: ResumeTracker, *, defa
                         run.remove("strips")
                     if config.make_report:
                         # the layers earlier runs of these inputs finished here stay listed
-                        listed = {**ordered, **_kept_layers(run, outdir, exclude=set(dirnames.values()))}
+                        kept = _kept_layers(run, outdir, exclude=set(dirnames.values()))
+                        listed = _forward_order({**ordered, **kept}, source) if kept else ordered
                         has_images = {layer: config.make_images and run.is_marked(f"images-{safe_dir_name(layer)}")
                                       for layer in listed}
                         write_report(outdir, listed, iou_threshold=config.iou_threshold, title=config.title,
@@ -317,7 +319,7 @@ def _kept_layers(run: RunDirectory, outdir: str, exclude: set[str]) -> dict[str,
     """{layer: LayerDissection} of the layers that earlier runs of this run directory finished in
     ``outdir`` (a ``layer-<dir>`` marker in ``.progress``) besides this run's (``exclude``: their
     directory names), in the order of their names, so the report of a rerun with fewer layers
-    still lists them. They were computed from this run's inputs: ``.progress/settings.json`` is
+    still lists them (then all in the generator's layer order, :func:`_forward_order`). They were computed from this run's inputs: ``.progress/settings.json`` is
     this run's identity (:class:`~.resume.RunDirectory` refuses another), and ``restart`` removes
     the markers with the outputs. A layer whose ``scores.npz`` was changed or removed since is
     left out, with a line saying so."""
@@ -333,6 +335,18 @@ def _kept_layers(run: RunDirectory, outdir: str, exclude: set[str]) -> dict[str,
             continue
         kept[layer] = LayerDissection.load_npz(path)
     return dict(sorted(kept.items()))
+
+
+def _forward_order(results: dict[str, LayerDissection], source) -> dict[str, LayerDissection]:
+    """``results`` in the generator's layer order (``source.generator.layer_names``), layers it does
+    not name after them in natural order of their names (layer2 before layer10)."""
+    names = list(getattr(getattr(source, "generator", None), "layer_names", None) or ())
+
+    def key(layer: str):
+        natural = tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", layer))
+        return (names.index(layer) if layer in names else len(names), natural)
+
+    return {layer: results[layer] for layer in sorted(results, key=key)}
 
 
 def _gallery_fits_memory(source, layers, config) -> bool:

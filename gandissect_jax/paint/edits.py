@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gandissect_jax.generator import split_of
+from gandissect_jax.segmenter.protocol import check_segmenter
 
 __all__ = [
     "Stroke",
@@ -353,5 +354,6 @@ def edit_program(generator: Any, segmenter: Any, layer: str) -> Callable:
     All parameters are arguments: one compiled program serves any weights of an architecture, and
     every stroke list of the same capacity, generated image or photo.
     """
+    check_segmenter(segmenter)
     h, f = split_of(generator, layer)
     return _edit_program(h, f, segmenter.segment, len(segmenter.labels))

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gandissect_jax.images import to_uint8
-from gandissect_jax.generator import split_of
+from gandissect_jax.generator import check_generator, split_of
+from gandissect_jax.segmenter.protocol import check_segmenter
 from gandissect_jax.sampling import sample_z
 
 from .edits import DEFAULT_TOP, MAX_STROKES, Stroke, StrokeArrays, edit_program, encode_strokes, region_mask
@@ -92,6 +93,8 @@ class PaintModel:
     def __init__(self, name: str, generator: Any, segmenter: Any, rankings: Mapping[str, LayerRankings], *,
                  max_strokes: int = MAX_STROKES, default_top: int = DEFAULT_TOP, max_photos: int = 16,
                  invert_settings: Mapping[str, Any] | None = None, info: Mapping[str, Any] | None = None):
+        check_generator(generator)
+        check_segmenter(segmenter)
         if not rankings:
             raise ValueError(f"model {name!r}: no dissected layers")
         self.name = name

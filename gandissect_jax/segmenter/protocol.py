@@ -52,6 +52,7 @@ from __future__ import annotations
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import jax
+import numpy as np
 
 __all__ = ["Segmenter", "check_segmenter", "label_index"]
 
@@ -127,7 +128,8 @@ def check_segmenter(segmenter: Any, *methods: str) -> None:
 
 
 def _sequence(value: Any) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+    """A list, tuple or other sequence, or a numpy array (e.g. labels as an (L, 2) array of str)."""
+    return isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes))
 
 
 def label_index(segmenter: Segmenter, name: str) -> int:
