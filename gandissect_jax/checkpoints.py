@@ -42,6 +42,8 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import numpy as np
 
+from . import untrusted_json
+
 __all__ = [
     "CheckpointError",
     "DestinationError",
@@ -113,7 +115,7 @@ def is_own_checkpoint(directory: str | os.PathLike) -> bool:
         return False
     try:
         with open(config_path) as f:
-            config = json.load(f)
+            config = untrusted_json.load(f)
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and config.get(FORMAT_KEY) == FORMAT
@@ -382,8 +384,8 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
         )
     try:
         with open(os.path.join(directory, CONFIG_FILE)) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
+            config = untrusted_json.load(f)
+    except ValueError as err:  # not JSON (too deep included), or not UTF-8
         raise CheckpointError(f"{directory}/{CONFIG_FILE} is corrupt: {err}") from err
     if not isinstance(config, dict):
         raise CheckpointError(f"{directory}/{CONFIG_FILE} is corrupt: not a JSON object")
@@ -395,3 +397,4 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
         raise CheckpointError(f"{directory}/{PARAMS_DIR} could not be restored: {err}") from err
     params = jax.tree_util.tree_map(np.asarray, params)
     return params, config
+

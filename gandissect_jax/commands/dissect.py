@@ -7,6 +7,7 @@ import json
 import os
 
 from . import arguments, multihost
+from .. import untrusted_json
 
 # With no source given, dissect the shipped demo pair (weights/scenes64): works offline, on CPU.
 DEMO_MODEL = "scenes64"
@@ -180,7 +181,7 @@ def _load_labels(path: str) -> dict:
     form = '{"labels": [[name, category], ...], "categories": [...]}'
     try:
         with open(path, encoding="utf-8") as handle:
-            document = json.load(handle)
+            document = untrusted_json.load(handle)
     except UnicodeDecodeError as err:
         raise ValueError(f"labels file {path} is not UTF-8 text ({err}); it must hold {form}") from err
     except json.JSONDecodeError as err:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gandissect_jax.scenes.world import LABEL_NAMES
+from .. import untrusted_json
 
 SEGMENTER_KIND = "scenes64-segmenter"
 SEGMENTER_LABELS = tuple((name, "object") for name in LABEL_NAMES)
@@ -185,9 +186,7 @@ def is_demo_segmenter_checkpoint(directory: str | Path) -> bool:
     config = Path(directory) / "config.json"
     if not config.is_file():
         return False
-    import json
-
     try:
-        return json.loads(config.read_text()).get("kind") == SEGMENTER_KIND
+        return untrusted_json.loads(config.read_text()).get("kind") == SEGMENTER_KIND
     except (ValueError, OSError):
         return False
