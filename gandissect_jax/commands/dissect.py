@@ -92,7 +92,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     arrays.add_argument("--labels", type=arguments.text("a labels.json file"),
                         help='labels.json: {"labels": [[name, category], ...], "categories": [...]}')
     arrays.add_argument("--images", type=arguments.text("a .npy file"),
-                        help="optional .npy of images (N, H, W, 3) for the image strips")
+                        help="optional .npy of images (N, H, W, 3) for the image strips: uint8 (0 to 255) or "
+                        "float in [-1, 1] (a generator's output; values a little beyond saturate)")
     arrays.add_argument("--layer-name", default="features", type=arguments.text("a layer name"),
                         help="name of the layer in the outputs (default %(default)s)")
     arrays.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc",
