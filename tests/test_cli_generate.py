@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,17 @@ def test_generate_never_overwrites_or_mixes_in_what_it_did_not_write(tmp_path, c
     assert main(["generate", "--model", str(PTH), "--n", "1", "--out", str(out), "--force"]) == 1
     assert "images/edited.png" in capsys.readouterr().err and _tree(out) == before
     (out / "images" / "edited.png").unlink()
+    (out / "images" / "000001.png").rename(tmp_path / "kept.png")
+    (out / "images" / "000001.png").symlink_to(tmp_path / "kept.png")  # a link where an image was
+    before = _tree(out)
+    assert main(["generate", "--model", str(PTH), "--n", "1", "--out", str(out), "--force"]) == 1
+    assert "images/000001.png" in capsys.readouterr().err and _tree(out) == before
+    (out / "images" / "000001.png").unlink()
+    (tmp_path / "kept.png").rename(out / "images" / "000001.png")
+    huge = json.dumps({"model": "x", "n": 2147483647, "seed": 1, "layers": []})  # decided by name, never listed
+    (out / "generate.json").write_text(huge)
+    assert main(["generate", "--model", str(PTH), "--n", "2", "--seed", "2", "--out", str(out), "--force"]) == 0
+    assert _tree(out) == _tree(tmp_path / "fresh")
     for forged in ('{"n": "3", "layers": []}', '{"n": 3, "layers": ["../../x"]}', "[" * 100_000 + "]" * 100_000):
         (out / "generate.json").write_text(forged)
         before = _tree(out)

@@ -70,10 +70,17 @@ def add_parser(subparsers) -> None:
 MARKER = "generate.json"
 
 
-def _outputs(settings: dict) -> list[str]:
-    """Paths (relative to --out) that a run of ``settings`` writes, the marker excluded."""
-    return ([f"images/{i:06d}.png" for i in range(settings["n"])] + ["z.npy"]
-            + [f"features/{layer}.npz" for layer in settings["layers"]])
+def _is_output(relative: str, settings: dict) -> bool:
+    """True when a run of ``settings`` writes ``relative`` (a path under --out, the marker excluded):
+    images/000000.png ... below n, z.npy, features/<layer>.npz (decided by name, never by listing
+    n names: a forged generate.json may claim any n)."""
+    if relative == "z.npy":
+        return True
+    folder, _, name = relative.partition("/")
+    if folder == "images" and name.endswith(".png") and name[:-4].isdigit() and name.isascii():
+        index = int(name[:-4])
+        return index < settings["n"] and name == f"{index:06d}.png"
+    return folder == "features" and name.endswith(".npz") and name[:-4] in settings["layers"]
 
 
 def _earlier_settings(out: Path) -> dict | None:
@@ -106,15 +113,19 @@ def prepare_out(out: Path, settings: dict, force: bool) -> None:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise ValueError(f"--out {out} already holds {shown}, which no gandissect-jax generate run wrote; "
                          "generate writes into a new or empty directory (nothing was written)")
-    ours = set(_outputs(earlier)) | {"images", "features", MARKER}
-    foreign = [entry for entry in entries if entry not in ours]
+    def theirs(relative: str) -> bool:  # not a file a run of ``earlier`` wrote (links never are)
+        path = out / relative
+        return not (_is_output(relative, earlier) and path.is_file() and not path.is_symlink())
+
+    foreign = [entry for entry in entries if entry not in ("images", "features", MARKER) and theirs(entry)]
+    listed = []
     for folder in ("images", "features"):
         if folder in entries:
             if not (out / folder).is_dir() or (out / folder).is_symlink():
                 foreign.append(folder)
             else:
-                foreign += [f"{folder}/{name}" for name in sorted(os.listdir(out / folder))
-                            if f"{folder}/{name}" not in ours]
+                listed += [f"{folder}/{name}" for name in sorted(os.listdir(out / folder))]
+    foreign += [relative for relative in listed if theirs(relative)]
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ValueError(f"--out {out} holds {shown}, which no gandissect-jax generate run wrote; move it away or "
@@ -126,7 +137,7 @@ def prepare_out(out: Path, settings: dict, force: bool) -> None:
                             if earlier.get(key) != settings[key])
         raise ValueError(f"--out {out} holds the output of another generate run ({changed}); give --force to "
                          "replace it (only its files are removed) or choose another --out (nothing was written)")
-    for relative in _outputs(earlier):
+    for relative in listed + ["z.npy"]:
         path = out / relative
         if path.is_file() and not path.is_symlink():
             path.unlink()
