@@ -42,6 +42,8 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import numpy as np
 
+from . import untrusted_json
+
 __all__ = [
     "CheckpointError",
     "DestinationError",
@@ -55,6 +57,9 @@ __all__ = [
     "check_destination",
     "destination_lock",
     "install_directory",
+    "config_sizes",
+    "config_flag",
+    "check_param_shapes",
 ]
 
 CONFIG_FILE = "config.json"
@@ -113,7 +118,7 @@ def is_own_checkpoint(directory: str | os.PathLike) -> bool:
         return False
     try:
         with open(config_path) as f:
-            config = json.load(f)
+            config = untrusted_json.load(f)
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and config.get(FORMAT_KEY) == FORMAT
@@ -382,8 +387,8 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
         )
     try:
         with open(os.path.join(directory, CONFIG_FILE)) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
+            config = untrusted_json.load(f)
+    except ValueError as err:  # not JSON (too deep included), or not UTF-8
         raise CheckpointError(f"{directory}/{CONFIG_FILE} is corrupt: {err}") from err
     if not isinstance(config, dict):
         raise CheckpointError(f"{directory}/{CONFIG_FILE} is corrupt: not a JSON object")
@@ -395,3 +400,46 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
         raise CheckpointError(f"{directory}/{PARAMS_DIR} could not be restored: {err}") from err
     params = jax.tree_util.tree_map(np.asarray, params)
     return params, config
+
+
+# ============================================================================ config.json values
+
+
+def config_sizes(config: Mapping[str, Any], key: str, where: str, default: Any = None) -> tuple[int, ...]:
+    """``config[key]`` (``default`` when absent) as a tuple of positive ints: the value must be a
+    non-empty JSON list of integers -- not floats (128.5 is not truncated to 128), not booleans,
+    not strings. CheckpointError naming ``where`` (the checkpoint directory), the key, the allowed
+    values and the value found otherwise. Used for the architecture widths of every checkpoint
+    kind, which choose the shapes the parameters are checked against."""
+    value = config.get(key, default)
+    if (isinstance(value, (list, tuple)) and value
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        return tuple(int(v) for v in value)
+    text = repr(value)
+    raise CheckpointError(f"{where}/{CONFIG_FILE}: {key!r} must be a non-empty list of positive integers, "
+                          f"got {text if len(text) <= 80 else text[:80] + '...'}")
+
+
+def config_flag(config: Mapping[str, Any], key: str, where: str, default: bool = False) -> bool:
+    """``config[key]`` (``default`` when absent), which must be a JSON boolean (the string "false"
+    is not taken as true); CheckpointError naming ``where``, the key and the value otherwise."""
+    value = config.get(key, default)
+    if isinstance(value, bool):
+        return value
+    raise CheckpointError(f"{where}/{CONFIG_FILE}: {key!r} must be true or false, got {value!r:.80}")
+
+
+def check_param_shapes(params: Any, expected: Any, where: str, what: str) -> None:
+    """Every leaf of ``params`` present, with the shape of ``expected`` (a pytree of arrays or
+    ``jax.ShapeDtypeStruct``), and nothing else; CheckpointError naming ``where``, ``what`` (e.g.
+    'segmenter parameter'), the parameter path and both shapes otherwise -- at load, before a
+    network first runs on them."""
+    want = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    have = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    for key in sorted(set(want) | set(have)):
+        if key not in have:
+            raise CheckpointError(f"{where}: {what} {key} is missing")
+        if key not in want:
+            raise CheckpointError(f"{where}: unexpected {what} {key}")
+        if have[key] != want[key]:
+            raise CheckpointError(f"{where}: {what} {key} has shape {have[key]}, expected {want[key]}")

@@ -25,6 +25,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from . import untrusted_json
+
 __all__ = ["DownloadError", "ChecksumError", "CorruptFileError", "check_structure", "download", "verify_cached",
            "read_record", "write_json_atomic", "sha256_of", "RECORD_FILE"]
 
@@ -124,7 +126,7 @@ def check_structure(path: str | os.PathLike, name: str | None = None) -> str:
                         while stream is not None and stream.read(1 << 20):
                             pass
         elif ending == ".json":
-            json.loads(path.read_bytes().decode("utf-8"))
+            untrusted_json.loads(path.read_bytes().decode("utf-8"))
         else:
             import numpy as np
 
@@ -221,7 +223,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def read_record(path: Path) -> dict:
     try:
-        record = json.loads(path.read_text())
+        record = untrusted_json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}

@@ -36,6 +36,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from . import untrusted_json
+
 __all__ = ["DissectionSource", "Experiment", "intervention_lock", "register", "write_index"]
 
 INTERVENTION = "intervention"
@@ -92,7 +94,7 @@ class DissectionSource:
 
         data = _leader_bytes(read)
         if data is not None:
-            self.document = json.loads(data)
+            self.document = untrusted_json.loads(data)
             source = dict(self.document.get("settings", {}).get("source", {}) or {})
         self.model_name = model or source.get("model")
         self.segmenter_name = segmenter or source.get("segmenter")
@@ -288,8 +290,8 @@ class Experiment:
             if os.path.exists(path):
                 try:
                     with open(path) as handle:
-                        previous = json.load(handle)
-                except (OSError, json.JSONDecodeError) as err:
+                        previous = untrusted_json.load(handle)
+                except (OSError, ValueError) as err:
                     raise ValueError(f"{path} is unreadable ({err}); give another --name") from err
                 if previous != self.settings:
                     raise ValueError(
@@ -399,8 +401,8 @@ def register(experiment: Experiment, title: str, summary: Mapping[str, Any] | No
         if os.path.exists(path):
             try:
                 with open(path) as handle:
-                    index = json.load(handle)
-            except (OSError, json.JSONDecodeError):
+                    index = untrusted_json.load(handle)
+            except (OSError, ValueError):
                 index = {"experiments": []}
         entry = {"kind": experiment.kind, "layer": experiment.layer, "name": experiment.name,
                  "title": title, "page": experiment.relative + "/page.html",

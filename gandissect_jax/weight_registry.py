@@ -15,10 +15,11 @@ shipped directory, else its fetched copy in :func:`cache_dir`. Fetching and pinn
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
+
+from . import untrusted_json
 
 __all__ = ["KINDS", "SHIPPED_WEIGHTS_PACKAGE", "CACHE_APP_NAME", "shipped_weights_dir", "registry_path",
            "load_registry", "cache_dir", "fetched_path", "resolve"]
@@ -98,8 +99,8 @@ def load_registry(path: str | os.PathLike | Mapping | None = None) -> dict[str, 
             raise FileNotFoundError(f"no weight registry at {path}")
         with open(path) as f:
             try:
-                data = json.load(f)
-            except json.JSONDecodeError as err:
+                data = untrusted_json.load(f)
+            except ValueError as err:  # not JSON (too deep included), or not UTF-8
                 raise ValueError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(data, Mapping):
         raise ValueError(f"{source}: the registry must be a JSON object name -> entry")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import importlib
-import json
 import os
 import shutil
 import tempfile
@@ -40,6 +39,7 @@ from .weight_registry import (  # the registry; gandissect_jax.weights exports i
     resolve,
     shipped_weights_dir,
 )
+from . import untrusted_json
 
 __all__ = [
     "DownloadError",
@@ -252,7 +252,7 @@ def pin(
         raw: dict = {}
         if into.exists():
             load_registry(into)  # validates it
-            raw = json.loads(into.read_text())
+            raw = untrusted_json.loads(into.read_text())
         if isinstance(raw.get(name), Mapping):
             entry = load_registry({name: raw[name]})[name]
         else:

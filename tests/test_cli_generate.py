@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,73 @@ def test_convert_detects_segmenter_directories(tmp_path):
     assert detect_kind(seg) == "segmenter"
     assert detect_kind(PTH) == "generator"
     assert detect_kind(tmp_path) == "generator"
+
+
+def _tree(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_generate_never_overwrites_or_mixes_in_what_it_did_not_write(tmp_path, capsys):
+    # a user's folder that happens to hold the names generate writes: refused, untouched
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)
+    (mine / "images" / "000000.png").write_bytes(b"my photo")
+    (mine / "z.npy").write_bytes(b"my latents")
+    before = _tree(mine)
+    assert main(["generate", "--model", str(PTH), "--n", "2", "--out", str(mine)]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {mine}" in err and "images" in err and "nothing was written" in err
+    assert _tree(mine) == before
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    assert main(["generate", "--model", str(PTH), "--n", "2", "--out", str(tmp_path / "notes")]) == 1
+    assert "todo.txt" in capsys.readouterr().err and _tree(tmp_path / "notes") == {"todo.txt": b"x"}
+
+    # the same command again rewrites the same files; another one needs --force and leaves
+    # nothing of the earlier run (no image 000002.png of seed 1 beside seed 2's two)
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(PTH), "--n", "3", "--out", str(out), "--layers", "layer4"]) == 0
+    first = _tree(out)
+    assert main(["generate", "--model", str(PTH), "--n", "3", "--out", str(out), "--layers", "layer4"]) == 0
+    assert _tree(out) == first
+    capsys.readouterr()
+    assert main(["generate", "--model", str(PTH), "--n", "2", "--seed", "2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "n was 3, now 2" in err and "seed was 1, now 2" in err and "--force" in err
+    assert _tree(out) == first
+    assert main(["generate", "--model", str(PTH), "--n", "2", "--seed", "2", "--out", str(out), "--force"]) == 0
+    assert main(["generate", "--model", str(PTH), "--n", "2", "--seed", "2", "--out", str(tmp_path / "fresh")]) == 0
+    assert _tree(out) == _tree(tmp_path / "fresh")
+    assert sorted(_tree(out)) == ["generate.json", "images/000000.png", "images/000001.png", "z.npy"]
+    np.testing.assert_array_equal(np.load(out / "z.npy"), gj.sample_z(2, 128, seed=2))
+
+    # a user's file inside an earlier output, or a forged settings file, stops --force
+    (out / "images" / "edited.png").write_bytes(b"mine")
+    before = _tree(out)
+    assert main(["generate", "--model", str(PTH), "--n", "1", "--out", str(out), "--force"]) == 1
+    assert "images/edited.png" in capsys.readouterr().err and _tree(out) == before
+    (out / "images" / "edited.png").unlink()
+    (out / "images" / "000001.png").rename(tmp_path / "kept.png")
+    (out / "images" / "000001.png").symlink_to(tmp_path / "kept.png")  # a link where an image was
+    before = _tree(out)
+    assert main(["generate", "--model", str(PTH), "--n", "1", "--out", str(out), "--force"]) == 1
+    assert "images/000001.png" in capsys.readouterr().err and _tree(out) == before
+    (out / "images" / "000001.png").unlink()
+    (tmp_path / "kept.png").rename(out / "images" / "000001.png")
+    huge = json.dumps({"model": "x", "n": 2147483647, "seed": 1, "layers": []})  # decided by name, never listed
+    (out / "generate.json").write_text(huge)
+    assert main(["generate", "--model", str(PTH), "--n", "2", "--seed", "2", "--out", str(out), "--force"]) == 0
+    assert _tree(out) == _tree(tmp_path / "fresh")
+    for forged in ('{"n": "3", "layers": []}', '{"n": 3, "layers": ["../../x"]}', "[" * 100_000 + "]" * 100_000):
+        (out / "generate.json").write_text(forged)
+        before = _tree(out)
+        assert main(["generate", "--model", str(PTH), "--n", "1", "--out", str(out), "--force"]) == 1
+        assert "no gandissect-jax generate run wrote" in capsys.readouterr().err and _tree(out) == before
+
+
+def test_generate_refuses_what_cannot_fit_in_memory_before_any_work(tmp_path, capsys):
+    out = tmp_path / "huge"
+    assert main(["generate", "--model", str(PTH), "--n", "2147483647", "--out", str(out), "--layers", "layer4"]) == 1
+    err = capsys.readouterr().err
+    assert "--n 2147483647 needs" in err and "GiB" in err and "--n in [1, " in err
+    assert not out.exists()

@@ -264,6 +264,31 @@ def test_nonfinite_features_are_reported_before_the_passes_naming_sample_and_uni
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("make, message", [
+    (lambda im: im.astype(np.int64),
+     r"images must be uint8 \(0 to 255\) or floating point in \[-1, 1\], got dtype int64"),
+    (lambda im: im > 0, r"images must be uint8 .* got dtype bool"),
+    (lambda im: (im + 1) * 127.5, r"images hold values from 0 to 255; float images are read as \[-1, 1\].*uint8"),
+    (lambda im: np.where(np.arange(48)[:, None, None, None] == 45, np.nan, im).astype(np.float16),
+     r"images hold 48 NaN/inf values, the first in sample 45; float images must be finite"),
+    (lambda im: np.where(np.arange(48)[:, None, None, None] == 47, np.inf, im),
+     r"images hold 48 NaN/inf values, the first in sample 47"),
+])
+def test_images_of_another_convention_are_refused_before_the_passes(make, message, tmp_path):
+    """--images are drawn as uint8, or as floats in [-1, 1]: integer or bool arrays, NaN/inf, and
+    0-255 floats (which would be drawn as white strips) are refused by the content scan, before
+    any pass and before anything is written; [-1, 1] floats a little beyond (unclamped
+    generators) and uint8 images are taken."""
+    feats, seg = toy()
+    images = np.linspace(-1, 1, 48 * 4 * 4 * 3, dtype=np.float32).reshape(48, 4, 4, 3)
+    counted = ReadCounter(feats)
+    with pytest.raises(ValueError, match=message):
+        dissect_features(counted, seg, LABELS, outdir=str(tmp_path / "out"), images=make(images), **QUICK)
+    assert counted.reads <= 1 and not (tmp_path / "out").exists()
+    for good in (images * 1.3, ((images + 1) * 127.5).astype(np.uint8)):
+        dissect_features(feats, seg, LABELS, images=good, **QUICK)
+
+
 @pytest.mark.parametrize("value, hint", [(7, "must list every label number"), (255, "map 'ignore' values"),
                                          (-1, "map 'ignore' values"), (2**31, "must list every label number"),
                                          (2**40, "must list every label number")])

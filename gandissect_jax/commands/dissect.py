@@ -7,6 +7,7 @@ import json
 import os
 
 from . import arguments, multihost
+from .. import untrusted_json
 
 # With no source given, dissect the shipped demo pair (weights/scenes64): works offline, on CPU.
 DEMO_MODEL = "scenes64"
@@ -91,7 +92,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     arrays.add_argument("--labels", type=arguments.text("a labels.json file"),
                         help='labels.json: {"labels": [[name, category], ...], "categories": [...]}')
     arrays.add_argument("--images", type=arguments.text("a .npy file"),
-                        help="optional .npy of images (N, H, W, 3) for the image strips")
+                        help="optional .npy of images (N, H, W, 3) for the image strips: uint8 (0 to 255) or "
+                        "float in [-1, 1] (a generator's output; values a little beyond saturate)")
     arrays.add_argument("--layer-name", default="features", type=arguments.text("a layer name"),
                         help="name of the layer in the outputs (default %(default)s)")
     arrays.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc",
@@ -180,7 +182,7 @@ def _load_labels(path: str) -> dict:
     form = '{"labels": [[name, category], ...], "categories": [...]}'
     try:
         with open(path, encoding="utf-8") as handle:
-            document = json.load(handle)
+            document = untrusted_json.load(handle)
     except UnicodeDecodeError as err:
         raise ValueError(f"labels file {path} is not UTF-8 text ({err}); it must hold {form}") from err
     except json.JSONDecodeError as err:

@@ -424,7 +424,8 @@ def dissect_features(features, segmentations, labels, config: DissectConfig | No
     exact 1 - ``quantile`` quantile of each unit's raw activations, the reference's default;
     'iqr' is the paper's information-quality-ratio search); levels: fixed thresholds (U,) (or dict
     layer -> (U,)), which override both. images: optional (N, H', W', 3) uint8 or [-1, 1] float
-    images for the top-k strips. Returns {layer: LayerDissection}; with outdir, also writes
+    images for the top-k strips (floats a little beyond saturate; other dtypes, NaN/inf and floats
+    beyond [-2, 2], such as 0-255 floats, are refused by the content scan, before any pass). Returns {layer: LayerDissection}; with outdir, also writes
     scores.npz, strips and the report there (atomically; a rerun with the same data -- compared
     by a sha256 of every byte -- and settings resumes; ``restart=True`` starts afresh).
     ValueError naming the argument for anything out of range (see :func:`dissect`).

@@ -33,6 +33,7 @@ from .report_page import render_html
 from .results import LayerDissection
 from .resume import atomic_file, atomic_write_json, outdir_lock
 from .schema import read_dissect_json
+from .. import untrusted_json
 
 __all__ = ["iou_scores", "iou_ranking", "ranking_record", "layer_iou_rankings", "read_rankings",
            "add_ranking", "dissection_digest", "augment_document", "refresh_report", "units_by",
@@ -116,8 +117,8 @@ def read_rankings(outdir: str, settings: Mapping[str, Any] | None = None, *, all
         return {"layers": {}}
     try:
         with open(path) as handle:
-            document = json.load(handle)
-    except (OSError, json.JSONDecodeError) as err:
+            document = untrusted_json.load(handle)
+    except (OSError, ValueError) as err:
         raise ValueError(f"{path} is unreadable ({err}); remove it to rebuild it from the experiments") from err
     if not isinstance(document, dict) or not isinstance(document.get("layers"), dict):
         raise ValueError(f"{path} is not a rankings file (expected {{\"layers\": {{...}}}})")
@@ -148,8 +149,8 @@ def _read_index(outdir: str) -> dict | None:
         return None
     try:
         with open(path) as handle:
-            index = json.load(handle)
-    except (OSError, json.JSONDecodeError):
+            index = untrusted_json.load(handle)
+    except (OSError, ValueError):
         return None
     return index if isinstance(index, dict) else None
 
@@ -203,7 +204,7 @@ def refresh_report(outdir: str) -> bool:
         return False
     try:
         with open(path) as handle:
-            document = json.load(handle)
+            document = untrusted_json.load(handle)
         document = augment_document(document, outdir)
         bargraphs = {}
         for record in document.get("layers", []):

@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
+from .. import untrusted_json
+
 LOCK_NAME = ".dissect.lock"
 SETTINGS_VERSION = 3
 
@@ -81,7 +83,7 @@ def checkpoint_meta(path: str) -> dict:
     """The ``meta`` record of a :func:`save_checkpoint` file. ValueError naming the file when unreadable."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            return json.loads(str(data["meta"]))
+            return untrusted_json.loads(str(data["meta"]))
     except UNREADABLE as err:
         raise ProgressFileError(f"checkpoint {path} cannot be read ({err}); remove it to start afresh") from err
 
@@ -94,7 +96,7 @@ def load_checkpoint(path: str, template: Any) -> tuple[Any, dict]:
     leaves, treedef = jax.tree_util.tree_flatten(template)
     try:
         with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
+            meta = untrusted_json.loads(str(data["meta"]))
             count = sum(1 for name in data.files if name.startswith("leaf"))
             if count != len(leaves):
                 raise ValueError(f"checkpoint {path} holds {count} arrays; this run has {len(leaves)}")
@@ -219,7 +221,7 @@ def read_manifest(progress_dir: str | None) -> dict[str, list[str]]:
         return empty
     try:
         with open(os.path.join(progress_dir, RunDirectory.MANIFEST)) as handle:
-            manifest = json.load(handle)
+            manifest = untrusted_json.load(handle)
     except (OSError, TypeError, ValueError):
         return empty
     if not isinstance(manifest, dict):
@@ -281,8 +283,8 @@ class RunDirectory:
         self.fresh = False
         try:
             with open(path) as handle:
-                previous = json.load(handle)
-        except (OSError, json.JSONDecodeError) as err:
+                previous = untrusted_json.load(handle)
+        except (OSError, ValueError) as err:
             raise IdentityMismatch(f"{path} is unreadable ({err}); {RESTART_HINT}") from err
         if not isinstance(previous, dict) or previous.get("version") != SETTINGS_VERSION:
             version = previous.get("version") if isinstance(previous, dict) else None
@@ -319,7 +321,7 @@ class RunDirectory:
         path = self.path(name + ".done")
         try:
             with open(path) as handle:
-                return json.load(handle)
+                return untrusted_json.load(handle)
         except (TypeError, OSError, ValueError):
             return None
 

@@ -38,6 +38,8 @@ import copy
 import json
 from typing import Any
 
+from .. import untrusted_json
+
 SCHEMA = 2
 UNIT_RENAMED = {"threshold": "level", "quantile": "activation_fraction"}  # schema 1 -> 2
 SETTINGS_RENAMED = {"k": "topk"}
@@ -93,7 +95,7 @@ def read_dissect_json(path: str) -> dict:
     """Read a ``dissect.json`` of any known schema as schema 2. ValueError naming the file when it is not one."""
     try:
         with open(path) as handle:
-            document: Any = json.load(handle)
+            document: Any = untrusted_json.load(handle)
         return upgrade(document)
     except (json.JSONDecodeError, ValueError) as err:
         raise ValueError(f"{path}: {err}") from err

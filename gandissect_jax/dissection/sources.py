@@ -147,6 +147,43 @@ class _FiniteCheck:
                              f"{self.first[0]}, unit {self.first[1]}; replace them (e.g. np.nan_to_num) first")
 
 
+class _ImageRangeCheck:
+    """``content_digest`` visitor of float images: ValueError, once the whole array is read, when
+    they hold NaN/inf or values beyond [-2, 2]: images are read as [-1, 1] (a generator's output;
+    values a little beyond saturate, as unclamped generators give), so values like 255 mean images
+    of another convention (0-255 floats), which would be drawn as white strips."""
+
+    LIMIT = 2.0
+
+    def __init__(self, array):
+        self.floating = bool(jnp.issubdtype(array.dtype, jnp.floating))
+        self.rows, self.total = 0, int(array.shape[0])
+        self.nonfinite, self.low, self.high, self.first = 0, np.inf, -np.inf, None
+
+    def __call__(self, chunk: np.ndarray) -> None:
+        if self.floating and chunk.size:
+            values = chunk.astype(np.float32, copy=False)
+            finite = np.isfinite(values)
+            if not finite.all():
+                self.nonfinite += int((~finite).sum())
+                if self.first is None:
+                    self.first = self.rows + int(np.unravel_index(int(np.flatnonzero(~finite.reshape(-1))[0]),
+                                                                  chunk.shape)[0])
+            if finite.any():
+                self.low = min(self.low, float(values[finite].min()))
+                self.high = max(self.high, float(values[finite].max()))
+        self.rows += chunk.shape[0]
+        if self.rows < self.total or not self.floating:
+            return
+        if self.nonfinite:
+            raise ValueError(f"images hold {self.nonfinite} NaN/inf values, the first in sample {self.first}; "
+                             "float images must be finite numbers in [-1, 1]")
+        if self.low < -self.LIMIT or self.high > self.LIMIT:
+            raise ValueError(f"images hold values from {self.low:g} to {self.high:g}; float images are read as "
+                             "[-1, 1] (a generator's output): give 0-255 images as uint8 (images.astype(np.uint8)) "
+                             "or map them to [-1, 1] (images / 127.5 - 1)")
+
+
 def _clip(indices: np.ndarray, count: int) -> np.ndarray:
     return np.clip(np.asarray(indices), 0, count - 1)
 
@@ -196,6 +233,9 @@ class ArraySource:
         if images is not None:
             if images.ndim != 4 or images.shape[-1] != 3:
                 raise ValueError(f"images must have shape (N, H, W, 3), got {tuple(images.shape)}")
+            if not (images.dtype == np.uint8 or jnp.issubdtype(images.dtype, jnp.floating)):
+                raise ValueError(f"images must be uint8 (0 to 255) or floating point in [-1, 1], got dtype "
+                                 f"{images.dtype}; convert them (e.g. images.astype(np.uint8) for 0-255 values)")
             counts["images"] = images.shape[0]
         if len(set(counts.values())) != 1:
             raise ValueError(f"features, segmentations and images disagree on the number of samples: {counts}")
@@ -238,7 +278,7 @@ class ArraySource:
             content = {"features": {name: content_digest(a, visit=_FiniteCheck(name, a)) for name, a in self.arrays.items()},
                        "segmentations": content_digest(self.segmentations, visit=extremes)}
             if self.images_array is not None:
-                content["images"] = content_digest(self.images_array)
+                content["images"] = content_digest(self.images_array, visit=_ImageRangeCheck(self.images_array))
             self._content = content
             self._label_range = (min(low), max(high)) if low else (0, 0)
         return self._content

@@ -150,14 +150,23 @@ class GeneratorConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "GeneratorConfig":
-        """Inverse of :meth:`to_dict`; ValueError if ``data`` is not a ProGAN generator config."""
+    def from_dict(cls, data: Mapping[str, Any], source: str = "checkpoint") -> "GeneratorConfig":
+        """Inverse of :meth:`to_dict`. ValueError naming ``source`` (the checkpoint directory) if
+        ``data`` is not a ProGAN generator config: another kind or architecture, no ``sizes``,
+        ``sizes`` not a list of positive integers or ``output_tanh`` not a boolean (values are
+        never converted: 128.5 is not read as 128, nor the string "false" as true)."""
+        from gandissect_jax.checkpoints import config_flag, config_sizes
+
         kind = data.get("kind", CHECKPOINT_KIND)
         architecture = data.get("architecture", ARCHITECTURE)
         if kind != CHECKPOINT_KIND or architecture != ARCHITECTURE:
             raise ValueError(
-                f"checkpoint is a {kind!r}/{architecture!r}, not a {CHECKPOINT_KIND}/{ARCHITECTURE}"
+                f"{source}: checkpoint is a {kind!r}/{architecture!r}, not a {CHECKPOINT_KIND}/{ARCHITECTURE}"
             )
         if "sizes" not in data:
-            raise ValueError("generator config has no 'sizes'")
-        return cls(sizes=tuple(data["sizes"]), output_tanh=bool(data.get("output_tanh", False)))
+            raise ValueError(f"{source}: generator config has no 'sizes'")
+        sizes = config_sizes(data, "sizes", source)
+        if len(sizes) < 2:
+            raise ValueError(f"{source}/config.json: 'sizes' must list z_dim then at least one channel depth, "
+                             f"got {list(sizes)}")
+        return cls(sizes=sizes, output_tanh=config_flag(data, "output_tanh", source))

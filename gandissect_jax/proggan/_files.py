@@ -49,7 +49,7 @@ def load_generator(src: "str | os.PathLike | ProgressiveGenerator") -> Progressi
     if path.is_dir():
         if checkpoints.is_checkpoint(path):
             params, config_dict = checkpoints.load_checkpoint(path)
-            config = GeneratorConfig.from_dict(config_dict)
+            config = GeneratorConfig.from_dict(config_dict, source=str(path))
             if not isinstance(params, Mapping):
                 raise ValueError(f"{path}: params are a {type(params).__name__}, not a mapping")
             return ProgressiveGenerator(check_params(params, config, source=str(path)), config)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gandissect_jax.scenes.world import LABEL_NAMES
+from .. import untrusted_json
 
 SEGMENTER_KIND = "scenes64-segmenter"
 SEGMENTER_LABELS = tuple((name, "object") for name in LABEL_NAMES)
@@ -165,9 +166,11 @@ def load_demo_segmenter(src: str | Path = "scenes64-segmenter") -> DemoSegmenter
 
     ``src`` is a registry name (``'scenes64-segmenter'``, shipped in ``weights/scenes64/segmenter``;
     ``'scenes64'`` is accepted as an alias) or a directory written by :func:`save_demo_segmenter`.
-    Raises FileNotFoundError for a missing checkpoint and ValueError for another kind of checkpoint.
+    Raises FileNotFoundError for a missing checkpoint and ValueError naming the directory for
+    another kind of checkpoint, ``widths`` that are not a list of positive integers,
+    or parameters missing, unexpected or of another shape than ``widths`` give.
     """
-    from gandissect_jax.checkpoints import load_checkpoint
+    from gandissect_jax.checkpoints import check_param_shapes, config_sizes, load_checkpoint
     from gandissect_jax.weights import resolve
 
     if str(src) == "scenes64":
@@ -176,8 +179,11 @@ def load_demo_segmenter(src: str | Path = "scenes64-segmenter") -> DemoSegmenter
     params, config = load_checkpoint(path)
     if config.get("kind") != SEGMENTER_KIND:
         raise ValueError(f"{path} is not a demo segmenter checkpoint (kind={config.get('kind')!r})")
+    widths = config_sizes(config, "widths", str(path), DEFAULT_WIDTHS)
+    expected = jax.eval_shape(lambda: init_segmenter_params(jax.random.key(0), widths))
+    check_param_shapes(params, expected, str(path), "segmenter parameter")
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
-    return DemoSegmenter(params, config.get("widths", DEFAULT_WIDTHS))
+    return DemoSegmenter(params, widths)
 
 
 def is_demo_segmenter_checkpoint(directory: str | Path) -> bool:
@@ -185,9 +191,7 @@ def is_demo_segmenter_checkpoint(directory: str | Path) -> bool:
     config = Path(directory) / "config.json"
     if not config.is_file():
         return False
-    import json
-
     try:
-        return json.loads(config.read_text()).get("kind") == SEGMENTER_KIND
+        return untrusted_json.loads(config.read_text()).get("kind") == SEGMENTER_KIND
     except (ValueError, OSError):
         return False

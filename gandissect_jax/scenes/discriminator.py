@@ -157,13 +157,13 @@ def convert_train_state(src: str | Path, dest: str | Path, *, force: bool = Fals
       ValueError naming ``src`` when it is not such a train state or its discriminator does not
       match the architecture (naming the parameter and both shapes).
     """
-    from gandissect_jax.checkpoints import load_checkpoint, save_checkpoint
+    from gandissect_jax.checkpoints import config_sizes, load_checkpoint, save_checkpoint
 
     params, config = load_checkpoint(src)
     if config.get("kind") != "scenes64-gan-train-state" or "d" not in params:
         raise ValueError(f"{src} is not a demo GAN train state (kind {config.get('kind')!r}; "
                          "expected 'scenes64-gan-train-state' with a 'd' entry)")
-    channels = tuple(int(c) for c in config.get("d_channels", D_CHANNELS))
+    channels = config_sizes(config, "d_channels", str(src), D_CHANNELS)
     network = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params["d"])
     _check_network(network, channels, str(src))
     return save_checkpoint(dest, {"network": network, "context_images": context_images()},
@@ -175,18 +175,11 @@ def convert_train_state(src: str | Path, dest: str | Path, *, force: bool = Fals
 
 
 def _check_network(network: Any, channels: tuple[int, ...], source: str) -> None:
+    from gandissect_jax.checkpoints import check_param_shapes
+
     expected = jax.eval_shape(SceneDiscriminator(channels).init, jax.random.key(0),
                               jnp.zeros((GROUP, 64, 64, 3)))["params"]
-    flat_expected = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-    flat = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(network)}
-    for key in sorted(set(flat_expected) | set(flat)):
-        if key not in flat:
-            raise ValueError(f"{source}: discriminator parameter {key} is missing")
-        if key not in flat_expected:
-            raise ValueError(f"{source}: unexpected discriminator parameter {key}")
-        if tuple(flat[key]) != tuple(flat_expected[key]):
-            raise ValueError(f"{source}: discriminator parameter {key} has shape {tuple(flat[key])}, "
-                             f"expected {tuple(flat_expected[key])}")
+    check_param_shapes(network, expected, source, "discriminator parameter")
 
 
 def load_discriminator(src: str | Path = "scenes64-discriminator") -> DemoDiscriminator:
@@ -196,7 +189,7 @@ def load_discriminator(src: str | Path = "scenes64-discriminator") -> DemoDiscri
     Raises FileNotFoundError for a missing checkpoint and ValueError naming the directory for
     another kind of checkpoint or mis-shaped parameters.
     """
-    from gandissect_jax.checkpoints import load_checkpoint
+    from gandissect_jax.checkpoints import config_sizes, load_checkpoint
     from gandissect_jax.weights import resolve
 
     path = Path(resolve(src, kind="discriminator"))
@@ -204,7 +197,7 @@ def load_discriminator(src: str | Path = "scenes64-discriminator") -> DemoDiscri
     if config.get("kind") != DISCRIMINATOR_KIND:
         raise ValueError(f"{path} is not a demo discriminator checkpoint (kind={config.get('kind')!r}; "
                          f"expected {DISCRIMINATOR_KIND!r})")
-    channels = tuple(int(c) for c in config.get("channels", D_CHANNELS))
+    channels = config_sizes(config, "channels", str(path), D_CHANNELS)
     if set(params) != {"network", "context_images"}:
         raise ValueError(f"{path}: expected params 'network' and 'context_images', got {sorted(params)}")
     _check_network(params["network"], channels, str(path))

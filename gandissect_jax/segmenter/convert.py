@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .upernet import HeadSizes, UnifiedParsingNetwork
+from .. import untrusted_json
 
 __all__ = [
     "MODEL_NAME",
@@ -254,8 +255,8 @@ def read_labels_json(path: str) -> dict:
     """Read and validate a ``labels.json``."""
     try:
         with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
+            data = untrusted_json.load(f)
+    except ValueError as err:  # not JSON (too deep included), or not UTF-8
         raise SegmenterWeightsError(f"{path} is not valid JSON: {err}") from err
     return validate_labeldata(data, path)
 
