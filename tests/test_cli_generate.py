@@ -41,11 +41,11 @@ def test_generate_images_and_features(tmp_path, golden):
     assert (ours == reference).mean() > 0.99
     assert pixels.std() > 20  # real pictures, not a constant
 
-    layer4 = np.load(out / "features" / "layer4.npz")["features"]
+    layer4 = np.load(out / "features" / "layer4.npy")
     assert layer4.shape == (5, 8, 8, 128) and layer4.dtype == np.float32
     ref4 = np.transpose(golden["layer4"], (0, 2, 3, 1))
     assert np.abs(layer4[golden["sample_index"]] - ref4).max() <= 1e-4 * np.abs(ref4).max()
-    image = np.load(out / "features" / "output_32x32.npz")["features"]
+    image = np.load(out / "features" / "output_32x32.npy")
     np.testing.assert_array_equal(images_to_uint8(image), pixels)
     leftovers = [p for p in out.rglob("*") if p.name.startswith(".")]
     assert leftovers == []
@@ -158,3 +158,19 @@ def test_generate_refuses_what_cannot_fit_in_memory_before_any_work(tmp_path, ca
     err = capsys.readouterr().err
     assert "--n 2147483647 needs" in err and "GiB" in err and "--n in [1, " in err
     assert not out.exists()
+
+
+def test_generated_features_are_what_dissect_features_reads(tmp_path):
+    out = tmp_path / "g"
+    assert main(["generate", "--model", str(PTH), "--n", "6", "--layers", "layer4", "--out", str(out)]) == 0
+    layer4 = np.load(out / "features" / "layer4.npy")
+    assert layer4.shape == (6, 8, 8, 128) and layer4.dtype == np.float32
+    segmentation = np.zeros((6, 16, 16), np.int32)
+    segmentation[:, :8] = 1  # "top": the upper half of every image
+    np.save(tmp_path / "seg.npy", segmentation)
+    (tmp_path / "labels.json").write_text(json.dumps({"labels": [["-", "-"], ["top", "object"]]}))
+    assert main(["dissect", "--features", str(out / "features" / "layer4.npy"), "--segmentations",
+                 str(tmp_path / "seg.npy"), "--labels", str(tmp_path / "labels.json"), "--threshold", "quantile",
+                 "--outdir", str(tmp_path / "d"), "--quiet", "--no-images"]) == 0
+    document = json.loads((tmp_path / "d" / "dissect.json").read_text())
+    assert [record["units"] and len(record["units"]) for record in document["layers"]] == [128]

@@ -1,10 +1,11 @@
-"""``gandissect-jax generate``: images (PNG) and, optionally, layer features (.npz) from a generator.
+"""``gandissect-jax generate``: images (PNG) and, optionally, layer features (.npy) from a generator.
 
 Output layout under ``--out DIR``::
 
     DIR/images/000000.png ...   one PNG per sample ([-1, 1] mapped to uint8 by gandissect_jax.images.to_uint8)
     DIR/z.npy                   the (N, z_dim) float32 latents (gandissect_jax.sample_z(N, z_dim, seed))
-    DIR/features/<layer>.npz    array ``features``: (N, H, W, C) float32, NHWC, one file per --layers
+    DIR/features/<layer>.npy    (N, H, W, C) float32, NHWC, one file per --layers: what
+                                ``gandissect-jax dissect --features`` reads
 
     DIR/generate.json           what the run writes (model, n, seed, layers), written first
 
@@ -41,10 +42,10 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate",
         help="generate images (and layer features) from a Progressive GAN",
-        description="Generate PNG images, and optionally per-layer features as .npz, from a "
+        description="Generate PNG images, and optionally per-layer features as .npy, from a "
         "generator given as a registry name, a .pth file or a converted checkpoint directory "
         f"(default: the shipped demo generator {DEFAULT_MODEL!r}). Writes OUT/images/000000.png ..., "
-        "OUT/z.npy (the latents) and OUT/features/LAYER.npz (array 'features', (N, H, W, C) float32) "
+        "OUT/z.npy (the latents) and OUT/features/LAYER.npy ((N, H, W, C) float32, NHWC, ready for dissect --features) "
         "for each of --layers, and OUT/generate.json (the settings); list the layers with: "
         "gandissect-jax layers MODEL.",
     )
@@ -72,7 +73,7 @@ MARKER = "generate.json"
 
 def _is_output(relative: str, settings: dict) -> bool:
     """True when a run of ``settings`` writes ``relative`` (a path under --out, the marker excluded):
-    images/000000.png ... below n, z.npy, features/<layer>.npz (decided by name, never by listing
+    images/000000.png ... below n, z.npy, features/<layer>.npy (decided by name, never by listing
     n names: a forged generate.json may claim any n)."""
     if relative == "z.npy":
         return True
@@ -80,7 +81,7 @@ def _is_output(relative: str, settings: dict) -> bool:
     if folder == "images" and name.endswith(".png") and name[:-4].isdigit() and name.isascii():
         index = int(name[:-4])
         return index < settings["n"] and name == f"{index:06d}.png"
-    return folder == "features" and name.endswith(".npz") and name[:-4] in settings["layers"]
+    return folder == "features" and name.endswith(".npy") and name[:-4] in settings["layers"]
 
 
 def _earlier_settings(out: Path) -> dict | None:
@@ -177,11 +178,6 @@ def _save_npy(path: str, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def _save_npz(path: str, **arrays: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
 def run(args: argparse.Namespace) -> int:
     """Generate ``args.n`` images (and features) into ``args.out``."""
     from PIL import Image
@@ -224,8 +220,8 @@ def run(args: argparse.Namespace) -> int:
         (out / "features").mkdir(exist_ok=True)
     for layer, array in features.items():
         _atomic_write(
-            out / "features" / f"{layer}.npz",
-            lambda tmp, a=array: _save_npz(tmp, features=a),
+            out / "features" / f"{layer}.npy",
+            lambda tmp, a=array: _save_npy(tmp, a),
         )
     print(f"wrote {args.n} images to {out / 'images'}" + (f" and features of {', '.join(layers)}" if layers else ""))
     return 0
