@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import jax
@@ -311,6 +312,17 @@ def test_misshaped_tensor_names_key_and_both_shapes(tmp_path, state_dict):
     broken["output_32x32.wscale.b"] = np.zeros((4,), np.float32)
     with pytest.raises(ValueError, match=r"output_32x32\.wscale\.b.*\(4,\).*\(3,\)"):
         generator_from_state_dict(broken)
+
+
+@pytest.mark.parametrize("key, shape", [("layer1.conv.weight", (128, 0, 4, 4)), ("layer1.conv.weight", (0, 128, 4, 4)),
+                                        ("layer3.conv.weight", (0, 128, 3, 3))])
+def test_a_conv_weight_without_channels_is_refused_naming_the_file_and_tensor(tmp_path, state_dict, key, shape):
+    broken = {**state_dict, key: np.zeros(shape, np.float32)}
+    path = tmp_path / "empty-channels.pth"
+    write_legacy_pth(path, broken)
+    with pytest.raises(ValueError, match=rf"{path}: tensor '{re.escape(key)}' has shape {re.escape(str(shape))}: "
+                                         "a conv weight with no channels"):
+        gj.load_generator(path)
 
 
 def test_unexpected_tensor_is_named(state_dict):

@@ -59,6 +59,11 @@ def _sizes_from_state_dict(state_dict: Mapping[str, np.ndarray], source: str) ->
                 f"{source}: tensor 'layer{k}.conv.weight' has shape {tuple(np.shape(weight))}, "
                 "expected a 4-d OIHW conv weight"
             )
+        if 0 in np.shape(weight):
+            raise ValueError(
+                f"{source}: tensor 'layer{k}.conv.weight' has shape {tuple(np.shape(weight))}: a conv "
+                "weight with no channels (every size must be positive)"
+            )
         if k == 1:
             sizes.append(int(weight.shape[1]))
         if k % 2 == 1:
