@@ -238,3 +238,34 @@ def test_single_device_batch_size_does_not_change_results(golden):
     a = dissect_features(features, segs, labels, threshold="iqr", batch_size=16, progress=False)["features"]
     b = dissect_features(features, segs, labels, threshold="iqr", batch_size=7, progress=False)["features"]
     assert_same(a, b)
+
+
+class SometimesNaN(TinyGenerator):
+    """TinyGenerator whose image is NaN where layer2's mean activation exceeds ``limit`` (its
+    features stay finite): a generator that breaks for a few z only."""
+
+    limit = np.inf
+
+    def _output(self, params, r):
+        return jnp.where(r.mean(axis=(1, 2, 3))[:, None, None, None] > self.limit, jnp.nan,
+                         TinyGenerator._output(params, r))
+
+
+def test_generated_images_that_are_not_finite_are_refused_naming_how_many_and_the_first(tmp_path):
+    from gandissect_jax.sampling import sample_z
+
+    G = SometimesNaN()
+    means = lambda z: np.asarray(G._layer2(G.params, G._layer1(G.params, jnp.asarray(z))).mean(axis=(1, 2, 3)))
+    G.limit = float(means(sample_z(2, G.z_dim, seed=0)).max())  # verify_split's probe batch stays finite
+    bad = np.flatnonzero(means(sample_z(24, G.z_dim, seed=3)) > G.limit)
+    assert 0 < len(bad) < 24
+    for make_images in (False, True):  # with and without the strips' thumbnails in the count pass
+        outdir = tmp_path / f"out-{make_images}"
+        with pytest.raises(ValueError, match=rf"^{len(bad)} of the 24 generated images are not finite \(NaN/inf\), "
+                                             rf"the first of sample {bad[0]}: "):
+            dissect_generator(G, TinySegmenter(), ["layer2"], size=24, seed=3, batch_size=8, progress=False,
+                              make_images=make_images, outdir=str(outdir))
+        assert not (outdir / "layer2" / "scores.npz").exists() and not (outdir / "dissect.json").exists()
+    # the same generator where every image is finite dissects
+    G.limit = np.inf
+    dissect_generator(G, TinySegmenter(), ["layer2"], size=24, seed=3, batch_size=8, progress=False)

@@ -275,9 +275,12 @@ def count_levels(plan: QuantilePlan, threshold: str, fixed_levels: np.ndarray | 
 @functools.lru_cache(maxsize=32)
 def _count_stage(spec: tuple):
     """(compute, statistics) of the count pass; spec = (((layer, U, J), ...), L, C, seg_size, unit_chunk,
-    gallery), gallery = None or (D wanted samples, image size, thumbnail, slots, ((layer, k, h, w), ...))."""
-    layers, num_labels, num_categories, seg_size, unit_chunk, strips = spec
+    gallery, check_images), gallery = None or (D wanted samples, image size, thumbnail, slots, ((layer,
+    k, h, w), ...)); check_images: the batches hold the generated images, counted when not finite."""
+    layers, num_labels, num_categories, seg_size, unit_chunk, strips, check_images = spec
     stats: dict[str, st.StreamingStatistic] = {"labels": st.label_statistics(num_labels, num_categories)}
+    if check_images:
+        stats["images/nonfinite"] = st.nonfinite_samples()
     for layer, num_units, num_levels in layers:
         stats[f"{layer}/counts"] = st.level_counts(num_units, num_labels, num_levels, num_categories, unit_chunk)
     if strips is not None:
@@ -302,18 +305,21 @@ def _count_stage(spec: tuple):
                 outputs[f"{layer}/maps"] = (features, params[f"{layer}/topk"], batch["index"])
         if strips is not None:
             outputs["thumbnails"] = (batch["images"], params["wanted"], batch["index"])
+        if check_images:
+            outputs["images/nonfinite"] = (~jnp.isfinite(batch["images"]).all(axis=(1, 2, 3)), batch["index"])
         return outputs
 
     return compute, stats
 
 
-def _counts_dir(strips_spec: tuple | None) -> str:
+def _counts_dir(strips_spec: tuple | None, check_images: bool = False) -> str:
     """The count pass's checkpoint directory: its statistics (and so its checkpoint) change with what
     it keeps for the strips (thumbnail side, image slots per device), which a rerun may change
-    with the batch size, the devices or ``thumbsize``; each kind resumes only from its own."""
+    with the batch size, the devices or ``thumbsize``, and with the check of generated images;
+    each kind resumes only from its own."""
     if strips_spec is None:
-        return "counts"
-    return "counts-strips-" + hashlib.sha256(repr(strips_spec).encode()).hexdigest()[:12]
+        return "counts-images-checked" if check_images else "counts"
+    return "counts-strips-" + hashlib.sha256(repr((strips_spec, check_images)).encode()).hexdigest()[:12]
 
 
 def count_pass(source, levels: Mapping[str, LayerLevels], label_category: np.ndarray, num_categories: int,
@@ -324,9 +330,12 @@ def count_pass(source, levels: Mapping[str, LayerLevels], label_category: np.nda
 
     slices: {layer: (start, stop)}, the units of each layer that ``levels`` cover (default: all).
     strips: also keep what the image strips of these units draw (:mod:`.gallery`; the source
-    must fetch images). final_checkpoint: see :func:`~.engine.tally`.
+    must fetch images). final_checkpoint: see :func:`~.engine.tally`. A source that generates its
+    images (``fetches_images``: :class:`~.sources.GeneratorSource`) also has every image checked:
+    a NaN / inf image would still be segmented (e.g. all "sky") and bias every IoU.
     Returns (label statistics, {layer: level counts}, {layer: Gallery} (empty without strips)).
-    ValueError when a segmentation entry lies outside [0, L).
+    ValueError when a segmentation entry lies outside [0, L), or naming how many generated images
+    are not finite and the first sample number.
     """
     num_labels = len(label_category)
     for layer, info in levels.items():
@@ -335,20 +344,27 @@ def count_pass(source, levels: Mapping[str, LayerLevels], label_category: np.nda
     params.update({f"{layer}/levels": np.asarray(info.sorted, np.float32) for layer, info in levels.items()})
     params.update(_starts(slices))
     strips_spec = None
+    check_images = bool(getattr(source, "fetches_images", False))
     if strips is not None:
         devices = settings.mesh.devices.size
         per_device = engine.per_device_batch(settings.batch_size, devices, getattr(source, "micro_batch", None))
         strips_spec, strips_params = strips.spec(per_device, source.image_size, source.feature_shapes)
         params.update(strips_params)
+    if strips is not None or check_images:
         source = gallery.WithImages(source)
     spec = (tuple((layer, info.sorted.shape[0], info.sorted.shape[1]) for layer, info in levels.items()),
-            num_labels, num_categories, tuple(seg_size), settings.unit_chunk, strips_spec)
+            num_labels, num_categories, tuple(seg_size), settings.unit_chunk, strips_spec, check_images)
     compute, stats = _count_stage(spec)
     results = engine.tally(compute, source, stats, params=params, mesh=settings.mesh, batch_size=settings.batch_size,
-                           checkpoint_dir=settings.checkpoint_dir(_counts_dir(strips_spec)),
+                           checkpoint_dir=settings.checkpoint_dir(_counts_dir(strips_spec, check_images)),
                            checkpoint_every=settings.checkpoint_every,
                            progress=settings.progress, desc="counts", final_checkpoint=final_checkpoint)
     label_state = results["labels"]
+    if check_images and int(results["images/nonfinite"][0]):
+        count, first = (int(v) for v in results["images/nonfinite"])
+        raise ValueError(f"{count} of the {source.num_samples} generated images are not finite (NaN/inf), the first "
+                         f"of sample {first}: the segmenter labels them all the same and every IoU would be "
+                         "biased; the generator's output must be finite for every z")
     if int(label_state.bad_labels):
         raise ValueError(f"{int(label_state.bad_labels)} segmentation entries lie outside [0, {num_labels}) "
                          f"(there are {num_labels} labels)")

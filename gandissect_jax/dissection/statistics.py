@@ -187,6 +187,27 @@ def nonfinite_counts(num_units: int) -> StreamingStatistic:
 
 
 
+def nonfinite_samples() -> StreamingStatistic:
+    """How many samples are flagged bad (e.g. a generated image with NaN / inf) and the first one.
+
+    inputs: (bad bool (n,), sample_index int32 (n,)); finalize -> (count int64, first sample
+    number int64, INT32_MAX when none)."""
+
+    def init():
+        return jnp.zeros((), jnp.int32), jnp.full((), INT32_MAX, jnp.int32)
+
+    def update(state, inputs, valid):
+        bad, index = inputs
+        bad = bad & valid
+        first = jnp.min(jnp.where(bad, index.astype(jnp.int32), INT32_MAX))
+        return state[0] + jnp.sum(bad, dtype=jnp.int32), jnp.minimum(state[1], first)
+
+    def merge(a, b):
+        return np.int64(a[0]) + np.int64(b[0]), min(np.int64(a[1]), np.int64(b[1]))
+
+    return StreamingStatistic(init, update, merge, lambda state: (np.int64(state[0]), np.int64(state[1])))
+
+
 # ----------------------------------------------------------------------------- labels
 
 
@@ -501,7 +522,7 @@ def suffix_counts(histogram: np.ndarray) -> np.ndarray:
 
 
 __all__ = [
-    "StreamingStatistic", "add_counts", "TopKState", "top_k", "merge_top_k", "nonfinite_counts", "LabelState",
+    "StreamingStatistic", "add_counts", "TopKState", "top_k", "merge_top_k", "nonfinite_counts", "nonfinite_samples", "LabelState",
     "label_statistics", "dedup_channels", "image_label_presence", "image_category_presence", "LevelCountState",
     "level_counts", "label_signatures", "signature_capacity", "signature_unit_chunk", "MAX_SIGNATURES", "bucketize", "suffix_counts", "samples_before_overflow", "max_count_per_sample",
     "default_unit_chunk", "unit_chunk_size", "scatter_per_unit", "INT32_MAX",
