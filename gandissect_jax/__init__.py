@@ -15,7 +15,8 @@ Data flows ``z -> h -> r -> (edit) -> f -> x -> segment -> tally -> report``:
 - :mod:`gandissect_jax.pth`           torch-free reader of PyTorch ``.pth`` checkpoints
 - :mod:`gandissect_jax.checkpoints`   orbax checkpoints (params + architecture JSON)
 - :mod:`gandissect_jax.weights`       registry of downloadable weights, fetch and convert
-- :mod:`gandissect_jax.segmenter`     the Segmenter protocol and the unified-parsing UPerNet
+- :mod:`gandissect_jax.segmenter_protocol`  the Segmenter protocol (what dissection needs of a segmenter)
+- :mod:`gandissect_jax.segmenter`     the unified-parsing UPerNet (and the protocol, re-exported)
 - :mod:`gandissect_jax.dissection`    unit statistics, IoU / IQR scores, per-label unit rankings (IoU, ACE) and reports
 - :mod:`gandissect_jax.scenes`        the procedural scene world and its shipped demo models
 
@@ -61,8 +62,8 @@ _EXPORTS = {
     "invert": "gandissect_jax.paint",
     "load_discriminator": "gandissect_jax.scenes.discriminator",
     "load_segmenter": "gandissect_jax.segmenter",
-    "Segmenter": "gandissect_jax.segmenter",
-    "check_segmenter": "gandissect_jax.segmenter",
+    "Segmenter": "gandissect_jax.segmenter_protocol",
+    "check_segmenter": "gandissect_jax.segmenter_protocol",
     "dissect_generator": "gandissect_jax.dissection",
     "dissect_features": "gandissect_jax.dissection",
     "dissect_model": "gandissect_jax.dissection",
@@ -73,7 +74,7 @@ _EXPORTS = {
     "top_k": "gandissect_jax.dissection",
     "running_moments": "gandissect_jax.dissection",
     "running_covariance": "gandissect_jax.dissection",
-    "label_index": "gandissect_jax.segmenter",
+    "label_index": "gandissect_jax.segmenter_protocol",
     "to_uint8": "gandissect_jax.images",
 }
 

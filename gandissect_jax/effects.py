@@ -41,7 +41,7 @@ import numpy as np
 
 from gandissect_jax._structure import Static
 from gandissect_jax.generator import split_of
-from gandissect_jax.segmenter.protocol import check_segmenter
+from gandissect_jax.segmenter_protocol import check_segmenter
 from gandissect_jax.ace import layer_shape
 
 __all__ = [

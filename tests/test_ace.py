@@ -71,7 +71,7 @@ class RedIsSky:
 
 def test_toys_implement_the_protocols():
     from gandissect_jax.generator import verify_split
-    from gandissect_jax.segmenter.protocol import Segmenter
+    from gandissect_jax.segmenter_protocol import Segmenter
 
     assert isinstance(ToyGenerator(), Generator) and isinstance(TwoWaysToRemoveSky(), Generator)
     assert isinstance(RedIsSky(), Segmenter) and isinstance(SkyAndSun(), Segmenter)

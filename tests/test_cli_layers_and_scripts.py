@@ -69,7 +69,7 @@ def test_generate_defaults_to_the_shipped_model(tmp_path):
     G = gd.load_generator("scenes64")
     z = np.load(tmp_path / "g" / "z.npy")
     np.testing.assert_array_equal(z, gd.sample_z(2, G.z_dim, 1))
-    features = np.load(tmp_path / "g" / "features" / "layer4.npz")["features"]
+    features = np.load(tmp_path / "g" / "features" / "layer4.npy")
     assert features.shape == (2, 8, 8, 128)
     assert len(list((tmp_path / "g" / "images").glob("*.png"))) == 2
 

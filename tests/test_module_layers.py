@@ -22,6 +22,8 @@ APPS = {"commands", "cli", "paint", "pages", "experiment"}
 INTERVENTION = {"intervention", "ace", "effects", "artifacts", "unitseg"}
 FORBIDDEN = {
     "generator": {"dissection", "segmenter", "scenes", "proggan", "flax_split", "flax_programs"} | INTERVENTION | APPS,
+    "segmenter_protocol": {"dissection", "segmenter", "scenes", "proggan", "generator", "flax_split", "flax_programs"}
+    | INTERVENTION | APPS,
     "flax_split": {"dissection", "segmenter", "scenes"} | INTERVENTION | APPS,
     "flax_programs": {"dissection", "segmenter", "scenes", "flax_split"} | INTERVENTION | APPS,
     "proggan": {"dissection", "segmenter", "scenes"} | INTERVENTION | APPS,

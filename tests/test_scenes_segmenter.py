@@ -79,7 +79,7 @@ def test_checkpoint_round_trip(tmp_path, segmenter, images):
 
 
 def test_implements_the_segmenter_protocol(segmenter):
-    from gandissect_jax.segmenter.protocol import Segmenter
+    from gandissect_jax.segmenter_protocol import Segmenter
 
     assert isinstance(segmenter, Segmenter)
 
@@ -110,7 +110,7 @@ def test_methods_are_pure_in_params_inside_an_outer_jit(segmenter, images):
 
 def test_protocol_docstring_example_runs():
     """The example segmenter of the protocol's documentation works as written."""
-    import gandissect_jax.segmenter.protocol as protocol
+    import gandissect_jax.segmenter_protocol as protocol
 
     code = protocol.__doc__.split("Example -- ")[1].split("::\n", 1)[1]
     code = "\n".join(line[4:] for line in code.splitlines())

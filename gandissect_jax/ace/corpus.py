@@ -10,7 +10,7 @@ import numpy as np
 
 from gandissect_jax._structure import Static
 from gandissect_jax.generator import check_generator, split_of
-from gandissect_jax.segmenter.protocol import check_segmenter
+from gandissect_jax.segmenter_protocol import check_segmenter
 from gandissect_jax.sampling import sample_z
 from .scores import _pool_to_grid, concept_labels, concept_score
 from .sharded import map_batches, progress_bar, stacked

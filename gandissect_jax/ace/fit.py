@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from gandissect_jax._structure import Static
 from gandissect_jax.generator import check_generator, split_of
-from gandissect_jax.segmenter.protocol import check_segmenter
+from gandissect_jax.segmenter_protocol import check_segmenter
 from .corpus import AceCorpus, _location_map, layer_shape
 from .scores import OBJECTIVES, _pool_to_grid, label_scores
 from .projections import ace_optimizer, project_to_budget

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gandissect_jax.segmenter.protocol import check_segmenter, label_index
+from gandissect_jax.segmenter_protocol import check_segmenter, label_index
 
 
 OBJECTIVES = ("ace", "removal", "specific_removal")

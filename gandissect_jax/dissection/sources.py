@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gandissect_jax.generator import Split, check_generator, split_of, verify_split
-from gandissect_jax.segmenter.protocol import check_segmenter
+from gandissect_jax.segmenter_protocol import check_segmenter
 from gandissect_jax.images import to_uint8
 
 from .labels import colorize_segmentation

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gandissect_jax.generator import split_of
-from gandissect_jax.segmenter.protocol import check_segmenter
+from gandissect_jax.segmenter_protocol import check_segmenter
 
 __all__ = [
     "Stroke",

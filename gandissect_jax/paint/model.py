@@ -23,7 +23,7 @@ import numpy as np
 
 from gandissect_jax.images import to_uint8
 from gandissect_jax.generator import check_generator, split_of
-from gandissect_jax.segmenter.protocol import check_segmenter
+from gandissect_jax.segmenter_protocol import check_segmenter
 from gandissect_jax.sampling import sample_z
 
 from .edits import DEFAULT_TOP, MAX_STROKES, Stroke, StrokeArrays, edit_program, encode_strokes, region_mask

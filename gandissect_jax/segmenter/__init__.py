@@ -29,7 +29,7 @@ from typing import Sequence
 
 from .convert import SegmenterWeightsError, convert_reference, load_variables
 from .prroi import prroi_pool, whole_map_prroi_pool
-from .protocol import Segmenter, check_segmenter, label_index
+from gandissect_jax.segmenter_protocol import Segmenter, check_segmenter, label_index
 from .quad import connected_components, quad_divide
 from .unified import UnifiedParsingSegmenter
 
