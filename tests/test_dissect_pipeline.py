@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -251,7 +252,7 @@ class SometimesNaN(TinyGenerator):
                          TinyGenerator._output(params, r))
 
 
-def test_generated_images_that_are_not_finite_are_refused_naming_how_many_and_the_first(tmp_path):
+def test_generated_images_that_are_not_finite_are_refused_naming_how_many_and_the_first(tmp_path, monkeypatch):
     from gandissect_jax.sampling import sample_z
 
     G = SometimesNaN()
@@ -259,13 +260,79 @@ def test_generated_images_that_are_not_finite_are_refused_naming_how_many_and_th
     G.limit = float(means(sample_z(2, G.z_dim, seed=0)).max())  # verify_split's probe batch stays finite
     bad = np.flatnonzero(means(sample_z(24, G.z_dim, seed=3)) > G.limit)
     assert 0 < len(bad) < 24
+    from gandissect_jax.dissection import passes
+
+    dirs = []
+    real_counts_dir = passes._counts_dir
+    monkeypatch.setattr(passes, "_counts_dir", lambda *a: dirs.append(real_counts_dir(*a)) or dirs[-1])
     for make_images in (False, True):  # with and without the strips' thumbnails in the count pass
         outdir = tmp_path / f"out-{make_images}"
-        with pytest.raises(ValueError, match=rf"^{len(bad)} of the 24 generated images are not finite \(NaN/inf\), "
-                                             rf"the first of sample {bad[0]}: "):
+        with pytest.raises(ValueError, match=rf"^{len(bad)} of the 24 generated images are not finite \(NaN/inf\); "
+                                             rf"the first is sample {bad[0]}: "):
             dissect_generator(G, TinySegmenter(), ["layer2"], size=24, seed=3, batch_size=8, progress=False,
                               make_images=make_images, outdir=str(outdir))
         assert not (outdir / "layer2" / "scores.npz").exists() and not (outdir / "dissect.json").exists()
+    # both count-pass kinds ran: images checked alone, then with the strips' gallery
+    assert dirs[0] == "counts-images-checked" and dirs[1].startswith("counts-strips-"), dirs
     # the same generator where every image is finite dissects
     G.limit = np.inf
     dissect_generator(G, TinySegmenter(), ["layer2"], size=24, seed=3, batch_size=8, progress=False)
+
+
+def test_the_count_of_non_finite_images_merges_exactly_across_devices_steps_and_checkpoints():
+    from gandissect_jax.dissection import statistics as st
+    from gandissect_jax.dissection.statistics import INT32_MAX
+
+    stat = st.nonfinite_samples()
+    empty = stat.init()
+    assert stat.finalize(empty) == (0, INT32_MAX)
+    # two devices' states after a step each: samples 7, 12 bad on one, 3 on the other (9 padding, masked)
+    one = stat.update(empty, (jnp.array([False, True, False, True]), jnp.array([5, 7, 9, 12])),
+                      jnp.array([True, True, True, True]))
+    two = stat.update(empty, (jnp.array([True, False, True]), jnp.array([3, 4, 9])), jnp.array([True, True, False]))
+    assert [int(v) for v in stat.finalize(one)] == [2, 7] and [int(v) for v in stat.finalize(two)] == [1, 3]
+    merged = stat.merge(stat.merge(empty, one), two)
+    assert [int(v) for v in stat.finalize(merged)] == [3, 3]
+    # a host state (int64, as reloaded from a checkpoint) merges the same way, in either order
+    host = tuple(np.int64(v) for v in merged)
+    assert [int(v) for v in stat.finalize(stat.merge(host, empty))] == [3, 3]
+    assert [int(v) for v in stat.finalize(stat.merge(two, one))] == [3, 3]
+
+
+def test_non_finite_images_are_counted_over_8_devices_as_over_1(tmp_path):
+    """The count and the first sample are the same whatever the devices and batch size (one
+    subprocess with 8 forced CPU devices)."""
+    import subprocess
+    import sys
+
+    from multihost_helpers import process_env
+
+    script = (
+        "import jax, sys\n"
+        "from test_dissect_pipeline import SometimesNaN, TinySegmenter\n"
+        "from gandissect_jax.dissection import dissect_generator\n"
+        "from gandissect_jax.sampling import sample_z\n"
+        "import numpy as np, jax.numpy as jnp\n"
+        "G = SometimesNaN()\n"
+        "means = lambda z: np.asarray(G._layer2(G.params, G._layer1(G.params, jnp.asarray(z))).mean(axis=(1, 2, 3)))\n"
+        "G.limit = float(means(sample_z(2, G.z_dim, seed=0)).max())\n"
+        "for devices, batch in ((1, 8), (8, 8), (8, 24), (3, 5)):\n"
+        "    try:\n"
+        "        dissect_generator(G, TinySegmenter(), ['layer2'], size=37, seed=14, batch_size=batch, progress=False,\n"
+        "                          devices=jax.devices()[:devices])\n"
+        "    except ValueError as err:\n"
+        "        print(devices, batch, str(err).split(':')[0], flush=True)\n"
+    )
+    env = process_env(8)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 0 and len(lines) == 4, done.stdout + done.stderr[-3000:]
+    from gandissect_jax.sampling import sample_z
+
+    G = SometimesNaN()
+    means = lambda z: np.asarray(G._layer2(G.params, G._layer1(G.params, jnp.asarray(z))).mean(axis=(1, 2, 3)))
+    bad = np.flatnonzero(means(sample_z(37, G.z_dim, seed=14)) > means(sample_z(2, G.z_dim, seed=0)).max())
+    assert len(bad) > 1
+    expected = f"{len(bad)} of the 37 generated images are not finite (NaN/inf); the first is sample {bad[0]}"
+    assert [line.split(" ", 2)[2] for line in lines] == [expected] * 4, lines

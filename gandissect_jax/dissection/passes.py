@@ -362,8 +362,8 @@ def count_pass(source, levels: Mapping[str, LayerLevels], label_category: np.nda
     label_state = results["labels"]
     if check_images and int(results["images/nonfinite"][0]):
         count, first = (int(v) for v in results["images/nonfinite"])
-        raise ValueError(f"{count} of the {source.num_samples} generated images are not finite (NaN/inf), the first "
-                         f"of sample {first}: the segmenter labels them all the same and every IoU would be "
+        raise ValueError(f"{count} of the {source.num_samples} generated images are not finite (NaN/inf); the first "
+                         f"is sample {first}: the segmenter labels them all the same and every IoU would be "
                          "biased; the generator's output must be finite for every z")
     if int(label_state.bad_labels):
         raise ValueError(f"{int(label_state.bad_labels)} segmentation entries lie outside [0, {num_labels}) "
